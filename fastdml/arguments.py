@@ -1,0 +1,192 @@
+"""Argument checks and the canonical row view shared by every backend.
+
+Every backend solves the same problem: logits [K, R, C] (the K peers stacked, R = N * d1 * ... * dk
+rows, classes last), an int64 target [R] and K x K mimicry weights. Bad input is rejected here, with a
+message that says what was wrong and what was expected, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("pairwise", "ensemble", "ensemble_logits")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+Logits = Tensor | Sequence[Tensor]
+PeerWeights = Tensor | Sequence[Sequence[float]]
+
+
+@dataclass(frozen=True)
+class MutualLossProblem:
+    """The loss of one call in the row view every backend computes on."""
+
+    logits: Tensor  # [K, R, C], any floating dtype of FLOAT_DTYPES, any strides
+    target: Tensor  # [R] int64
+    weights: Tensor  # [K, K] in the accumulation dtype; W[k, j] weighs KL(q_j || q_k)
+    mode: str  # one of MODES, or "weights" when peer_weights were given
+    temperature: float
+    label_smoothing: float
+    ignore_index: int
+    row_shape: tuple[int, ...]  # (N, d1, ..., dk): the per-peer shape of reduction="none"
+
+    @property
+    def num_peers(self) -> int:
+        return self.logits.shape[0]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are computed in float64, every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_options(
+    *,
+    temperature: float,
+    alpha: float,
+    mode: str,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> None:
+    """Checks the scalar options; shared by `mutual_loss` and `MutualLoss.__init__`."""
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _stack_peers(logits: Logits) -> Tensor:
+    if isinstance(logits, Tensor):
+        if logits.dim() < 3:
+            raise ValueError(
+                "stacked logits must have shape [K, N, C] or [K, N, C, d1, ...] (K peers), "
+                f"got shape {tuple(logits.shape)}; pass a list of K tensors [N, C] to stack peers"
+            )
+        peers = logits.unbind(0)
+    elif isinstance(logits, (list, tuple)):
+        peers = logits
+        for k, peer in enumerate(peers):
+            if not isinstance(peer, Tensor):
+                raise TypeError(f"logits[{k}] must be a Tensor, got {type(peer).__name__}")
+    else:
+        raise TypeError(
+            "logits must be a Tensor [K, N, C] or a list/tuple of K Tensors [N, C], "
+            f"got {type(logits).__name__}"
+        )
+    if len(peers) < 2:
+        raise ValueError(f"mutual learning needs at least 2 peers, got {len(peers)}")
+    first = peers[0]
+    if first.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
+            f"got {first.dtype}"
+        )
+    if first.dim() < 2:
+        raise ValueError(
+            f"each peer's logits must be [N, C] or [N, C, d1, ...], got shape {tuple(first.shape)}"
+        )
+    for k, peer in enumerate(peers[1:], start=1):
+        for what in ("shape", "dtype", "device"):
+            if getattr(peer, what) != getattr(first, what):
+                raise ValueError(
+                    f"all peers' logits must share {what}: peer 0 has {getattr(first, what)}, "
+                    f"peer {k} has {getattr(peer, what)}"
+                )
+    return logits if isinstance(logits, Tensor) else torch.stack(peers)
+
+
+def _check_target(target: Tensor, logits: Tensor, ignore_index: int) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be an int64 Tensor of class indices, got {type(target)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 class indices, got dtype {target.dtype}")
+    expected = (logits.shape[1],) + tuple(logits.shape[3:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target must have shape {expected} to match logits of shape {tuple(logits.shape)} "
+            f"(peer logits [N, C, d1, ...] take target [N, d1, ...]), got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if torch.compiler.is_compiling():
+        return  # value checks need the data; the kernels check indices themselves
+    num_classes = logits.shape[2]
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"found {value}"
+        )
+
+
+def _mimicry_weights(
+    peer_weights: PeerWeights | None, mode: str, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, str]:
+    if peer_weights is None:
+        uniform = (1 - torch.eye(k, dtype=dtype, device=device)) / (k - 1)
+        return uniform, mode
+    weights = torch.as_tensor(peer_weights, dtype=dtype, device=device)
+    if weights.shape != (k, k):
+        raise ValueError(
+            f"peer_weights must be a {k} x {k} matrix (K peers), got shape {tuple(weights.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(
+        (torch.isfinite(weights) & (weights >= 0)).all()
+    ):
+        raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")
+    return weights, "weights"
+
+
+def make_problem(
+    logits: Logits,
+    target: Tensor,
+    *,
+    temperature: float,
+    mode: str,
+    peer_weights: PeerWeights | None,
+    label_smoothing: float,
+    ignore_index: int,
+) -> MutualLossProblem:
+    """Validates the tensors and lays them out as rows; the options must be checked already."""
+    stacked = _stack_peers(logits)
+    _check_target(target, stacked, ignore_index)
+    k, num_classes = stacked.shape[0], stacked.shape[2]
+    if stacked.dim() > 3:  # [K, N, C, d1, ...] -> [K, N * d1 * ..., C]
+        stacked = stacked.movedim(2, -1).reshape(k, -1, num_classes)
+    weights, mode = _mimicry_weights(
+        peer_weights, mode, k, accumulation_dtype(stacked.dtype), stacked.device
+    )
+    return MutualLossProblem(
+        logits=stacked,
+        target=target.reshape(-1),
+        weights=weights,
+        mode=mode,
+        temperature=float(temperature),
+        label_smoothing=float(label_smoothing),
+        ignore_index=ignore_index,
+        row_shape=tuple(target.shape),
+    )

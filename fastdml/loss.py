@@ -1,0 +1,161 @@
+"""The public mutual loss: `mutual_loss` and its module form `MutualLoss`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastdml import backends
+from fastdml.arguments import Logits, PeerWeights, check_options, make_problem
+
+
+class MutualLossOutput(NamedTuple):
+    """The loss and, for logging, each peer's two terms reduced like the loss (detached).
+
+    `ce` and `mimicry` are [K] for reduction "mean" and "sum", [K, N, d1, ...] for "none";
+    `mimicry` is the KL term M_k itself, before the alpha * T^2 weight.
+    """
+
+    loss: Tensor
+    ce: Tensor
+    mimicry: Tensor
+
+
+def mutual_loss(
+    logits: Logits,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    mode: str = "pairwise",
+    peer_weights: PeerWeights | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_components: bool = False,
+    backend: str = "auto",
+) -> Tensor | MutualLossOutput:
+    """The Deep Mutual Learning loss of a cohort of K peers.
+
+    For peer k and row n: ``l_kn = CE(z_kn, y_n) + alpha * T**2 * M_kn``, with CE exactly
+    ``F.cross_entropy(..., label_smoothing=label_smoothing)`` and, for ``q = softmax(z / T)``:
+
+    - ``mode="pairwise"`` (DML): ``M_k = 1/(K-1) * sum_{j != k} KL(q_j || q_k)``;
+    - ``mode="ensemble"`` (DML_e): ``M_k = KL(mean_{j != k} q_j || q_k)``;
+    - ``mode="ensemble_logits"``: ``M_k = KL(softmax(mean_{j != k} z_j / T) || q_k)``;
+    - ``peer_weights=W`` (K x K, overrides mode): ``M_k = sum_j W[k, j] * KL(q_j || q_k)``.
+
+    The mimicry targets are constants, so ``loss.backward()`` sends each peer exactly its own DML
+    gradient. Rows whose target is ``ignore_index`` contribute nothing.
+
+    Args:
+        logits: [K, N, C] (or [K, N, C, d1, ...]), or a list/tuple of K tensors [N, C] (or
+            [N, C, d1, ...]); float32, float64, float16 or bfloat16.
+        target: int64 class indices [N] (or [N, d1, ...]).
+        reduction: "mean" sums over peers each peer's mean over non-ignored rows; "sum" sums
+            over peers and rows; "none" returns [K, N] (or [K, N, d1, ...]).
+        return_components: also return each peer's cross-entropy and mimicry (see
+            `MutualLossOutput`).
+        backend: "auto" (the fastest available for the tensors' device), "torch" (pure
+            PyTorch) or "cpp" (the fused C++ CPU op).
+    """
+    check_options(
+        temperature=temperature,
+        alpha=alpha,
+        mode=mode,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )
+    problem = make_problem(
+        logits,
+        target,
+        temperature=temperature,
+        mode=mode,
+        peer_weights=peer_weights,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+    )
+    rows_fn = backends.select(backend, problem.logits.device)
+    ce, mimicry = rows_fn(problem)
+    loss = ce + (alpha * temperature**2) * mimicry
+
+    if reduction == "none":
+        shape = (problem.num_peers, *problem.row_shape)
+        loss, ce, mimicry = loss.view(shape), ce.view(shape), mimicry.view(shape)
+    else:
+        if reduction == "mean":
+            num_valid = (problem.target != ignore_index).sum().clamp(min=1)
+            loss, ce, mimicry = loss / num_valid, ce / num_valid, mimicry / num_valid
+        loss, ce, mimicry = loss.sum(), ce.sum(-1), mimicry.sum(-1)
+
+    if return_components:
+        return MutualLossOutput(loss, ce.detach(), mimicry.detach())
+    return loss
+
+
+class MutualLoss(nn.Module):
+    """`mutual_loss` as a module: ``MutualLoss(**options)(logits, target)``.
+
+    Takes the keyword options of `mutual_loss`; they are checked here, at construction.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        mode: str = "pairwise",
+        peer_weights: PeerWeights | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        return_components: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_options(
+            temperature=temperature,
+            alpha=alpha,
+            mode=mode,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            backend=backend,
+        )
+        self.temperature = temperature
+        self.alpha = alpha
+        self.mode = mode
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.return_components = return_components
+        self.backend = backend
+        weights = None if peer_weights is None else torch.as_tensor(peer_weights).double()
+        self.register_buffer("peer_weights", weights, persistent=False)
+
+    def forward(self, logits: Logits, target: Tensor) -> Tensor | MutualLossOutput:
+        return mutual_loss(
+            logits,
+            target,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            mode=self.mode,
+            peer_weights=self.peer_weights,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            return_components=self.return_components,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        mode = "peer_weights" if self.peer_weights is not None else repr(self.mode)
+        return (
+            f"mode={mode}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
