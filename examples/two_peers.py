@@ -36,7 +36,10 @@ def make_data(num_train: int, num_test: int, noise: float, seed: int):
 
 def make_peer() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(INPUTS, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+        nn.Linear(INPUTS, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
         nn.Linear(HIDDEN, CLASSES),
     )
 

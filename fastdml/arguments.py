@@ -1,8 +1,8 @@
 """Argument checks and the canonical row view shared by every backend.
 
 Every backend solves the same problem: logits [K, R, C] (the K peers stacked, R = N * d1 * ... * dk
-rows, classes last), an int64 target [R] and K x K mimicry weights. Bad input is rejected here, with a
-message that says what was wrong and what was expected, before any kernel runs.
+rows, classes last), an int64 target [R] and K x K mimicry weights. Bad input is rejected here,
+with a message that says what was wrong and what was expected, before any kernel runs.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ def naive_mutual_loss(
     ces, mims = [], []
     for i in range(k):
         ce = F.cross_entropy(
-            z[i], target, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            z[i],
+            target,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
             reduction="none",
         )
         others = [j for j in range(k) if j != i]

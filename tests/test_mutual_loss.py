@@ -171,13 +171,15 @@ def test_distillation_from_frozen_teacher(backend):
     teacher = torch.randn(8, 10, requires_grad=True)
     target = torch.randint(0, 10, (8,))
     out = mutual_loss(
-        [student, teacher], target, temperature=4.0, peer_weights=[[0, 1], [0, 0]],
-        return_components=True, backend=backend,
+        [student, teacher],
+        target,
+        temperature=4.0,
+        peer_weights=[[0, 1], [0, 0]],
+        return_components=True,
+        backend=backend,
     )
     out.loss.backward()
-    kl = F.kl_div(
-        F.log_softmax(student / 4, 1), F.softmax(teacher / 4, 1), reduction="batchmean"
-    )
+    kl = F.kl_div(F.log_softmax(student / 4, 1), F.softmax(teacher / 4, 1), reduction="batchmean")
     torch.testing.assert_close(out.mimicry, torch.stack([kl, torch.zeros(())]).detach())
     teacher_ce = teacher.detach().requires_grad_()
     F.cross_entropy(teacher_ce, target).backward()
@@ -189,8 +191,13 @@ def test_components_add_up(backend):
     logits.requires_grad_()
     for reduction in ["mean", "sum", "none"]:
         out = mutual_loss(
-            logits, target, temperature=2.0, alpha=0.3, reduction=reduction,
-            return_components=True, backend=backend,
+            logits,
+            target,
+            temperature=2.0,
+            alpha=0.3,
+            reduction=reduction,
+            return_components=True,
+            backend=backend,
         )
         assert not out.ce.requires_grad and not out.mimicry.requires_grad
         assert out.ce.shape == ((4,) if reduction != "none" else (4, 10))

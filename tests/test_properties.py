@@ -30,7 +30,11 @@ def test_mimicry_vanishes_when_peers_agree(backend, cohort):
     same = logits.expand(k, n, c)
     for mode in ["pairwise", "ensemble", "ensemble_logits"]:
         out = mutual_loss(
-            same, target, temperature=temperature, mode=mode, return_components=True,
+            same,
+            target,
+            temperature=temperature,
+            mode=mode,
+            return_components=True,
             backend=backend,
         )
         torch.testing.assert_close(out.mimicry, torch.zeros(k, dtype=torch.float64))
@@ -43,8 +47,13 @@ def test_mimicry_is_non_negative(backend, cohort, mode):
     k, n, c, temperature, scale, seed = cohort
     logits, target = draw(k, n, c, scale, seed)
     out = mutual_loss(
-        logits, target, temperature=temperature, mode=mode, return_components=True,
-        reduction="none", backend=backend,
+        logits,
+        target,
+        temperature=temperature,
+        mode=mode,
+        return_components=True,
+        reduction="none",
+        backend=backend,
     )
     assert (out.mimicry >= -1e-9).all()
 
