@@ -7,17 +7,27 @@ probabilities in one pass over the logits and writes the gradient once.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import Tensor
 
 from fastdml.arguments import MutualLossProblem, accumulation_dtype
 
-try:
-    from fastdml import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as error:
-    EXTENSION_ERROR: str | None = f"the compiled extension fastdml._C failed to import ({error})"
-else:
-    EXTENSION_ERROR = None
+
+def _load_extension() -> str | None:
+    """Loads fastdml._C, which registers the ops; returns why it cannot be used, or None."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the compiled extension fastdml._C needs a CPU with AVX2"
+    try:
+        from fastdml import _C  # noqa: F401
+    except ImportError as error:
+        return f"the compiled extension fastdml._C failed to import ({error})"
+    return None
+
+
+EXTENSION_ERROR = _load_extension()
 
 
 def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:

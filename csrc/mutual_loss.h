@@ -1,0 +1,75 @@
+// Shared by every backend of the fastdml mutual-loss ops: the mode names and the argument checks,
+// so each device binding rejects the same inputs with the same messages before any kernel runs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+namespace fastdml {
+
+enum class Mode { Pairwise, Ensemble, EnsembleLogits, Weights };
+
+inline Mode parse_mode(c10::string_view mode) {
+  if (mode == "pairwise") return Mode::Pairwise;
+  if (mode == "ensemble") return Mode::Ensemble;
+  if (mode == "ensemble_logits") return Mode::EnsembleLogits;
+  if (mode == "weights") return Mode::Weights;
+  TORCH_CHECK(false, "fastdml: unknown mode '", mode,
+              "' (expected pairwise, ensemble, ensemble_logits or weights)");
+}
+
+// Losses, statistics and gradients are accumulated in float64 for float64 logits, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_same_device(const at::Tensor& logits, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == logits.device(), "fastdml: ", name, " is on ", t.device(),
+              " but logits are on ", logits.device());
+}
+
+inline void check_acc_tensor(const at::Tensor& logits, const at::Tensor& t, const char* name,
+                             at::IntArrayRef shape) {
+  check_same_device(logits, t, name);
+  TORCH_CHECK(t.sizes() == shape, "fastdml: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_dtype(logits.scalar_type()), "fastdml: ", name,
+              " must be ", acc_dtype(logits.scalar_type()), " for ", logits.scalar_type(),
+              " logits, got ", t.scalar_type());
+}
+
+inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& weights, double temperature,
+                               double label_smoothing) {
+  TORCH_CHECK(logits.dim() == 3, "fastdml: logits must be [K, R, C], got ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "fastdml: logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(K >= 2, "fastdml: mutual learning needs at least 2 peers, got K = ", K);
+  TORCH_CHECK(C >= 1, "fastdml: logits need at least one class");
+  check_same_device(logits, target, "target");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "fastdml: target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == R, "fastdml: target must have shape [", R,
+              "], got ", target.sizes());
+  check_acc_tensor(logits, weights, "weights", {K, K});
+  TORCH_CHECK(temperature > 0, "fastdml: temperature must be positive, got ", temperature);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "fastdml: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+inline void check_backward_args(const at::Tensor& grad_ce, const at::Tensor& grad_mimicry,
+                                const at::Tensor& logits, const at::Tensor& target,
+                                const at::Tensor& weights, const at::Tensor& stats,
+                                double temperature, double label_smoothing) {
+  check_forward_args(logits, target, weights, temperature, label_smoothing);
+  const int64_t K = logits.size(0), R = logits.size(1);
+  check_acc_tensor(logits, grad_ce, "grad_ce", {K, R});
+  check_acc_tensor(logits, grad_mimicry, "grad_mimicry", {K, R});
+  check_acc_tensor(logits, stats, "stats", {3, K, R});
+}
+
+}  // namespace fastdml
