@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from fastdml import backends
-from fastdml.arguments import Logits, PeerWeights, check_options, make_problem
+from fastdml.arguments import (
+    Logits,
+    MutualLossProblem,
+    PeerWeights,
+    check_options,
+    make_problem,
+)
 
 
 class MutualLossOutput(NamedTuple):
@@ -81,20 +87,23 @@ def mutual_loss(
     )
     rows_fn = backends.select(backend, problem.logits.device)
     ce, mimicry = rows_fn(problem)
-    loss = ce + (alpha * temperature**2) * mimicry
+    loss = _reduce(ce + (alpha * temperature**2) * mimicry, problem, reduction)
+    if reduction != "none":
+        loss = loss.sum()  # over the peers
+    if not return_components:
+        return loss
+    ce, mimicry = (_reduce(rows.detach(), problem, reduction) for rows in (ce, mimicry))
+    return MutualLossOutput(loss, ce, mimicry)
 
+
+def _reduce(rows: Tensor, problem: MutualLossProblem, reduction: str) -> Tensor:
+    """Reduces per-peer, per-row terms [K, R]: "mean" and "sum" to [K], "none" to [K, N, ...]."""
     if reduction == "none":
-        shape = (problem.num_peers, *problem.row_shape)
-        loss, ce, mimicry = loss.view(shape), ce.view(shape), mimicry.view(shape)
-    else:
-        if reduction == "mean":
-            num_valid = (problem.target != ignore_index).sum().clamp(min=1)
-            loss, ce, mimicry = loss / num_valid, ce / num_valid, mimicry / num_valid
-        loss, ce, mimicry = loss.sum(), ce.sum(-1), mimicry.sum(-1)
-
-    if return_components:
-        return MutualLossOutput(loss, ce.detach(), mimicry.detach())
-    return loss
+        return rows.view(problem.num_peers, *problem.row_shape)
+    per_peer = rows.sum(-1)
+    if reduction == "mean":
+        per_peer = per_peer / (problem.target != problem.ignore_index).sum().clamp(min=1)
+    return per_peer
 
 
 class MutualLoss(nn.Module):

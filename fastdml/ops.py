@@ -30,9 +30,9 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR = _load_extension()
 
 
-def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
-    """Per-peer, per-row cross-entropy and mimicry KL, each [K, R], from the native op."""
-    ce, mimicry, _ = torch.ops.fastdml.mutual_loss_forward(
+def forward_arguments(problem: MutualLossProblem) -> tuple:
+    """The arguments of `fastdml::mutual_loss_forward` for `problem`, in schema order."""
+    return (
         problem.logits,
         problem.target,
         problem.weights,
@@ -41,6 +41,11 @@ def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
         problem.label_smoothing,
         problem.ignore_index,
     )
+
+
+def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
+    """Per-peer, per-row cross-entropy and mimicry KL, each [K, R], from the native op."""
+    ce, mimicry, _ = torch.ops.fastdml.mutual_loss_forward(*forward_arguments(problem))
     return ce, mimicry
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from fastdml import MutualLoss, mutual_loss
 from fastdml.arguments import make_problem
+from fastdml.ops import forward_arguments
 
 NATIVE_BACKENDS = ["cpp"]
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
@@ -25,15 +26,7 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
         label_smoothing=0.1,
         ignore_index=-100,
     )
-    return (
-        problem.logits,
-        problem.target,
-        problem.weights,
-        problem.mode,
-        problem.temperature,
-        problem.label_smoothing,
-        problem.ignore_index,
-    )
+    return forward_arguments(problem)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
