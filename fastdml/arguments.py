@@ -85,20 +85,19 @@ def _stack_peers(logits: Logits) -> Tensor:
                 "stacked logits must have shape [K, N, C] or [K, N, C, d1, ...] (K peers), "
                 f"got shape {tuple(logits.shape)}; pass a list of K tensors [N, C] to stack peers"
             )
-        peers = logits.unbind(0)
+        num_peers, first = logits.shape[0], logits[0]
     elif isinstance(logits, (list, tuple)):
-        peers = logits
-        for k, peer in enumerate(peers):
+        for k, peer in enumerate(logits):
             if not isinstance(peer, Tensor):
                 raise TypeError(f"logits[{k}] must be a Tensor, got {type(peer).__name__}")
+        num_peers, first = len(logits), logits[0] if logits else None
     else:
         raise TypeError(
             "logits must be a Tensor [K, N, C] or a list/tuple of K Tensors [N, C], "
             f"got {type(logits).__name__}"
         )
-    if len(peers) < 2:
-        raise ValueError(f"mutual learning needs at least 2 peers, got {len(peers)}")
-    first = peers[0]
+    if num_peers < 2:
+        raise ValueError(f"mutual learning needs at least 2 peers, got {num_peers}")
     if first.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"logits must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
@@ -108,14 +107,16 @@ def _stack_peers(logits: Logits) -> Tensor:
         raise ValueError(
             f"each peer's logits must be [N, C] or [N, C, d1, ...], got shape {tuple(first.shape)}"
         )
-    for k, peer in enumerate(peers[1:], start=1):
+    if isinstance(logits, Tensor):
+        return logits
+    for k, peer in enumerate(logits[1:], start=1):
         for what in ("shape", "dtype", "device"):
             if getattr(peer, what) != getattr(first, what):
                 raise ValueError(
                     f"all peers' logits must share {what}: peer 0 has {getattr(first, what)}, "
                     f"peer {k} has {getattr(peer, what)}"
                 )
-    return logits if isinstance(logits, Tensor) else torch.stack(peers)
+    return torch.stack(logits)
 
 
 def _check_target(target: Tensor, logits: Tensor, ignore_index: int) -> None:
