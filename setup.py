@@ -32,6 +32,7 @@ setup(
             sources,
             extra_compile_args={"cxx": cxx_flags()},
             extra_link_args=OPENMP,
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         )
     ],
     cmdclass={"build_ext": BuildExtension},

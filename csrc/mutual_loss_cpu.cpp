@@ -91,6 +91,12 @@ Vectorized<T> vexp(const Vectorized<T>& x) {
   return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
 }
 
+// p * log_q with 0 * log_q = 0, also where log_q = -inf (a class a peer masks with -inf logits).
+template <typename T>
+Vectorized<T> plogq(const Vectorized<T>& p, const Vectorized<T>& log_q) {
+  return Vectorized<T>::blendv(p * log_q, Vectorized<T>(0), p == Vectorized<T>(0));
+}
+
 template <typename T>
 T hsum(const Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>(
@@ -152,18 +158,19 @@ void log_softmax(const T* x, int64_t n, T a, T m, T log_sum, T* log_q, T* q, dou
     store(lq, log_q + c, cnt);
     store(e, q + c, cnt);
     acc_d += live(z - vm, cnt);
-    acc_h += live(e * lq, cnt);
+    acc_h += live(plogq(e, lq), cnt);
   });
   sum_d += hsum(acc_d);
   h += hsum(acc_h);
 }
 
+// sum_c t log q with 0 log q = 0.
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+T sum_plogq(const T* t, const T* log_q, int64_t n) {
   using V = Vectorized<T>;
   V acc(0);
   for_each_vector<T>(n, [&](int64_t c, auto cnt) {
-    acc = at::vec::fmadd(load(a + c, cnt), load(b + c, cnt), acc);
+    acc += plogq(load(t + c, cnt), load(log_q + c, cnt));
   });
   return hsum(acc);
 }
@@ -172,12 +179,10 @@ T dot(const T* a, const T* b, int64_t n) {
 template <typename T>
 T kl_div(const T* t, const T* log_q, int64_t n) {
   using V = Vectorized<T>;
-  const V zero(0);
   V acc(0);
   for_each_vector<T>(n, [&](int64_t c, auto cnt) {
     const V tc = load(t + c, cnt);
-    const V term = tc * (tc.log() - load(log_q + c, cnt));
-    acc += V::blendv(term, zero, tc == zero);
+    acc += plogq(tc, tc.log() - load(log_q + c, cnt));
   });
   return hsum(acc);
 }
@@ -190,7 +195,7 @@ T kl_div_logits(const T* u, T m, T log_sum, const T* log_q, int64_t n) {
   V acc(0);
   for_each_vector<T>(n, [&](int64_t c, auto cnt) {
     const V lr = (load(u + c, cnt) - vm) - vlog;
-    acc = at::vec::fmadd(live(vexp(lr), cnt), lr - load(log_q + c, cnt), acc);
+    acc += plogq(live(vexp(lr), cnt), lr - load(log_q + c, cnt));
   });
   return hsum(acc);
 }
@@ -492,7 +497,7 @@ void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, Pe
       switch (pb.mode) {
         case Mode::Pairwise:
         case Mode::Weights:
-          st.y[k] += dot(t, log_q, n);
+          st.y[k] += sum_plogq(t, log_q, n);
           break;
         case Mode::Ensemble:
           st.kl[k] += kl_div(t, log_q, n);

@@ -62,13 +62,15 @@ def check_options(
     backend: str,
 ) -> None:
     """Checks the scalar options; shared by `mutual_loss` and `MutualLoss.__init__`."""
+    if torch.compiler.is_compiling():
+        return  # options may be symbolic there; the kernels check what they rely on
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not _is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if not _is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -144,21 +146,27 @@ def _check_target(target: Tensor, logits: Tensor, ignore_index: int) -> None:
         )
 
 
+def check_peer_weights(weights: Tensor, num_peers: int) -> None:
+    """K x K, finite and non-negative; shared by `mutual_loss` and `MutualLoss.__init__`."""
+    if weights.shape != (num_peers, num_peers):
+        raise ValueError(
+            f"peer_weights must be a {num_peers} x {num_peers} matrix (K peers), "
+            f"got shape {tuple(weights.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(
+        (torch.isfinite(weights) & (weights >= 0)).all()
+    ):
+        raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")
+
+
 def _mimicry_weights(
     peer_weights: PeerWeights | None, mode: str, k: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, str]:
     if peer_weights is None:
         uniform = (1 - torch.eye(k, dtype=dtype, device=device)) / (k - 1)
         return uniform, mode
-    weights = torch.as_tensor(peer_weights, dtype=dtype, device=device)
-    if weights.shape != (k, k):
-        raise ValueError(
-            f"peer_weights must be a {k} x {k} matrix (K peers), got shape {tuple(weights.shape)}"
-        )
-    if not torch.compiler.is_compiling() and not bool(
-        (torch.isfinite(weights) & (weights >= 0)).all()
-    ):
-        raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")
+    weights = torch.as_tensor(peer_weights, dtype=dtype, device=device).detach()
+    check_peer_weights(weights, k)
     return weights, "weights"
 
 
@@ -188,6 +196,6 @@ def make_problem(
         mode=mode,
         temperature=float(temperature),
         label_smoothing=float(label_smoothing),
-        ignore_index=ignore_index,
+        ignore_index=int(ignore_index),
         row_shape=tuple(target.shape),
     )

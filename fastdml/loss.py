@@ -13,6 +13,7 @@ from fastdml.arguments import (
     MutualLossProblem,
     PeerWeights,
     check_options,
+    check_peer_weights,
     make_problem,
 )
 
@@ -143,7 +144,10 @@ class MutualLoss(nn.Module):
         self.reduction = reduction
         self.return_components = return_components
         self.backend = backend
-        weights = None if peer_weights is None else torch.as_tensor(peer_weights).double()
+        weights = None
+        if peer_weights is not None:
+            weights = torch.as_tensor(peer_weights, dtype=torch.float64).detach()
+            check_peer_weights(weights, weights.shape[0] if weights.dim() else 0)
         self.register_buffer("peer_weights", weights, persistent=False)
 
     def forward(self, logits: Logits, target: Tensor) -> Tensor | MutualLossOutput:

@@ -18,7 +18,7 @@ from fastdml.arguments import MutualLossProblem, accumulation_dtype
 def _load_extension() -> str | None:
     """Loads fastdml._C, which registers the ops; returns why it cannot be used, or None."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if x86 and not torch.cpu._is_avx2_supported():
         return "the compiled extension fastdml._C needs a CPU with AVX2"
     try:
         from fastdml import _C  # noqa: F401

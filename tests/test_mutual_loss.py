@@ -231,3 +231,22 @@ def test_gradcheck(backend, mode):
         for reduction in ["sum", "none"]:
             own = logits[k].clone().requires_grad_()
             torch.autograd.gradcheck(lambda z, k=k, r=reduction: peer_loss(z, k, r), (own,))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_classes_masked_with_minus_inf(backend, mode):
+    """-inf logits (masked classes) keep the loss and gradient finite, like F.cross_entropy."""
+    logits, target = make_inputs(3, 6, 12, ignore_every=0)
+    logits[:, :, 9:] = float("-inf")
+    target = target % 9
+    out = check_against_naive(logits, target, backend, temperature=2.0, **mode_kwargs(mode, 3))
+    assert torch.isfinite(out.loss)
+
+
+def test_class_masked_by_one_peer_only(backend):
+    """Its KL to the others is infinite (they put mass where it puts none); theirs stay finite."""
+    logits, target = make_inputs(3, 6, 12, ignore_every=0)
+    logits[1, :, 5] = float("-inf")
+    target = torch.where(target == 5, 0, target)
+    per_peer = mutual_loss(logits, target, return_components=True, backend=backend).mimicry
+    assert per_peer[1] == float("inf") and torch.isfinite(per_peer[[0, 2]]).all()

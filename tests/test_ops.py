@@ -29,7 +29,7 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
     return forward_arguments(problem)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck_forward(mode, dtype):
     args = op_args(mode=mode, dtype=dtype)
@@ -90,6 +90,18 @@ def test_compile_fullgraph(backend, mode):
     torch.testing.assert_close(loss, expected)
     for p, g in zip(model.parameters(), expected_grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_compile_follows_changing_options(backend):
+    """Annealed temperature and alpha, and dynamic shapes, stay in one graph without breaks."""
+    torch._dynamo.reset()
+    criterion = MutualLoss(backend=backend)
+    compiled = torch.compile(criterion, fullgraph=True, dynamic=True)
+    for step, n in enumerate([8, 12, 16]):
+        criterion.temperature, criterion.alpha = 1.0 + step, 0.5 * step
+        logits, target = torch.randn(2, n, 10), torch.randint(0, 10, (n,))
+        torch.testing.assert_close(compiled(logits, target), criterion(logits, target))
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
