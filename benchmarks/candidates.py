@@ -6,9 +6,9 @@ options (pairwise mimicry, T = 1, alpha = 1, mean reduction):
 - ``eager_pairs``: the per-pair loop of public DML code, cross-entropy plus
   ``F.kl_div(log_softmax(z_i), softmax(z_j).detach(), reduction="batchmean")`` over the other peers
   j, divided by K - 1 and summed over the peers i;
-- ``torch``: ``fastdml.mutual_loss(..., backend="torch")``, the vectorized form in plain PyTorch;
-- ``torch_compile``: ``torch.compile`` of that same vectorized form, compiled once per shape and
-  dtype (see `make`);
+- ``torch``: ``fastdml.mutual_loss(..., backend="torch")``, fastdml's pure-PyTorch backend;
+- ``torch_compile``: ``torch.compile`` of `vectorized`, the lean vectorized form a user would
+  write for these options, compiled once per shape and dtype (see `make`);
 - ``cpp``: ``fastdml.mutual_loss(..., backend="cpp")``, the fused C++ op, once it is built.
 """
 
@@ -41,7 +41,20 @@ def eager_pairs(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def vectorized(logits: Tensor, target: Tensor) -> Tensor:
-    """fastdml's pure-PyTorch backend: the pair sum collapsed to O(K) work per class."""
+    """The vectorized form of DESIGN.md §1 as a user would write it in plain PyTorch (T = 1,
+    alpha = 1, pairwise): the K^2 pair sum collapsed to O(K) work per class with S = sum_j q_j."""
+    k, n, _ = logits.shape
+    z = logits.float()
+    ce = F.cross_entropy(z.flatten(0, 1), target.repeat(k)) * k  # each peer's mean, summed
+    log_q = F.log_softmax(z, dim=-1)
+    q = log_q.detach().exp()
+    h = (q * log_q.detach()).sum(-1)  # [K, N]: sum_c q log q, a constant
+    cross = ((q.sum(0) - q) * log_q).sum(-1)  # [K, N]: sum_c (S - q_k) log q_k
+    return ce + ((h.sum(0) - h) - cross).sum() / ((k - 1) * n)
+
+
+def torch_backend(logits: Tensor, target: Tensor) -> Tensor:
+    """fastdml's pure-PyTorch backend (argument checks, every option)."""
     return fastdml.mutual_loss(logits, target, backend="torch")
 
 
@@ -64,7 +77,7 @@ def make(name: str) -> Candidate:
     if name == "torch_compile":
         torch._dynamo.reset()  # drop the last shape's graphs: no recompile limit is reached
         return torch.compile(vectorized, dynamic=False)
-    return {"eager_pairs": eager_pairs, "torch": vectorized, "cpp": fused_cpp}[name]
+    return {"eager_pairs": eager_pairs, "torch": torch_backend, "cpp": fused_cpp}[name]
 
 
 def reference(logits: Tensor, target: Tensor) -> tuple[float, Tensor]:

@@ -33,7 +33,7 @@ def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
     log_q = F.log_softmax(z / problem.temperature, dim=-1)
     q = log_q.detach().exp()
     if problem.mode in ("pairwise", "ensemble"):
-        teacher = _sum_of_others(q) / (k - 1)  # mean of the other peers' posteriors
+        teacher = (q.sum(0) - q) / (k - 1)  # mean of the other peers' posteriors
     elif problem.mode == "ensemble_logits":
         mean_logits = _sum_of_others(z.detach()) / ((k - 1) * problem.temperature)
         log_teacher = F.log_softmax(mean_logits, dim=-1)
@@ -53,7 +53,7 @@ def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
 
 
 def _sum_of_others(x: Tensor) -> Tensor:
-    """out[k] = sum_{j != k} x[j], summed as such: total - own cancels, and is NaN at -inf."""
+    """out[k] = sum_{j != k} x[j], summed as such: total - own is NaN at -inf logits."""
     zeros = torch.zeros_like(x[:1])
     before = torch.cat([zeros, x[:-1].cumsum(0)])
     after = torch.cat([x[1:].flip(0).cumsum(0).flip(0), zeros])
