@@ -1,5 +1,11 @@
 // Op schemas of the fastdml namespace, defined once for all backends; the kernels register
-// themselves per device with TORCH_LIBRARY_IMPL (mutual_loss_cpu.cpp, later CUDA).
+// themselves per device with TORCH_LIBRARY_IMPL (mutual_loss_cpu.cpp, mutual_loss_cuda.cpp).
+//
+// mutual_loss_forward / mutual_loss_backward (CPU): the forward returns per-row terms and the
+// log-sum-exps; the backward recomputes the probabilities and writes the gradient.
+// mutual_loss_with_grad / scale_grad_rows_ (CUDA): the forward also writes the gradient of
+// row_scale * loss, so the backward only rescales the rows whose upstream gradient is not
+// row_scale, which for reduction "mean" and "sum" is none of them: no second pass over memory.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -21,4 +27,9 @@ TORCH_LIBRARY(fastdml, m) {
       "mutual_loss_backward(Tensor grad_ce, Tensor grad_mimicry, Tensor logits, Tensor target, "
       "Tensor weights, Tensor stats, str mode, float temperature, float label_smoothing, "
       "int ignore_index) -> Tensor");
+  m.def(
+      "mutual_loss_with_grad(Tensor logits, Tensor target, Tensor weights, Tensor row_scale, "
+      "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "
+      "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
+  m.def("scale_grad_rows_(Tensor(a!) grad, Tensor grad_loss, Tensor row_scale) -> ()");
 }

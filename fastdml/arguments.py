@@ -33,6 +33,7 @@ class MutualLossProblem:
     weights: Tensor  # [K, K] in the accumulation dtype; W[k, j] weighs KL(q_j || q_k)
     mode: str  # one of MODES, or "weights" when peer_weights were given
     temperature: float
+    alpha: float
     label_smoothing: float
     ignore_index: int
     row_shape: tuple[int, ...]  # (N, d1, ..., dk): the per-peer shape of reduction="none"
@@ -134,15 +135,24 @@ def _check_target(target: Tensor, logits: Tensor, ignore_index: int) -> None:
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+
+
+def check_target_values(problem: MutualLossProblem) -> None:
+    """Class indices in [0, C) or ignore_index. Reads the data: on a GPU, a host-device sync.
+
+    The GPU kernels skip this check (they give NaN loss and gradient rows for an out-of-range
+    target instead of a sync per call); the other backends need it before they index.
+    """
     if torch.compiler.is_compiling():
         return  # value checks need the data; the kernels check indices themselves
-    num_classes = logits.shape[2]
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    num_classes = problem.logits.shape[2]
+    target = problem.target
+    bad = (target != problem.ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
         raise ValueError(
-            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"found {value}"
+            f"target values must be in [0, {num_classes}) or equal "
+            f"ignore_index={problem.ignore_index}, found {value}"
         )
 
 
@@ -175,6 +185,7 @@ def make_problem(
     target: Tensor,
     *,
     temperature: float,
+    alpha: float,
     mode: str,
     peer_weights: PeerWeights | None,
     label_smoothing: float,
@@ -195,6 +206,7 @@ def make_problem(
         weights=weights,
         mode=mode,
         temperature=float(temperature),
+        alpha=float(alpha),
         label_smoothing=float(label_smoothing),
         ignore_index=int(ignore_index),
         row_shape=tuple(target.shape),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -11,19 +12,34 @@ from torch import Tensor
 from fastdml import ops, reference
 from fastdml.arguments import MutualLossProblem
 
-RowsFn = Callable[[MutualLossProblem], tuple[Tensor, Tensor]]
+# (problem, row_scale) -> per-row loss, cross-entropy and mimicry, each [K, R]. row_scale is the
+# weight every row gets in the reduced loss; the GPU kernels fold it into the gradient they write.
+LossRows = Callable[[MutualLossProblem, Tensor], tuple[Tensor, Tensor, Tensor]]
 
-_IMPLEMENTATIONS: dict[str, RowsFn] = {
-    "torch": reference.mutual_loss_rows,
-    "cpp": ops.mutual_loss_rows,
+
+def _from_terms(terms: Callable[[MutualLossProblem], tuple[Tensor, Tensor]]) -> LossRows:
+    """For backends that return the two terms; autograd weighs the rows."""
+
+    def loss_rows(problem: MutualLossProblem, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ce, mimicry = terms(problem)
+        return ce + (problem.alpha * problem.temperature**2) * mimicry, ce, mimicry
+
+    return loss_rows
+
+
+IMPLEMENTATIONS: dict[str, LossRows] = {
+    "torch": _from_terms(reference.mutual_loss_rows),
+    "cpp": _from_terms(ops.mutual_loss_rows),
+    "triton": ops.triton_loss_rows,
+    "cuda": ops.cuda_loss_rows,
 }
-_DEVICE_TYPES = {"cpp": "cpu"}
-_NOT_BUILT = {
-    "cpp": ops.EXTENSION_ERROR,
-    "triton": "the Triton kernels are not part of this version of fastdml",
-    "cuda": "the CUDA kernels are not part of this version of fastdml",
-}
-_warned_fallback = False
+# On CUDA tensors, these take targets unchecked (no host-device sync): out-of-range rows give NaN.
+CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
+# backend="auto" on CUDA tensors: the first available of these. The order is provisional: the GPU
+# benchmark that decides it (benchmarks/gpu.sh) has not been run yet; see BENCHMARKS.md.
+_CUDA_PREFERENCE = ("triton", "cuda")
+_NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "triton": ops.TRITON_ERROR, "cuda": ops.CUDA_ERROR}
+_warned_fallback: set[str] = set()
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -33,36 +49,60 @@ def unavailable_reason(backend: str) -> str | None:
 
 def available_backends() -> list[str]:
     """The explicit backend names that can run here (each still needs tensors on its device)."""
-    return [name for name in _IMPLEMENTATIONS if unavailable_reason(name) is None]
+    return [name for name in IMPLEMENTATIONS if unavailable_reason(name) is None]
 
 
-def select(backend: str, device: torch.device) -> RowsFn:
-    """The implementation for `backend` and tensors on `device`; raises if it cannot run."""
+def _runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "cpp":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    if backend == "triton":  # CPU tensors through Triton's interpreter, for tests
+        return device.type == "cuda" or (
+            device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        )
+    return True
+
+
+_DEVICES = {
+    "cpp": "cpu tensors",
+    "cuda": "cuda tensors",
+    "triton": "cuda tensors (cpu tensors only under TRITON_INTERPRET=1)",
+}
+
+
+def select(backend: str, device: torch.device) -> str:
+    """The backend that computes the loss of tensors on `device`; raises if it cannot run."""
     if backend == "auto":
-        return _IMPLEMENTATIONS[_auto(device)]
+        return _auto(device)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
-    wanted = _DEVICE_TYPES.get(backend)
-    if wanted is not None and device.type != wanted:
+    if not _runs_on(backend, device):
         raise ValueError(
-            f"backend={backend!r} runs on {wanted} tensors, but the logits are on {device}"
+            f"backend={backend!r} runs on {_DEVICES[backend]}, but the logits are on {device}"
         )
-    return _IMPLEMENTATIONS[backend]
+    return backend
 
 
 def _auto(device: torch.device) -> str:
-    global _warned_fallback
-    if device.type != "cpu":
+    if device.type == "cpu":
+        fused = ("cpp",)
+    elif device.type == "cuda":
+        fused = _CUDA_PREFERENCE
+    else:
         return "torch"
-    reason = unavailable_reason("cpp")
-    if reason is None:
-        return "cpp"
-    if not _warned_fallback:
-        _warned_fallback = True
+    reasons = []
+    for name in fused:
+        reason = unavailable_reason(name)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
         warnings.warn(
-            f"fastdml falls back to the slower pure-PyTorch backend on CPU: {reason}. "
-            "Build it with `pip install --no-build-isolation -e .`",
+            f"fastdml falls back to the slower pure-PyTorch backend on {device.type}: "
+            f"{'; '.join(reasons)}. Build it with `pip install --no-build-isolation -e .`",
             RuntimeWarning,
             stacklevel=4,
         )

@@ -12,8 +12,10 @@ from fastdml.arguments import (
     Logits,
     MutualLossProblem,
     PeerWeights,
+    accumulation_dtype,
     check_options,
     check_peer_weights,
+    check_target_values,
     make_problem,
 )
 
@@ -66,7 +68,10 @@ def mutual_loss(
         return_components: also return each peer's cross-entropy and mimicry (see
             `MutualLossOutput`).
         backend: "auto" (the fastest available for the tensors' device), "torch" (pure
-            PyTorch) or "cpp" (the fused C++ CPU op).
+            PyTorch), "cpp" (the fused C++ CPU op), "triton" or "cuda" (the fused GPU ops).
+            The GPU ops do not range-check targets on the host (that would synchronize every
+            call): a row whose target is outside [0, C) and not ignore_index gets a NaN loss
+            and gradient.
     """
     check_options(
         temperature=temperature,
@@ -81,30 +86,43 @@ def mutual_loss(
         logits,
         target,
         temperature=temperature,
+        alpha=alpha,
         mode=mode,
         peer_weights=peer_weights,
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
     )
-    rows_fn = backends.select(backend, problem.logits.device)
-    ce, mimicry = rows_fn(problem)
-    loss = _reduce(ce + (alpha * temperature**2) * mimicry, problem, reduction)
+    name = backends.select(backend, problem.logits.device)
+    if problem.logits.device.type != "cuda" or name not in backends.CHECKS_TARGETS_IN_KERNEL:
+        check_target_values(problem)
+    row_scale = _row_scale(problem, reduction)
+    loss, ce, mimicry = backends.IMPLEMENTATIONS[name](problem, row_scale)
+    loss = _reduce(loss, problem, reduction, row_scale)
     if reduction != "none":
         loss = loss.sum()  # over the peers
     if not return_components:
         return loss
-    ce, mimicry = (_reduce(rows.detach(), problem, reduction) for rows in (ce, mimicry))
+    ce, mimicry = (_reduce(rows.detach(), problem, reduction, row_scale) for rows in (ce, mimicry))
     return MutualLossOutput(loss, ce, mimicry)
 
 
-def _reduce(rows: Tensor, problem: MutualLossProblem, reduction: str) -> Tensor:
-    """Reduces per-peer, per-row terms [K, R]: "mean" and "sum" to [K], "none" to [K, N, ...]."""
+def _row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
+    """The weight of each row in a peer's reduced loss: 1 / (non-ignored rows) for "mean"."""
+    dtype = accumulation_dtype(problem.logits.dtype)
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=problem.logits.device)
+    valid = (problem.target != problem.ignore_index).sum()
+    return valid.clamp(min=1).to(dtype).reciprocal()
+
+
+def _reduce(rows: Tensor, problem: MutualLossProblem, reduction: str, row_scale: Tensor) -> Tensor:
+    """Per-peer, per-row terms [K, R] to [K] (rows weighed by row_scale), [K, N, ...] for "none".
+
+    The gradient reaching each row is then exactly row_scale, which the GPU kernels rely on.
+    """
     if reduction == "none":
         return rows.view(problem.num_peers, *problem.row_shape)
-    per_peer = rows.sum(-1)
-    if reduction == "mean":
-        per_peer = per_peer / (problem.target != problem.ignore_index).sum().clamp(min=1)
-    return per_peer
+    return rows.sum(-1) * row_scale
 
 
 class MutualLoss(nn.Module):

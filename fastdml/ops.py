@@ -1,8 +1,13 @@
-"""The native ops `torch.ops.fastdml.*`: their fake (shape) kernels and their autograd.
+"""The fused ops `torch.ops.fastdml.*`: loading them, their fake (shape) kernels and their autograd.
 
-The schemas and the device kernels live in C++ (csrc/). The forward op returns each peer's per-row
-cross-entropy and mimicry plus the log-sum-exps the backward needs, so the backward recomputes the
-probabilities in one pass over the logits and writes the gradient once.
+The C++ schemas and kernels live in csrc/, the Triton ones in kernels/ (`fastdml.kernels`).
+
+- CPU (`mutual_loss_forward` / `mutual_loss_backward`): the forward returns each peer's per-row
+  cross-entropy and mimicry plus the log-sum-exps, so the backward recomputes the probabilities in
+  one pass over the logits and writes the gradient once.
+- GPU (`mutual_loss_with_grad` / `scale_grad_rows_`, CUDA C++; `triton_` + the same names, Triton):
+  the forward also writes the gradient of `row_scale * loss`, so the backward, which rescales only
+  rows whose upstream gradient is not `row_scale`, costs nothing for reductions "mean" and "sum".
 """
 
 from __future__ import annotations
@@ -30,6 +35,32 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR = _load_extension()
 
 
+def _load_triton() -> str | None:
+    """Imports fastdml.kernels, which registers the Triton ops; returns why it cannot, or None."""
+    try:
+        from fastdml.kernels import mutual_loss  # noqa: F401
+    except ImportError as error:
+        return f"the Triton kernels need the triton package ({error})"
+    return None
+
+
+TRITON_ERROR = _load_triton()
+
+
+def _cuda_kernels_error() -> str | None:
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastdml::mutual_loss_with_grad", "CUDA"):
+        return (
+            "the compiled extension fastdml._C was built without its CUDA kernels "
+            "(they build with a CUDA build of torch and nvcc)"
+        )
+    return None
+
+
+CUDA_ERROR = _cuda_kernels_error()
+
+
 def forward_arguments(problem: MutualLossProblem) -> tuple:
     """The arguments of `fastdml::mutual_loss_forward` for `problem`, in schema order."""
     return (
@@ -44,9 +75,38 @@ def forward_arguments(problem: MutualLossProblem) -> tuple:
 
 
 def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
-    """Per-peer, per-row cross-entropy and mimicry KL, each [K, R], from the native op."""
+    """Per-peer, per-row cross-entropy and mimicry KL, each [K, R], from the CPU op."""
     ce, mimicry, _ = torch.ops.fastdml.mutual_loss_forward(*forward_arguments(problem))
     return ce, mimicry
+
+
+def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
+    """The arguments of the `mutual_loss_with_grad` ops for `problem`, in schema order."""
+    return (
+        problem.logits,
+        problem.target,
+        problem.weights,
+        row_scale,
+        problem.mode,
+        problem.temperature,
+        problem.alpha,
+        problem.label_smoothing,
+        problem.ignore_index,
+        torch.is_grad_enabled() and problem.logits.requires_grad,
+    )
+
+
+def cuda_loss_rows(problem: MutualLossProblem, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, cross-entropy and mimicry [K, R] from the CUDA C++ op."""
+    return torch.ops.fastdml.mutual_loss_with_grad(*with_grad_arguments(problem, row_scale))[:3]
+
+
+def triton_loss_rows(
+    problem: MutualLossProblem, row_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, cross-entropy and mimicry [K, R] from the Triton op."""
+    op = torch.ops.fastdml.triton_mutual_loss_with_grad
+    return op(*with_grad_arguments(problem, row_scale))[:3]
 
 
 def _forward_fake(logits, target, weights, mode, temperature, label_smoothing, ignore_index):
@@ -74,9 +134,70 @@ def _backward(ctx, grad_ce, grad_mimicry, _grad_stats):
     return grad_logits, None, None, None, None, None, None
 
 
+def _with_grad_fake(logits, target, weights, row_scale, *options):
+    k, rows, _ = logits.shape
+    loss = logits.new_empty((k, rows), dtype=accumulation_dtype(logits.dtype))
+    grad = logits.new_empty(logits.shape if options[-1] else (0,))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), grad
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:9]
+    # The gradient buffer belongs to the op (the caller's logits are never written): the first
+    # backward rescales it in place and hands it to autograd, so it is kept out of
+    # save_for_backward's version checks. (A non-differentiable output holds no reference to
+    # this node, so keeping it on ctx makes no reference cycle.)
+    ctx.grad_buffer = output[3]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _with_grad_backward(forward_op, scale_grad_rows):
+    """The backward of a `mutual_loss_with_grad` op: the forward's gradient, rescaled where needed.
+
+    A later backward through a retained graph (retain_graph=True, gradcheck) finds the buffer
+    handed out already and recomputes the gradient into a new one.
+    """
+
+    def backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
+        logits, target, weights, row_scale = ctx.saved_tensors
+        grad, ctx.grad_buffer = ctx.grad_buffer, None
+        if grad is None:
+            arguments = (logits, target, weights, row_scale, *ctx.options, True)
+            grad = forward_op(*arguments)[3]
+        scale_grad_rows(grad, grad_loss.contiguous(), row_scale)
+        return (grad,) + (None,) * 9
+
+    return backward
+
+
 if EXTENSION_ERROR is None:
     torch.library.register_fake("fastdml::mutual_loss_forward", _forward_fake)
     torch.library.register_fake("fastdml::mutual_loss_backward", _backward_fake)
     torch.library.register_autograd(
         "fastdml::mutual_loss_forward", _backward, setup_context=_setup_context
+    )
+    torch.library.register_fake("fastdml::mutual_loss_with_grad", _with_grad_fake)
+    torch.library.register_fake("fastdml::scale_grad_rows_", lambda grad, *_: None)
+    torch.library.register_autograd(
+        "fastdml::mutual_loss_with_grad",
+        _with_grad_backward(
+            torch.ops.fastdml.mutual_loss_with_grad, torch.ops.fastdml.scale_grad_rows_
+        ),
+        setup_context=_with_grad_setup_context,
+    )
+
+if TRITON_ERROR is None:
+    from fastdml.kernels.mutual_loss import INTERPRETED
+
+    if INTERPRETED:
+        torch.library.register_fake("fastdml::triton_mutual_loss_with_grad", _with_grad_fake)
+        torch.library.register_fake("fastdml::triton_scale_grad_rows_", lambda grad, *_: None)
+    torch.library.register_autograd(
+        "fastdml::triton_mutual_loss_with_grad",
+        _with_grad_backward(
+            torch.ops.fastdml.triton_mutual_loss_with_grad,
+            torch.ops.fastdml.triton_scale_grad_rows_,
+        ),
+        setup_context=_with_grad_setup_context,
     )

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import skip_if_unsupported
 from naive import naive_mutual_loss
 
 from fastdml import MutualLoss, mutual_loss
@@ -82,6 +83,7 @@ def test_class_counts(backend, c):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 def test_low_precision_dtypes(backend, dtype, mode):
+    skip_if_unsupported(backend, dtype)
     logits, target = make_inputs(3, 16, 100, dtype=dtype)
     check_against_naive(
         logits, target, backend, temperature=2.0, label_smoothing=0.1, **mode_kwargs(mode, 3)

@@ -1,0 +1,1 @@
+"""fastdml's Triton kernels, installed as `fastdml.kernels`; importing it needs triton."""

@@ -1,0 +1,309 @@
+"""Triton kernels of the mutual loss, as the custom ops `fastdml::triton_mutual_loss_with_grad` and
+`fastdml::triton_scale_grad_rows_` (the same contract as the CUDA ops of csrc/ops.cpp).
+
+The forward reads each row's K x C block of logits (once when it fits one tile, else twice: online
+log-sum-exps, then probabilities), and writes every peer's loss terms and the gradient of
+`row_scale * loss`. The backward only rescales rows whose upstream gradient is not `row_scale`:
+for reduction "mean" and "sum" none are, so it reads one scalar per row and writes nothing.
+One program per row; peers are the first axis of a [K_PAD, BLOCK_C] tile.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op, triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from fastdml.arguments import accumulation_dtype
+
+MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
+_MAX_TILE = 8192  # elements of a [K_PAD, BLOCK_C] tile: registers, not spills
+_SCALE_BLOCK = 1024
+
+
+@triton.jit
+def _online_lse(m, s, x):
+    """Merges a tile x [K_PAD, BLOCK_C] into running (max, sum of exp(x - max)) per peer."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _finish_lse(m, s):
+    return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+
+
+@triton.jit
+def _others_mean(z, peers, K: tl.constexpr):
+    """u[k] = sum_{j != k} z[j] / (K - 1), summed as such (total - own is NaN at -inf)."""
+    pick = (peers[:, None] != peers[None, :]) & (peers[None, :] < K)
+    return tl.sum(tl.where(pick[:, :, None], z[None, :, :], 0.0), axis=1) / (K - 1)
+
+
+@triton.jit
+def _p_log_q(p, log_q):
+    return tl.where(p == 0, 0.0, p * log_q)
+
+
+@triton.jit
+def _load_tile(logits_ptr, offsets, cols, c0, C, live):
+    cls = c0 + cols
+    mask = live & (cls < C)[None, :]
+    return tl.load(logits_ptr + offsets + cls[None, :], mask=mask, other=float("-inf"))
+
+
+@triton.jit
+def _scaled_tiles(z, peers, inv_t, K: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr):
+    """z / T and, for ensemble_logits, the others' mean logits / T (else z / T again)."""
+    zt = z * inv_t if HAS_T else z
+    u = _others_mean(z, peers, K) * inv_t if MODE == 2 else zt
+    return zt, u
+
+
+@triton.jit
+def _row_output(value, ignored, bad_target):
+    """0 at ignored rows (nothing there may leak), NaN at rows with an out-of-range target."""
+    return tl.where(ignored, 0.0, tl.where(bad_target, float("nan"), value))
+
+
+@triton.jit
+def _mutual_loss_with_grad_kernel(
+    logits_ptr,
+    target_ptr,
+    weights_ptr,
+    row_scale_ptr,
+    loss_ptr,
+    ce_ptr,
+    mimicry_ptr,
+    grad_ptr,
+    R,
+    C,
+    stride_k,
+    stride_r,
+    inv_t_hi,
+    inv_t_lo,
+    alpha_t_hi,
+    alpha_t_lo,
+    alpha_t2_hi,
+    alpha_t2_lo,
+    smoothing_hi,
+    smoothing_lo,
+    ignore_index,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_T: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    peers = tl.arange(0, K_PAD)
+    cols = tl.arange(0, BLOCK_C)
+    peer_live = peers < K
+    y = tl.load(target_ptr + r)
+    valid = y != ignore_index
+    ignored = y == ignore_index
+    bad_target = valid & ((y < 0) | (y >= C))
+    y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
+    # Ignored rows load nothing. (Masks are built from integer bounds, not by broadcasting a
+    # scalar bool, which Triton's interpreter rejects.)
+    live_peers = peers < tl.where(valid, K, 0)
+    live = live_peers[:, None]
+    peer_offsets = peers.to(tl.int64) * stride_k + r * stride_r
+    offsets = peer_offsets[:, None]
+    inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)
+    alpha_t = tl.cast(alpha_t_hi, ACC) + tl.cast(alpha_t_lo, ACC)
+    smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+
+    # Pass 1: log-sum-exps of z, z / T and (ensemble_logits) the others' mean logits / T.
+    neg_inf = tl.full([K_PAD], float("-inf"), ACC)
+    zero = tl.zeros([K_PAD], ACC)
+    m, s, mt, st, mu, su, sum_z = neg_inf, zero, neg_inf, zero, neg_inf, zero, zero
+    SINGLE_TILE: tl.constexpr = BLOCK_C >= C
+    if SINGLE_TILE:
+        z = _load_tile(logits_ptr, offsets, cols, 0, C, live).to(ACC)
+        zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
+        m, s = _online_lse(m, s, z)
+        if HAS_T:
+            mt, st = _online_lse(mt, st, zt)
+        if MODE == 2:
+            mu, su = _online_lse(mu, su, u)
+        if HAS_SMOOTHING:
+            sum_z = tl.sum(tl.where(cols[None, :] < C, z, 0.0), axis=1)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            zc = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
+            ztc, uc = _scaled_tiles(zc, peers, inv_t, K, MODE, HAS_T)
+            m, s = _online_lse(m, s, zc)
+            if HAS_T:
+                mt, st = _online_lse(mt, st, ztc)
+            if MODE == 2:
+                mu, su = _online_lse(mu, su, uc)
+            if HAS_SMOOTHING:
+                sum_z += tl.sum(tl.where((c0 + cols)[None, :] < C, zc, 0.0), axis=1)
+    lse = _finish_lse(m, s)
+    lse_t = _finish_lse(mt, st) if HAS_T else lse
+    lse_u = _finish_lse(mu, su) if MODE == 2 else lse
+    z_y = tl.load(logits_ptr + peer_offsets + y_safe, mask=live_peers, other=0.0)
+    z_y = z_y.to(ACC)
+
+    # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms.
+    wk = peers[:, None] * K + peers[None, :]
+    w_live = peer_live[:, None] & peer_live[None, :]
+    weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
+    row_sum = tl.sum(weights, axis=1)
+    row_scale = tl.load(row_scale_ptr).to(ACC)
+
+    # Pass 2: probabilities, the loss sums and the gradient, tile by tile.
+    cross = zero  # sum_c t_k log q_k
+    self_term = zero  # pairwise/weights: h_k = sum_c q_k log q_k; ensembles: sum_c t_k log t_k
+    for c0 in range(0, C, BLOCK_C):
+        if not SINGLE_TILE:
+            z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
+            zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
+        cls = c0 + cols
+        tile_live = live & (cls < C)[None, :]
+        log_q = zt - lse_t[:, None]
+        q = tl.where(tile_live, tl.exp(log_q), 0.0)
+        if MODE == 2:
+            log_t = u - lse_u[:, None]
+            t = tl.where(tile_live, tl.exp(log_t), 0.0)
+            self_term += tl.sum(_p_log_q(t, log_t), axis=1)
+        elif MODE == 3:
+            t = tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
+            self_term += tl.sum(_p_log_q(q, log_q), axis=1)
+        else:
+            t = (tl.sum(q, axis=0)[None, :] - q) / (K - 1)
+            if MODE == 1:
+                self_term += tl.sum(_p_log_q(t, tl.log(t)), axis=1)
+            else:
+                self_term += tl.sum(_p_log_q(q, log_q), axis=1)
+        cross += tl.sum(_p_log_q(t, log_q), axis=1)
+        if COMPUTE_GRAD:
+            p = tl.where(tile_live, tl.exp(z - lse[:, None]), 0.0) if HAS_T else q
+            grad = p - smoothing / C + alpha_t * (row_sum[:, None] * q - t)
+            grad -= tl.where(cls[None, :] == y_safe, 1.0 - smoothing, 0.0)
+            grad = _row_output(grad * row_scale, ignored, bad_target)
+            out_mask = peer_live[:, None] & (cls < C)[None, :]
+            grad_offsets = (peers.to(tl.int64)[:, None] * R + r) * C + cls[None, :]
+            tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=out_mask)
+
+    ce = lse - (1.0 - smoothing) * z_y
+    if HAS_SMOOTHING:
+        ce -= smoothing / C * sum_z
+    if MODE >= 1 and MODE <= 2:
+        mimicry = self_term - cross
+    else:  # sum_j W[k, j] h_j - sum_c t_k log q_k
+        mimicry = tl.sum(weights * self_term[None, :], axis=1) - cross
+    loss = ce + (tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)) * mimicry
+    out = peers.to(tl.int64) * R + r
+    tl.store(ce_ptr + out, _row_output(ce, ignored, bad_target), mask=peer_live)
+    tl.store(mimicry_ptr + out, _row_output(mimicry, ignored, bad_target), mask=peer_live)
+    tl.store(loss_ptr + out, _row_output(loss, ignored, bad_target), mask=peer_live)
+
+
+@triton.jit
+def _scale_grad_rows_kernel(grad_ptr, grad_loss_ptr, row_scale_ptr, C, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(grad_loss_ptr + row)
+    scale = tl.load(row_scale_ptr)
+    if g != scale:
+        factor = g / scale
+        cols = tl.arange(0, BLOCK)
+        for c0 in range(0, C, BLOCK):
+            offsets = row * C + c0 + cols
+            mask = c0 + cols < C
+            x = tl.load(grad_ptr + offsets, mask=mask)
+            tl.store(grad_ptr + offsets, (x.to(factor.dtype) * factor).to(x.dtype), mask=mask)
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as hi + lo, two float32 numbers: Triton passes Python floats as float32, and float64
+    logits need their options to about 48 bits. (Symbolic floats under torch.compile pass as hi.)"""
+    if not isinstance(x, float):
+        return x, 0.0
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _launch_config(k: int, num_classes: int) -> dict:
+    k_pad = triton.next_power_of_2(k)
+    block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // k_pad, 16))
+    num_warps = min(max(k_pad * block_c // 512, 1), 8)
+    return dict(K=k, K_PAD=k_pad, BLOCK_C=block_c, num_warps=num_warps)
+
+
+# Under TRITON_INTERPRET=1 (CPU tensors, for tests) the kernels are plain Python, invisible to
+# torch.compile's tracing: the ops are then opaque custom ops, with fake kernels in fastdml.ops.
+INTERPRETED = isinstance(_scale_grad_rows_kernel, InterpretedFunction)
+_define_op = custom_op if INTERPRETED else triton_op
+
+
+@_define_op("fastdml::triton_mutual_loss_with_grad", mutates_args=())
+def mutual_loss_with_grad(
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    mode: str,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    k, rows, num_classes = logits.shape
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    acc = accumulation_dtype(logits.dtype)
+    loss = torch.empty((k, rows), dtype=acc, device=logits.device)
+    ce, mimicry = torch.empty_like(loss), torch.empty_like(loss)
+    grad_shape = logits.shape if compute_grad else (0,)
+    grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
+    if rows > 0:
+        wrap_triton(_mutual_loss_with_grad_kernel)[(rows,)](
+            logits,
+            target,
+            weights,
+            row_scale,
+            loss,
+            ce,
+            mimicry,
+            grad,
+            rows,
+            num_classes,
+            logits.stride(0),
+            logits.stride(1),
+            *_split(1.0 / temperature),
+            *_split(alpha * temperature),
+            *_split(alpha * temperature**2),
+            *_split(label_smoothing),
+            ignore_index,
+            MODE=MODE_IDS[mode],
+            HAS_T=temperature != 1.0,
+            HAS_SMOOTHING=label_smoothing != 0.0,
+            COMPUTE_GRAD=compute_grad,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            **_launch_config(k, num_classes),
+        )
+    return loss, ce, mimicry, grad
+
+
+@_define_op("fastdml::triton_scale_grad_rows_", mutates_args={"grad"})
+def scale_grad_rows_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> None:
+    k, rows, num_classes = grad.shape
+    if k * rows > 0:
+        block = min(triton.next_power_of_2(num_classes), _SCALE_BLOCK)
+        wrap_triton(_scale_grad_rows_kernel)[(k * rows,)](
+            grad, grad_loss, row_scale, num_classes, BLOCK=block, num_warps=4
+        )
