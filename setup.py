@@ -3,6 +3,9 @@
 The CPU op is compiled for AVX2/FMA on x86-64 (ATen's `at::vec` picks its 256-bit path from
 `CPU_CAPABILITY_AVX2`); elsewhere `at::vec` falls back to its portable implementation. On Linux it
 is built with OpenMP, as torch is: `at::parallel_for` in an extension runs on one thread without it.
+The CUDA kernels (csrc/*.cu and their bindings, csrc/*_cuda.cpp) join the same extension when
+torch was built with CUDA and nvcc is found; the architectures are torch's defaults for the GPUs
+present, or TORCH_CUDA_ARCH_LIST.
 """
 
 import glob
@@ -10,8 +13,9 @@ import os
 import platform
 import sys
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
@@ -23,17 +27,17 @@ def cxx_flags() -> list[str]:
     return flags
 
 
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+def extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    options = dict(extra_link_args=OPENMP, depends=sorted(glob.glob(os.path.join("csrc", "*.h"))))
+    if torch.version.cuda and CUDA_HOME is not None:
+        # Exact exp/log: no --use_fast_math (the loss must match the reference to rounding).
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        flags = {"cxx": cxx_flags(), "nvcc": nvcc}
+        return CUDAExtension("fastdml._C", cpp + cuda, extra_compile_args=flags, **options)
+    cpu_only = [path for path in cpp if not path.endswith("_cuda.cpp")]
+    return CppExtension("fastdml._C", cpu_only, extra_compile_args={"cxx": cxx_flags()}, **options)
 
-setup(
-    ext_modules=[
-        CppExtension(
-            "fastdml._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags()},
-            extra_link_args=OPENMP,
-            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension},
-)
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

@@ -89,7 +89,7 @@ def reference(logits: Tensor, target: Tensor) -> tuple[float, Tensor]:
     k, n, c = logits.shape
     rows_per_chunk = max(1, (1 << 24) // (k * c))
     value = 0.0
-    grad = torch.empty(logits.shape, dtype=torch.float32)
+    grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         z = logits.detach()[:, rows].double().requires_grad_()

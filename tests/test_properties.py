@@ -17,9 +17,11 @@ cohorts = st.tuples(
 
 
 def draw(k, n, c, scale, seed):
-    gen = torch.Generator().manual_seed(seed)
-    logits = scale * torch.randn(k, n, c, dtype=torch.float64, generator=gen)
-    return logits, torch.randint(0, c, (n,), generator=gen)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    logits = scale * torch.randn(k, n, c, dtype=torch.float64, generator=gen, device="cpu")
+    target = torch.randint(0, c, (n,), generator=gen, device="cpu")
+    device = torch.get_default_device()  # CUDA for the GPU backends' tests
+    return logits.to(device), target.to(device)
 
 
 @settings(max_examples=40)
@@ -89,7 +91,7 @@ def test_pairwise_and_ensemble_share_their_gradient(backend, cohort):
 def test_peers_are_exchangeable(backend, cohort, mode):
     k, n, c, temperature, scale, seed = cohort
     logits, target = draw(k, n, c, scale, seed)
-    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed), device="cpu")
     options = dict(temperature=temperature, mode=mode, reduction="none", backend=backend)
     torch.testing.assert_close(
         mutual_loss(logits[perm], target, **options), mutual_loss(logits, target, **options)[perm]

@@ -1,0 +1,78 @@
+"""Markdown tables of a GPU benchmark run (benchmarks/test_gpu.py's JSON), for BENCHMARKS.md.
+
+    python -m benchmarks.gpu_report OUT/gpu.json > OUT/gpu.md
+
+Per shape and dtype: each candidate's median forward and forward + backward time (CUDA events),
+the fraction of the bandwidth floor its forward + backward reaches, its speed-up over each baseline,
+its peak memory above the inputs, and (at the launch-count shape) its CUDA kernel launches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+BASELINES = ("eager_pairs", "vectorized", "torch_compile", "liger")
+BYTES = {"float32": 4, "bfloat16": 2}
+MIB = 1 << 20
+
+
+def render(run: dict) -> str:
+    bandwidth = None
+    cases: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if bench["group"] == "copy bandwidth":
+            bandwidth, device = info["bytes_per_s"], info["device"]
+            continue
+        cases[(info["K"], info["N"], info["C"], info["dtype"])][info["candidate"]][
+            info["pass"]
+        ] = info
+    if bandwidth is None:
+        raise SystemExit("the run has no copy-bandwidth measurement")
+    lines = [
+        f"GPU: {device}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write, measured in "
+        f"the same run); times are medians of CUDA-event timings.",
+        "",
+    ]
+    for (k, n, c, dtype), by_name in cases.items():
+        floor_bytes = k * n * c * 2 * BYTES[dtype]
+        floor_ms = floor_bytes / bandwidth * 1e3
+        lines += [
+            f"### K={k}, N={n}, C={c}, {dtype} (floor {floor_ms:.3f} ms)",
+            "",
+            "| candidate | forward ms | fwd+bwd ms | % of floor | "
+            + " | ".join(f"vs {b}" for b in BASELINES)
+            + " | peak extra MiB (logits+grad = "
+            + f"{floor_bytes / MIB:.0f}) | launches |",
+            "|---" * (6 + len(BASELINES)) + "|",
+        ]
+        for name, passes in by_name.items():
+            both = passes.get("forward_backward", {})
+            ms = both.get("median_ms")
+            ratios = []
+            for baseline in BASELINES:
+                other = by_name.get(baseline, {}).get("forward_backward", {}).get("median_ms")
+                ratios.append(f"{other / ms:.2f}x" if ms and other else "")
+            cells = [
+                name,
+                _ms(passes.get("forward", {}).get("median_ms")),
+                _ms(ms),
+                f"{100 * floor_ms / ms:.0f}%" if ms else "",
+                *ratios,
+                f"{both['peak_extra_bytes'] / MIB:.0f}" if "peak_extra_bytes" in both else "",
+                str(both.get("kernel_launches", "")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as file:
+        print(render(json.load(file)))
