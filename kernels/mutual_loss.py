@@ -5,7 +5,9 @@ The forward reads each row's K x C block of logits (once when it fits one tile, 
 log-sum-exps, then probabilities), and writes every peer's loss terms and the gradient of
 `row_scale * loss`. The backward only rescales rows whose upstream gradient is not `row_scale`:
 for reduction "mean" and "sum" none are, so it reads one scalar per row and writes nothing.
-One program per row; peers are the first axis of a [K_PAD, BLOCK_C] tile.
+One program per row, peers on the first axis of a [K_PAD, BLOCK_C] tile; when there are too few
+rows to fill the GPU, a row's classes are split across programs (three launches, merged in a fixed
+order, so results stay deterministic).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fastdml.arguments import accumulation_dtype
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 _MAX_TILE = 8192  # elements of a [K_PAD, BLOCK_C] tile: registers, not spills
+SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
+SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
 _SCALE_BLOCK = 1024
 
 
@@ -74,6 +78,70 @@ def _row_output(value, ignored, bad_target):
 
 
 @triton.jit
+def _pass_1(
+    logits_ptr,
+    offsets,
+    cols,
+    c_lo,
+    c_hi,
+    C,
+    live,
+    peers,
+    inv_t,
+    stats,
+    K,
+    MODE,
+    HAS_T,
+    HAS_SMOOTHING,
+    BLOCK_C,
+):
+    """Online log-sum-exps over classes [c_lo, c_hi): of z, z / T and (ensemble_logits) the
+    others' mean logits / T, per peer, and sum_c z (label smoothing)."""
+    m, s, mt, st, mu, su, sum_z = stats
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(m.dtype)
+        zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
+        m, s = _online_lse(m, s, z)
+        if HAS_T:
+            mt, st = _online_lse(mt, st, zt)
+        if MODE == 2:
+            mu, su = _online_lse(mu, su, u)
+        if HAS_SMOOTHING:
+            sum_z += tl.sum(tl.where((c0 + cols)[None, :] < C, z, 0.0), axis=1)
+    return m, s, mt, st, mu, su, sum_z
+
+
+@triton.jit
+def _merge_partial_stats(
+    stats_ptr, r, splits, peers, SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr
+):
+    """The stats of a row from its splits' partial ones, merged in a fixed order."""
+    parts = tl.arange(0, SPLITS_PAD)
+    base = ((r * splits + parts[:, None]) * 7) * K_PAD + peers[None, :]
+    live = (parts < splits)[:, None] & (peers < K_PAD)[None, :]
+    m_all = tl.load(stats_ptr + base, mask=live, other=float("-inf"))
+    m = tl.max(m_all, axis=0)
+    s = tl.sum(tl.load(stats_ptr + base + K_PAD, mask=live, other=0.0) * _rescale(m_all, m), axis=0)
+    mt_all = tl.load(stats_ptr + base + 2 * K_PAD, mask=live, other=float("-inf"))
+    mt = tl.max(mt_all, axis=0)
+    st_all = tl.load(stats_ptr + base + 3 * K_PAD, mask=live, other=0.0)
+    st = tl.sum(st_all * _rescale(mt_all, mt), axis=0)
+    mu_all = tl.load(stats_ptr + base + 4 * K_PAD, mask=live, other=float("-inf"))
+    mu = tl.max(mu_all, axis=0)
+    su = tl.sum(
+        tl.load(stats_ptr + base + 5 * K_PAD, mask=live, other=0.0) * _rescale(mu_all, mu), axis=0
+    )
+    sum_z = tl.sum(tl.load(stats_ptr + base + 6 * K_PAD, mask=live, other=0.0), axis=0)
+    return m, s, mt, st, mu, su, sum_z
+
+
+@triton.jit
+def _rescale(m_part, m):
+    """exp(m_part - m): the factor that moves a partial sum of exps to the merged max."""
+    return tl.exp(m_part - tl.where(m == float("-inf"), 0.0, m)[None, :])
+
+
+@triton.jit
 def _mutual_loss_with_grad_kernel(
     logits_ptr,
     target_ptr,
@@ -83,10 +151,14 @@ def _mutual_loss_with_grad_kernel(
     ce_ptr,
     mimicry_ptr,
     grad_ptr,
+    stats_ptr,
+    sums_ptr,
     R,
     C,
     stride_k,
     stride_r,
+    chunk,
+    splits,
     inv_t_hi,
     inv_t_lo,
     alpha_t_hi,
@@ -96,6 +168,8 @@ def _mutual_loss_with_grad_kernel(
     smoothing_hi,
     smoothing_lo,
     ignore_index,
+    STAGE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -105,7 +179,16 @@ def _mutual_loss_with_grad_kernel(
     COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """One row (grid axis 0), or one chunk of a row's classes (axis 1) when C is split.
+
+    STAGE 0: the whole op for a row. A row split over programs takes three launches: STAGE 1
+    writes each chunk's partial log-sum-exps to `stats`, STAGE 2 merges them, writes the chunk's
+    gradient and its partial loss sums to `sums`, STAGE 3 merges those into the row's outputs.
+    """
     r = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    c_lo = part * chunk
+    c_hi = tl.minimum(c_lo + chunk, C)
     peers = tl.arange(0, K_PAD)
     cols = tl.arange(0, BLOCK_C)
     peer_live = peers < K
@@ -123,92 +206,134 @@ def _mutual_loss_with_grad_kernel(
     inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)
     alpha_t = tl.cast(alpha_t_hi, ACC) + tl.cast(alpha_t_lo, ACC)
     smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
-
-    # Pass 1: log-sum-exps of z, z / T and (ensemble_logits) the others' mean logits / T.
     neg_inf = tl.full([K_PAD], float("-inf"), ACC)
     zero = tl.zeros([K_PAD], ACC)
-    m, s, mt, st, mu, su, sum_z = neg_inf, zero, neg_inf, zero, neg_inf, zero, zero
-    SINGLE_TILE: tl.constexpr = BLOCK_C >= C
+    stats = (neg_inf, zero, neg_inf, zero, neg_inf, zero, zero)
+    sums_offsets = ((r * splits + part) * 2) * K_PAD + peers
+
+    # Pass 1: the row's (or chunk's) log-sum-exps. A row that fits one tile is loaded once here
+    # and kept for pass 2.
+    SINGLE_TILE: tl.constexpr = STAGE == 0 and BLOCK_C >= C
     if SINGLE_TILE:
         z = _load_tile(logits_ptr, offsets, cols, 0, C, live).to(ACC)
         zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
-        m, s = _online_lse(m, s, z)
+        m, s = _online_lse(neg_inf, zero, z)
+        mt, st, mu, su, sum_z = m, s, m, s, zero
         if HAS_T:
-            mt, st = _online_lse(mt, st, zt)
+            mt, st = _online_lse(neg_inf, zero, zt)
         if MODE == 2:
-            mu, su = _online_lse(mu, su, u)
+            mu, su = _online_lse(neg_inf, zero, u)
         if HAS_SMOOTHING:
             sum_z = tl.sum(tl.where(cols[None, :] < C, z, 0.0), axis=1)
+        stats = (m, s, mt, st, mu, su, sum_z)
+    elif STAGE <= 1:
+        stats = _pass_1(
+            logits_ptr,
+            offsets,
+            cols,
+            c_lo,
+            c_hi,
+            C,
+            live,
+            peers,
+            inv_t,
+            stats,
+            K,
+            MODE,
+            HAS_T,
+            HAS_SMOOTHING,
+            BLOCK_C,
+        )
+    if STAGE == 1:
+        m, s, mt, st, mu, su, sum_z = stats
+        base = stats_ptr + ((r * splits + part) * 7) * K_PAD + peers
+        tl.store(base, m)
+        tl.store(base + K_PAD, s)
+        tl.store(base + 2 * K_PAD, mt)
+        tl.store(base + 3 * K_PAD, st)
+        tl.store(base + 4 * K_PAD, mu)
+        tl.store(base + 5 * K_PAD, su)
+        tl.store(base + 6 * K_PAD, sum_z)
     else:
-        for c0 in range(0, C, BLOCK_C):
-            zc = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
-            ztc, uc = _scaled_tiles(zc, peers, inv_t, K, MODE, HAS_T)
-            m, s = _online_lse(m, s, zc)
-            if HAS_T:
-                mt, st = _online_lse(mt, st, ztc)
-            if MODE == 2:
-                mu, su = _online_lse(mu, su, uc)
-            if HAS_SMOOTHING:
-                sum_z += tl.sum(tl.where((c0 + cols)[None, :] < C, zc, 0.0), axis=1)
-    lse = _finish_lse(m, s)
-    lse_t = _finish_lse(mt, st) if HAS_T else lse
-    lse_u = _finish_lse(mu, su) if MODE == 2 else lse
-    z_y = tl.load(logits_ptr + peer_offsets + y_safe, mask=live_peers, other=0.0)
-    z_y = z_y.to(ACC)
+        if STAGE >= 2:
+            stats = _merge_partial_stats(stats_ptr, r, splits, peers, SPLITS_PAD, K_PAD)
+        m, s, mt, st, mu, su, sum_z = stats
+        lse = _finish_lse(m, s)
+        lse_t = _finish_lse(mt, st) if HAS_T else lse
+        lse_u = _finish_lse(mu, su) if MODE == 2 else lse
 
-    # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms.
-    wk = peers[:, None] * K + peers[None, :]
-    w_live = peer_live[:, None] & peer_live[None, :]
-    weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
-    row_sum = tl.sum(weights, axis=1)
-    row_scale = tl.load(row_scale_ptr).to(ACC)
-
-    # Pass 2: probabilities, the loss sums and the gradient, tile by tile.
-    cross = zero  # sum_c t_k log q_k
-    self_term = zero  # pairwise/weights: h_k = sum_c q_k log q_k; ensembles: sum_c t_k log t_k
-    for c0 in range(0, C, BLOCK_C):
-        if not SINGLE_TILE:
-            z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
-            zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
-        cls = c0 + cols
-        tile_live = live & (cls < C)[None, :]
-        log_q = zt - lse_t[:, None]
-        q = tl.where(tile_live, tl.exp(log_q), 0.0)
-        if MODE == 2:
-            log_t = u - lse_u[:, None]
-            t = tl.where(tile_live, tl.exp(log_t), 0.0)
-            self_term += tl.sum(_p_log_q(t, log_t), axis=1)
-        elif MODE == 3:
-            t = tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
-            self_term += tl.sum(_p_log_q(q, log_q), axis=1)
+        # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms.
+        wk = peers[:, None] * K + peers[None, :]
+        w_live = peer_live[:, None] & peer_live[None, :]
+        weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
+        cross = zero  # sum_c t_k log q_k
+        self_term = zero  # pairwise/weights: h_k = sum_c q_k log q_k; ensembles: sum t_k log t_k
+        if STAGE == 3:
+            cross = _merge_partial_sums(sums_ptr, r, splits, peers, 0, SPLITS_PAD, K_PAD)
+            self_term = _merge_partial_sums(sums_ptr, r, splits, peers, 1, SPLITS_PAD, K_PAD)
         else:
-            t = (tl.sum(q, axis=0)[None, :] - q) / (K - 1)
-            if MODE == 1:
-                self_term += tl.sum(_p_log_q(t, tl.log(t)), axis=1)
-            else:
-                self_term += tl.sum(_p_log_q(q, log_q), axis=1)
-        cross += tl.sum(_p_log_q(t, log_q), axis=1)
-        if COMPUTE_GRAD:
-            p = tl.where(tile_live, tl.exp(z - lse[:, None]), 0.0) if HAS_T else q
-            grad = p - smoothing / C + alpha_t * (row_sum[:, None] * q - t)
-            grad -= tl.where(cls[None, :] == y_safe, 1.0 - smoothing, 0.0)
-            grad = _row_output(grad * row_scale, ignored, bad_target)
-            out_mask = peer_live[:, None] & (cls < C)[None, :]
-            grad_offsets = (peers.to(tl.int64)[:, None] * R + r) * C + cls[None, :]
-            tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=out_mask)
+            # Pass 2: probabilities, the loss sums and the gradient, tile by tile.
+            row_sum = tl.sum(weights, axis=1)
+            row_scale = tl.load(row_scale_ptr).to(ACC)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                if not SINGLE_TILE:
+                    z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
+                    zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
+                cls = c0 + cols
+                tile_live = live & (cls < C)[None, :]
+                log_q = zt - lse_t[:, None]
+                q = tl.where(tile_live, tl.exp(log_q), 0.0)
+                if MODE == 2:
+                    log_t = u - lse_u[:, None]
+                    t = tl.where(tile_live, tl.exp(log_t), 0.0)
+                    self_term += tl.sum(_p_log_q(t, log_t), axis=1)
+                elif MODE == 3:
+                    t = tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
+                    self_term += tl.sum(_p_log_q(q, log_q), axis=1)
+                else:
+                    t = (tl.sum(q, axis=0)[None, :] - q) / (K - 1)
+                    if MODE == 1:
+                        self_term += tl.sum(_p_log_q(t, tl.log(t)), axis=1)
+                    else:
+                        self_term += tl.sum(_p_log_q(q, log_q), axis=1)
+                cross += tl.sum(_p_log_q(t, log_q), axis=1)
+                if COMPUTE_GRAD:
+                    p = tl.where(tile_live, tl.exp(z - lse[:, None]), 0.0) if HAS_T else q
+                    grad = p - smoothing / C + alpha_t * (row_sum[:, None] * q - t)
+                    grad -= tl.where(cls[None, :] == y_safe, 1.0 - smoothing, 0.0)
+                    grad = _row_output(grad * row_scale, ignored, bad_target)
+                    out_mask = peer_live[:, None] & (cls < C)[None, :]
+                    grad_offsets = (peers.to(tl.int64)[:, None] * R + r) * C + cls[None, :]
+                    grad = grad.to(grad_ptr.dtype.element_ty)
+                    tl.store(grad_ptr + grad_offsets, grad, mask=out_mask)
+        if STAGE == 2:
+            tl.store(sums_ptr + sums_offsets, cross)
+            tl.store(sums_ptr + sums_offsets + K_PAD, self_term)
+        else:
+            z_y = tl.load(logits_ptr + peer_offsets + y_safe, mask=live_peers, other=0.0)
+            ce = lse - (1.0 - smoothing) * z_y.to(ACC)
+            if HAS_SMOOTHING:
+                ce -= smoothing / C * sum_z
+            if MODE >= 1 and MODE <= 2:
+                mimicry = self_term - cross
+            else:  # sum_j W[k, j] h_j - sum_c t_k log q_k
+                mimicry = tl.sum(weights * self_term[None, :], axis=1) - cross
+            loss = ce + (tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)) * mimicry
+            out = peers.to(tl.int64) * R + r
+            tl.store(ce_ptr + out, _row_output(ce, ignored, bad_target), mask=peer_live)
+            tl.store(mimicry_ptr + out, _row_output(mimicry, ignored, bad_target), mask=peer_live)
+            tl.store(loss_ptr + out, _row_output(loss, ignored, bad_target), mask=peer_live)
 
-    ce = lse - (1.0 - smoothing) * z_y
-    if HAS_SMOOTHING:
-        ce -= smoothing / C * sum_z
-    if MODE >= 1 and MODE <= 2:
-        mimicry = self_term - cross
-    else:  # sum_j W[k, j] h_j - sum_c t_k log q_k
-        mimicry = tl.sum(weights * self_term[None, :], axis=1) - cross
-    loss = ce + (tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)) * mimicry
-    out = peers.to(tl.int64) * R + r
-    tl.store(ce_ptr + out, _row_output(ce, ignored, bad_target), mask=peer_live)
-    tl.store(mimicry_ptr + out, _row_output(mimicry, ignored, bad_target), mask=peer_live)
-    tl.store(loss_ptr + out, _row_output(loss, ignored, bad_target), mask=peer_live)
+
+@triton.jit
+def _merge_partial_sums(
+    sums_ptr, r, splits, peers, which, SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr
+):
+    """A row's loss sum `which` (0: cross, 1: self term) over its splits, in a fixed order."""
+    parts = tl.arange(0, SPLITS_PAD)
+    offsets = ((r * splits + parts[:, None]) * 2 + which) * K_PAD + peers[None, :]
+    live = (parts < splits)[:, None] & (peers < K_PAD)[None, :]
+    return tl.sum(tl.load(sums_ptr + offsets, mask=live, other=0.0), axis=0)
 
 
 @triton.jit
@@ -242,6 +367,16 @@ def _launch_config(k: int, num_classes: int) -> dict:
     return dict(K=k, K_PAD=k_pad, BLOCK_C=block_c, num_warps=num_warps)
 
 
+def _chunks(rows: int, num_classes: int, block_c: int) -> tuple[int, int]:
+    """(classes per program, programs per row): a row's classes are split across programs when
+    there are too few rows to fill the GPU and each chunk keeps at least SPLIT_MIN_CLASSES."""
+    splits = min(triton.cdiv(SPLIT_PROGRAMS, rows), num_classes // SPLIT_MIN_CLASSES)
+    if splits <= 1:
+        return num_classes, 1
+    chunk = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
+    return chunk, triton.cdiv(num_classes, chunk)
+
+
 # Under TRITON_INTERPRET=1 (CPU tensors, for tests) the kernels are plain Python, invisible to
 # torch.compile's tracing: the ops are then opaque custom ops, with fake kernels in fastdml.ops.
 INTERPRETED = isinstance(_scale_grad_rows_kernel, InterpretedFunction)
@@ -270,32 +405,50 @@ def mutual_loss_with_grad(
     ce, mimicry = torch.empty_like(loss), torch.empty_like(loss)
     grad_shape = logits.shape if compute_grad else (0,)
     grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
-    if rows > 0:
-        wrap_triton(_mutual_loss_with_grad_kernel)[(rows,)](
-            logits,
-            target,
-            weights,
-            row_scale,
-            loss,
-            ce,
-            mimicry,
-            grad,
-            rows,
-            num_classes,
-            logits.stride(0),
-            logits.stride(1),
-            *_split(1.0 / temperature),
-            *_split(alpha * temperature),
-            *_split(alpha * temperature**2),
-            *_split(label_smoothing),
-            ignore_index,
-            MODE=MODE_IDS[mode],
-            HAS_T=temperature != 1.0,
-            HAS_SMOOTHING=label_smoothing != 0.0,
-            COMPUTE_GRAD=compute_grad,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            **_launch_config(k, num_classes),
-        )
+    if rows == 0:
+        return loss, ce, mimicry, grad
+    config = _launch_config(k, num_classes)
+    chunk, splits = _chunks(rows, num_classes, config["BLOCK_C"])
+    stats = loss.new_empty((rows, splits, 7, config["K_PAD"]) if splits > 1 else (0,))
+    sums = loss.new_empty((rows, splits, 2, config["K_PAD"]) if splits > 1 else (0,))
+    arguments = (
+        logits,
+        target,
+        weights,
+        row_scale,
+        loss,
+        ce,
+        mimicry,
+        grad,
+        stats,
+        sums,
+        rows,
+        num_classes,
+        logits.stride(0),
+        logits.stride(1),
+        chunk,
+        splits,
+        *_split(1.0 / temperature),
+        *_split(alpha * temperature),
+        *_split(alpha * temperature**2),
+        *_split(label_smoothing),
+        ignore_index,
+    )
+    options = dict(
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        MODE=MODE_IDS[mode],
+        HAS_T=temperature != 1.0,
+        HAS_SMOOTHING=label_smoothing != 0.0,
+        COMPUTE_GRAD=compute_grad,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        **config,
+    )
+    if splits == 1:
+        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, 1)](*arguments, STAGE=0, **options)
+    else:
+        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, splits)](*arguments, STAGE=1, **options)
+        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, splits)](*arguments, STAGE=2, **options)
+        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, 1)](*arguments, STAGE=3, **options)
     return loss, ce, mimicry, grad
 
 

@@ -101,6 +101,38 @@ def test_scale_grad_rows_touches_only_rows_not_at_row_scale(with_grad_ops):
     torch.testing.assert_close(grad, expected, equal_nan=True)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_splits_the_classes_of_few_rows(with_grad_ops, monkeypatch, mode):
+    """Few rows, many classes: each row's classes spread over programs, merged exactly."""
+    if with_grad_ops[0] != "triton":
+        pytest.skip("the split is the Triton kernels'")
+    from fastdml.kernels import mutual_loss as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "SPLIT_MIN_CLASSES", 64)
+    logits = 3 * torch.randn(3, 5, 1000)
+    logits[:, 2, 900:] = float("-inf")
+    target = torch.randint(0, 900, (5,))
+    target[1] = -100
+    weights = dict(peer_weights=torch.rand(3, 3)) if mode == "weights" else dict(mode=mode)
+    results = []
+    for name in ["torch", "triton"]:
+        z = logits.clone().requires_grad_()
+        out = mutual_loss(
+            z,
+            target,
+            temperature=2.0,
+            label_smoothing=0.1,
+            reduction="none",
+            return_components=True,
+            backend=name,
+            **weights,
+        )
+        out.loss.sum().backward()
+        results.append((*out, z.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_logits_are_not_written(fused_backend):
     logits = torch.randn(3, 6, 11, requires_grad=True)
     before = logits.detach().clone()
