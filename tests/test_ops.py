@@ -1,5 +1,7 @@
 """The fused ops as PyTorch custom ops: opcheck, torch.compile, determinism, extreme shapes."""
 
+import copy
+
 import pytest
 import torch
 from conftest import INTERPRETED, on_device, skip_if_unsupported
@@ -286,3 +288,44 @@ def test_more_than_2_pow_31_elements(fused_backend):
     assert torch.equal(logits.grad[:, -2:], logits.grad[:, :2])
     expected = mutual_loss(probe.float(), target[:2], reduction="none", backend="torch")
     torch.testing.assert_close(loss[:, :2], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_of_a_training_step(backend):
+    """No host-device sync in forward or backward: a whole training step replays as a graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = Cohort(3, 8, 10).cuda()
+    twin = copy.deepcopy(model)
+    criterion = MutualLoss(temperature=2.0, label_smoothing=0.1, backend=backend)
+    x = torch.randn(16, 8, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+
+    def training_step(net, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+        loss = criterion(net(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compilation, allocator) off the graph
+        for _ in range(3):
+            training_step(model, optimizer)
+            training_step(twin, twin_optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = training_step(model, optimizer)
+    for _ in range(4):
+        x.copy_(torch.randn(16, 8, device="cuda"))
+        y.copy_(torch.randint(0, 10, (16,), device="cuda"))
+        graph.replay()
+        expected = training_step(twin, twin_optimizer)
+        torch.testing.assert_close(captured_loss, expected)
+    for got, want in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
