@@ -87,9 +87,7 @@ def compare(
     if teacher is not None and not teacher["frozen"]:
         raise ConfigError("compare uses a teacher only to distill from; it cannot be trainable")
     if not resume and any(out.glob(f"*/*/{CHECKPOINT}")):
-        raise UserError(
-            f"{out} holds an earlier comparison: add --resume, or choose another --out"
-        )
+        raise UserError(f"{out} holds an earlier comparison: add --resume, or choose another --out")
     data = load_data(config)
     start = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
