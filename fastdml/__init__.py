@@ -5,7 +5,31 @@ KL divergence from the other peers' class posteriors to its own (Zhang et al., C
 """
 
 from fastdml.backends import available_backends
+from fastdml.cohort import Cohort, Evaluation, StepOutput
+from fastdml.data import InMemoryLoader, load_dataset
+from fastdml.errors import CheckpointError, ConfigError, UserError
 from fastdml.loss import MutualLoss, MutualLossOutput, mutual_loss
+from fastdml.models import build_model
+from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer
+from fastdml.trainer import Trainer
 
-__all__ = ["MutualLoss", "MutualLossOutput", "available_backends", "mutual_loss"]
+__all__ = [
+    "CheckpointError",
+    "Cohort",
+    "ConfigError",
+    "Evaluation",
+    "InMemoryLoader",
+    "LRSchedule",
+    "MutualLoss",
+    "MutualLossOutput",
+    "StepOutput",
+    "Trainer",
+    "UserError",
+    "available_backends",
+    "build_model",
+    "clip_grad_norms_",
+    "load_dataset",
+    "make_optimizer",
+    "mutual_loss",
+]
 __version__ = "0.1.0"

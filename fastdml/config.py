@@ -73,7 +73,7 @@ class RunConfig:
     lr_schedule: str | list[str] = "cosine"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64
     precision: str = "fp32"
     device: str = "auto"
