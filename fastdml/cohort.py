@@ -131,7 +131,7 @@ class Cohort:
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on the CPU")
-        self.criterion = _check_criterion(criterion, len(peers))
+        self.criterion = _check_criterion(criterion, len(peers)).to(self.device)
         self.frozen = frozen
         self.update = update
         self.precision = precision
