@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from fastdml.compare import DEFAULT_MODES, compare, format_table
 from fastdml.config import TEACHER_KEYS, RunConfig, make_config, make_teacher, read_config_file
 from fastdml.errors import UserError
-from fastdml.runs import check_resumable, load_data, make_trainer, stored_config
+from fastdml.runs import load_data, make_trainer, stored_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,10 +183,8 @@ def _config(
     layers = [{"out": default_out}, file_values]
     out = flags.get("out", file_values.get("out", default_out))
     resume = flags.get("resume", file_values.get("resume", False))
-    stored = None
     if resume and resume_from_out:
-        stored = stored_config(out)
-        layers.insert(0, stored)
+        layers.insert(0, stored_config(out))
     teacher = next((layer["teacher"] for layer in reversed(layers) if layer.get("teacher")), None)
     if teacher_flags:
         teacher = {**({"arch": teacher} if isinstance(teacher, str) else teacher or {})}
@@ -198,8 +196,6 @@ def _config(
         layers = [{k: v for k, v in layer.items() if k != "teacher"} for layer in layers]
         flags.pop("teacher", None)
     config = make_config(*layers, flags)
-    if stored is not None:
-        check_resumable(stored, config)
     return config, make_teacher(teacher) if teacher_apart and teacher else None
 
 

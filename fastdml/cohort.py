@@ -177,7 +177,7 @@ class Cohort:
         """The cohort's loss, each peer's [K] cross-entropy and mimicry, and the stacked logits."""
         if len({z.dtype for z in logits}) > 1:  # heterogeneous peers under autocast
             logits = [z.float() for z in logits]
-        z = torch.stack(list(logits))
+        z = torch.stack(list(logits)) if len(logits) > 1 else logits[0].unsqueeze(0)
         c = self.criterion
         if len(logits) == 1:
             ce = F.cross_entropy(

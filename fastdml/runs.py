@@ -138,7 +138,10 @@ def check_resumable(stored: dict[str, Any], config: RunConfig) -> None:
 def make_trainer(
     config: RunConfig, data: DataSplits, *, progress: bool = True, name: str = ""
 ) -> Trainer:
-    """The trainer of a run: seeds everything, builds the cohort, and resumes if asked."""
+    """The trainer of a run: seeds everything, builds the cohort, and resumes if asked (a
+    checkpoint of the same run only)."""
+    if config.resume:
+        check_resumable(stored_config(config.out), config)
     seed_everything(config.seed)
     cohort = build_cohort(config, data)
     return Trainer(

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastdml.cohort import Cohort
+from fastdml.cohort import Cohort, StepOutput
 from fastdml.data import ResumableLoader, as_loader
 from fastdml.errors import CheckpointError, UserError
 from fastdml.plots import plot_history
@@ -102,6 +102,7 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self._epoch_sums = self._zero_sums()
+        self._outputs: list[StepOutput] = []  # steps not yet added to the sums
         self._epoch_rng: dict[str, Any] | None = None  # the loader's RNG when the epoch began
         self._resume_rng: dict[str, Any] | None = None
         self._train_seconds = 0.0
@@ -197,7 +198,6 @@ class Trainer:
             self._epoch_sums = self._zero_sums()
         batches = self._batches()
         self._restore_rng()
-        sums = self._epoch_sums
         total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
         bar = tqdm(
             total=total,
@@ -213,12 +213,7 @@ class Trainer:
         start = time.perf_counter()
         with bar:
             for x, target in batches:
-                out = cohort.train_step(x, target)
-                count = out.count.to(sums.dtype)
-                sums[0] += out.ce * count
-                sums[1] += out.mimicry * count
-                sums[2] += out.correct
-                sums[3] += count
+                self._outputs.append(cohort.train_step(x, target))
                 self.step += 1
                 self.global_step += 1
                 bar.update()
@@ -238,7 +233,20 @@ class Trainer:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
 
+    def _add_outputs(self) -> None:
+        """Adds the steps' outputs to the epoch's sums: a few ops for many steps, not per step."""
+        if not self._outputs:
+            return
+        count = torch.stack([out.count for out in self._outputs]).to(self._epoch_sums.dtype)
+        for row, name in enumerate(("ce", "mimicry")):
+            terms = torch.stack([getattr(out, name) for out in self._outputs])
+            self._epoch_sums[row] += (terms * count[:, None]).sum(0)
+        self._epoch_sums[2] += torch.stack([out.correct for out in self._outputs]).sum(0)
+        self._epoch_sums[3] += count.sum()
+        self._outputs.clear()
+
     def _train_record(self) -> dict[str, float]:
+        self._add_outputs()
         ce, mimicry, correct, count = (self._epoch_sums / self._epoch_sums[3].clamp(min=1)).tolist()
         criterion = self.cohort.criterion
         weight = criterion.alpha * criterion.temperature**2 if self.cohort.num_peers > 1 else 0.0
@@ -271,6 +279,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """All a resumed run needs: the cohort, the position, RNG states and the history."""
+        self._add_outputs()
         return {
             "config": self.config,
             "cohort": self.cohort.state_dict(),

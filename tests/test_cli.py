@@ -65,9 +65,7 @@ def test_train_from_a_config_file_then_resume_for_more_epochs(tmp_path, capsys):
 
 def test_compare_writes_a_table_results_and_plots(tmp_path, capsys):
     out = tmp_path / "cmp"
-    status, stdout, err = run(
-        capsys,
-        "compare",
+    argv = [
         *TINY,
         "--peers",
         "mlp,mlp,mlp",
@@ -81,7 +79,8 @@ def test_compare_writes_a_table_results_and_plots(tmp_path, capsys):
         "cnn1d",
         "--out",
         out,
-    )
+    ]
+    status, stdout, err = run(capsys, "compare", *argv)
     assert status == 0, err
     lines = stdout.splitlines()
     assert lines[0].startswith("test accuracy (%) on digits after 2 epochs, peers mlp, mlp, mlp")
@@ -102,6 +101,11 @@ def test_compare_writes_a_table_results_and_plots(tmp_path, capsys):
     assert all(torch.equal(teacher[k], distill[k]) for k in teacher)
     status, _, err = run(capsys, "compare", *TINY, "--epochs", 1, "--out", out)
     assert status == 2 and "--resume" in err
+    # resumed: the finished runs are read back, not trained again
+    status, again, err = run(capsys, "compare", *argv, "--resume")
+    assert status == 0 and again == stdout
+    status, _, err = run(capsys, "compare", *argv, "--resume", "--lr", "0.5")
+    assert status == 2 and "different run: lr is 0.05 there, 0.5 here" in err
 
 
 USER_ERRORS = [
