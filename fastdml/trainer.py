@@ -25,6 +25,7 @@ from fastdml.plots import plot_history
 from fastdml.records import MetricsLog
 
 CHECKPOINT = "checkpoint.pt"
+FOLD_EVERY = 256  # steps whose outputs are added to the epoch's sums at once
 
 
 class Trainer:
@@ -214,6 +215,8 @@ class Trainer:
         with bar:
             for x, target in batches:
                 self._outputs.append(cohort.train_step(x, target))
+                if len(self._outputs) == FOLD_EVERY:
+                    self._add_outputs()
                 self.step += 1
                 self.global_step += 1
                 bar.update()
