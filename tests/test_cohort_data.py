@@ -141,3 +141,39 @@ def test_small_models(arch, shape):
 def test_model_errors(arch, shape, options, message):
     with pytest.raises(ConfigError, match=message):
         build_model(arch, shape, 10, **options)
+
+
+def test_cifar_through_torchvision(monkeypatch, tmp_path):
+    """The CIFAR path with a stand-in for torchvision (not installed in CI)."""
+    import types
+
+    import fastdml.data
+
+    made = []
+
+    class CIFAR100:
+        def __init__(self, root, train, transform):
+            if not (tmp_path / "cifar-100-python").exists():
+                raise RuntimeError("Dataset not found or corrupted.")
+            made.append((root, train, transform))
+
+    transforms = types.SimpleNamespace(
+        Compose=list,
+        Normalize=lambda *a: "normalize",
+        RandomCrop=lambda *a, **k: "crop",
+        RandomHorizontalFlip=lambda: "flip",
+        ToTensor=lambda: "tensor",
+    )
+    modules = {
+        "torchvision.datasets": types.SimpleNamespace(CIFAR100=CIFAR100),
+        "torchvision.transforms": transforms,
+    }
+    monkeypatch.setattr(fastdml.data, "require", lambda module, package: modules[module])
+    with pytest.raises(UserError, match=r"CIFAR100\('.*', download=True\)"):
+        load_dataset("cifar100", data_dir=tmp_path)
+    (tmp_path / "cifar-100-python").mkdir()
+    data = load_dataset("cifar100", data_dir=tmp_path)
+    assert data.num_classes == 100 and data.input_shape == (3, 32, 32)
+    assert [train for _, train, _ in made] == [True, False]
+    assert made[0][2] == ["crop", "flip", "tensor", "normalize"]
+    assert made[1][2] == ["tensor", "normalize"]
