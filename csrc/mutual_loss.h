@@ -39,14 +39,19 @@ inline void check_acc_tensor(const at::Tensor& logits, const at::Tensor& t, cons
               " logits, got ", t.scalar_type());
 }
 
+// A [K, R, C] tensor of logits (or of their gradient) in one of the supported dtypes.
+inline void check_logits_like(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "fastdml: ", name, " must be [K, R, C], got ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "fastdml: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
 inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
                                const at::Tensor& weights, double temperature,
                                double label_smoothing) {
-  TORCH_CHECK(logits.dim() == 3, "fastdml: logits must be [K, R, C], got ", logits.sizes());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "fastdml: logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_logits_like(logits, "logits");
   const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
   TORCH_CHECK(K >= 2, "fastdml: mutual learning needs at least 2 peers, got K = ", K);
   TORCH_CHECK(C >= 1, "fastdml: logits need at least one class");
@@ -70,6 +75,25 @@ inline void check_backward_args(const at::Tensor& grad_ce, const at::Tensor& gra
   check_acc_tensor(logits, grad_ce, "grad_ce", {K, R});
   check_acc_tensor(logits, grad_mimicry, "grad_mimicry", {K, R});
   check_acc_tensor(logits, stats, "stats", {3, K, R});
+}
+
+// mutual_loss_with_grad: row_scale is one value (0-dim) of the accumulation dtype on the logits'
+// device, read by the kernels there, never on the host.
+inline void check_with_grad_args(const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& weights, const at::Tensor& row_scale,
+                                 double temperature, double label_smoothing) {
+  check_forward_args(logits, target, weights, temperature, label_smoothing);
+  check_acc_tensor(logits, row_scale, "row_scale", {});
+}
+
+// scale_grad_rows_: grad [K, R, C] contiguous, as mutual_loss_with_grad returns it; grad_loss
+// [K, R] and row_scale (0-dim) in its accumulation dtype on its device.
+inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_loss,
+                                  const at::Tensor& row_scale) {
+  check_logits_like(grad, "grad");
+  TORCH_CHECK(grad.is_contiguous(), "fastdml: grad must be contiguous");
+  check_acc_tensor(grad, grad_loss, "grad_loss", {grad.size(0), grad.size(1)});
+  check_acc_tensor(grad, row_scale, "row_scale", {});
 }
 
 }  // namespace fastdml

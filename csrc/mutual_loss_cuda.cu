@@ -1,0 +1,1180 @@
+// CUDA kernels of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (DESIGN.md
+// sections 1-3). Raw pointers and a stream only: no torch headers, so nvcc compiles this file
+// alone.
+//
+// Forward (one launch): a team of threads (a warp for short rows, the whole 256-thread block for
+// long ones) owns one row r and all K peers of it, so every class's K logits are in one thread's
+// registers at once. Pass 1 folds each thread's classes into online (max, sum exp(z - max),
+// sum exp((z - max) / T)) per peer (and, for ensemble_logits, the same for the others' mean
+// logits), merged across the team by butterfly shuffles and a fixed-order pass over the warps.
+// Pass 2 recomputes q, p and the mimicry target per class, accumulates the loss sums and writes
+// row_scale * gradient. The first `cached_iters` vectors each thread reads in pass 1 are kept in
+// shared memory, so a row that fits is read from memory once; pass 2 reads the rest again, last
+// read first, so that as much of it as possible comes from L2. Vector loads and stores (16 bytes,
+// 8 with 6 or more peers) when every row is aligned, scalar ones otherwise. K is a template
+// argument for 2..8; beyond it, and for float64, a simpler kernel loops over the peers with their
+// statistics in shared memory. No atomics: every reduction has a fixed order, so results are
+// bit-identical run to run.
+//
+// Backward (one launch): a team per row reads grad_loss and leaves the row alone when it equals
+// row_scale; otherwise it multiplies the row by grad_loss / row_scale.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "mutual_loss_cuda.h"
+
+namespace fastdml {
+namespace gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxStaticK = 8;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------------------
+// Scalars: float accumulation, double for double.
+
+template <typename S>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename S>
+using acc_t = typename AccOf<S>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void from_acc(float x, float& out) { out = x; }
+__device__ __forceinline__ void from_acc(double x, double& out) { out = x; }
+__device__ __forceinline__ void from_acc(float x, __half& out) { out = __float2half_rn(x); }
+__device__ __forceinline__ void from_acc(float x, __nv_bfloat16& out) {
+  out = __float2bfloat16_rn(x);
+}
+
+// Accurate exp and log (no fast-math intrinsics).
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+
+// a * b + c * d rounded the same way whatever the order of the two products (no fma contraction),
+// so that the two lanes of a butterfly shuffle compute the same value.
+__device__ __forceinline__ float sum_of_products(float a, float b, float c, float d) {
+  return __fadd_rn(__fmul_rn(a, b), __fmul_rn(c, d));
+}
+__device__ __forceinline__ double sum_of_products(double a, double b, double c, double d) {
+  return __dadd_rn(__dmul_rn(a, b), __dmul_rn(c, d));
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return A(-INFINITY);
+}
+
+// Maxima propagate NaN (like torch.max), so a NaN logit reaches the loss instead of being skipped.
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// p * log_q with 0 * log_q = 0, also where log_q = -inf (a class masked with -inf logits).
+template <typename A>
+__device__ __forceinline__ A plogq(A p, A log_q) {
+  return p == A(0) ? A(0) : p * log_q;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectors of VEC consecutive classes: 16 bytes when vectorized, one scalar otherwise.
+
+template <typename S, int N>
+struct alignas(sizeof(S) * N) Pack {
+  S v[N];
+};
+
+// The integer type of a Pack's bits, for the cache-hinted loads and stores (none: plain ones).
+template <int kBytes>
+struct RawOf {
+  using type = void;
+};
+template <>
+struct RawOf<16> {
+  using type = int4;
+};
+template <>
+struct RawOf<8> {
+  using type = int2;
+};
+template <>
+struct RawOf<4> {
+  using type = int;
+};
+
+// kStream: the data is not read again from memory (evict first).
+template <bool kStream, typename S, int VEC>
+__device__ __forceinline__ Pack<S, VEC> load_pack(const S* p) {
+  using P = Pack<S, VEC>;
+  using Raw = typename RawOf<sizeof(P)>::type;
+  if constexpr (kStream && !std::is_void_v<Raw>) {
+    const Raw raw = __ldcs(reinterpret_cast<const Raw*>(p));
+    P out;
+    memcpy(&out, &raw, sizeof(P));
+    return out;
+  } else {
+    return *reinterpret_cast<const P*>(p);
+  }
+}
+
+template <bool kStream, typename S, int VEC>
+__device__ __forceinline__ void store_pack(S* p, const Pack<S, VEC>& x) {
+  using P = Pack<S, VEC>;
+  using Raw = typename RawOf<sizeof(P)>::type;
+  if constexpr (kStream && !std::is_void_v<Raw>) {
+    Raw raw;
+    memcpy(&raw, &x, sizeof(P));
+    __stcs(reinterpret_cast<Raw*>(p), raw);
+  } else {
+    *reinterpret_cast<P*>(p) = x;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online log-sum-exp: max m, s = sum exp(x - m) and (unless unit_t) s_t = sum exp((x - m) / T).
+
+template <typename A>
+struct LseState {
+  A m, s, s_t;
+
+  __device__ __forceinline__ void reset() {
+    m = neg_inf<A>();
+    s = A(0);
+    s_t = A(0);
+  }
+
+  // Folds N values with one rescale for all of them.
+  template <int N>
+  __device__ __forceinline__ void fold(const A (&x)[N], A inv_t, bool unit_t) {
+    A mx = x[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) mx = nan_max(mx, x[i]);
+    const A m_new = nan_max(m, mx);
+    if (m_new == neg_inf<A>()) return;  // only -inf so far: nothing to add, no (-inf) - (-inf)
+    A add = 0, add_t = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const A d = x[i] - m_new;
+      add += acc_exp(d);
+      if (!unit_t) add_t += acc_exp(d * inv_t);
+    }
+    const A dm = m - m_new;  // -inf on the first fold: the old sums (0) get weight 0
+    s = s * acc_exp(dm) + add;
+    if (!unit_t) s_t = s_t * acc_exp(dm * inv_t) + add_t;
+    m = m_new;
+  }
+
+  // Symmetric in its two operands, bit for bit (see sum_of_products).
+  __device__ __forceinline__ void merge(A o_m, A o_s, A o_s_t, A inv_t, bool unit_t) {
+    const A m_new = nan_max(m, o_m);
+    if (m_new == neg_inf<A>()) return;  // both empty
+    s = sum_of_products(s, acc_exp(m - m_new), o_s, acc_exp(o_m - m_new));
+    if (!unit_t) {
+      s_t = sum_of_products(s_t, acc_exp((m - m_new) * inv_t), o_s_t,
+                            acc_exp((o_m - m_new) * inv_t));
+    }
+    m = m_new;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Team reductions. A team is one warp or the whole block (warps == kWarps); every thread of the
+// team ends with the same result. scratch holds kWarps * 3 * N values.
+
+template <int N, typename A>
+__device__ __forceinline__ void team_sum(A (&v)[N], A* scratch, int warps) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], off);
+  }
+  if (warps > 1) {
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) scratch[warp * N + i] = v[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      A acc = scratch[i];
+      for (int w = 1; w < warps; ++w) acc += scratch[w * N + i];
+      v[i] = acc;
+    }
+    __syncthreads();
+  }
+}
+
+template <int N, typename A>
+__device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int warps, A inv_t,
+                                         bool unit_t) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const A o_m = __shfl_xor_sync(kFullMask, st[i].m, off);
+      const A o_s = __shfl_xor_sync(kFullMask, st[i].s, off);
+      const A o_s_t = __shfl_xor_sync(kFullMask, st[i].s_t, off);
+      st[i].merge(o_m, o_s, o_s_t, inv_t, unit_t);
+    }
+  }
+  if (warps > 1) {
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        A* dst = scratch + (warp * N + i) * 3;
+        dst[0] = st[i].m;
+        dst[1] = st[i].s;
+        dst[2] = st[i].s_t;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      LseState<A> acc{scratch[i * 3], scratch[i * 3 + 1], scratch[i * 3 + 2]};
+      for (int w = 1; w < warps; ++w) {
+        const A* src = scratch + (w * N + i) * 3;
+        acc.merge(src[0], src[1], src[2], inv_t, unit_t);
+      }
+      st[i] = acc;
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ void team_barrier(int warps) {
+  if (warps > 1) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description and the per-class math shared by both forward kernels.
+
+template <typename A>
+struct KernelArgs {
+  const void* logits;
+  int64_t stride_k, stride_r;
+  const int64_t* target;
+  int64_t target_stride;
+  const A* weights;
+  const A* row_scale;
+  A* loss;
+  A* ce;
+  A* mimicry;
+  void* grad;
+  int64_t K, R, C;
+  LossMode mode;
+  A inv_t;       // 1 / T (exactly 1 when unit_t)
+  A alpha_t;     // alpha * T: the mimicry gradient's factor
+  A alpha_t2;    // alpha * T^2: the mimicry loss's factor
+  A eps;         // label smoothing
+  A eps_over_c;  // eps / C
+  A inv_km1;     // 1 / (K - 1)
+  A u_scale;     // 1 / ((K - 1) T): the ensemble_logits target's logits per sum of others
+  bool unit_t, smoothing, compute_grad;
+  int64_t ignore_index;
+  int warps_per_team;  // 1 or kWarps
+  int cached_iters;    // vectors per thread and peer kept in shared memory (fast kernel)
+  int64_t chunks;      // split forward: chunks per row
+  A* partials;         // split forward: [R][chunks][K][8]
+};
+
+// Per-peer statistics of a row after pass 1.
+template <typename A>
+struct PeerRow {
+  A m;    // max of z
+  A ls;   // log sum exp(z - m)
+  A lst;  // log sum exp((z - m) / T)  (= ls when T = 1)
+  A mu;   // ensemble_logits: max of the target's logits u
+  A lsu;  //                  log sum exp(u - mu)
+};
+
+template <typename A>
+__device__ __forceinline__ PeerRow<A> finish_row(const LseState<A>& st, const LseState<A>& su,
+                                                 bool unit_t) {
+  const A ls = acc_log(st.s);
+  return {st.m, ls, unit_t ? ls : acc_log(st.s_t), su.m, acc_log(su.s)};
+}
+
+// log q = (z - m) / T - lst, never log(q); d = z - m.
+template <typename A>
+__device__ __forceinline__ A log_q_of(A d, A inv_t, const PeerRow<A>& pr) {
+  return d * inv_t - pr.lst;
+}
+
+// Gradient coefficients: row_scale * (p - (1 - eps) onehot - eps / C + alpha T (w_k q - t)).
+template <typename A>
+struct Coefs {
+  A p, q, t, d, label;  // q is per peer times w_k (own_weight)
+};
+
+template <typename A>
+__device__ __forceinline__ Coefs<A> make_coefs(const KernelArgs<A>& a) {
+  const A rs = *a.row_scale;
+  return {rs, rs * a.alpha_t, -(rs * a.alpha_t), -(rs * a.eps_over_c), rs * (A(1) - a.eps)};
+}
+
+// W[k, j] of the mimicry (the diagonal never counts: it adds KL(q_k || q_k) = 0).
+template <typename A>
+__device__ __forceinline__ A peer_weight(const KernelArgs<A>& a, const A* w, int K, int k, int j) {
+  if (j == k) return A(0);
+  return a.mode == LossMode::Weights ? w[k * K + j] : a.inv_km1;
+}
+
+// w_k = sum_{j != k} W[k, j], the weight of q_k in peer k's mimicry gradient (1 if uniform).
+template <typename A>
+__device__ __forceinline__ A own_weight(const KernelArgs<A>& a, const A* w, int K, int k) {
+  if (a.mode != LossMode::Weights) return A(1);
+  A sum = 0;
+  for (int j = 0; j < K; ++j) sum += peer_weight(a, w, K, k, j);
+  return sum;
+}
+
+// sum_{j != k} x_j as a prefix plus a suffix sum, never total - own (NaN at -inf, and it cancels
+// where peer k dominates). The same order as the CPU op and the reference.
+template <typename A, typename Get>
+__device__ __forceinline__ A sum_others(int K, int k, const Get& x) {
+  A prefix = 0, suffix = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    if (j < k) prefix += x(j);
+  }
+#pragma unroll
+  for (int j = K - 1; j >= 0; --j) {
+    if (j > k) suffix += x(j);
+  }
+  return prefix + suffix;
+}
+
+// The mimicry target of peer k at one class: t_k, given each peer's q (get_q) and logit (get_z).
+// For ensemble_logits also sets lr = log t_k.
+template <typename A, typename GetQ, typename GetZ>
+__device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int K, int k,
+                                         const GetQ& get_q, const GetZ& get_z,
+                                         const PeerRow<A>& pr, A& lr) {
+  switch (a.mode) {
+    case LossMode::Weights: {
+      A acc = 0;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        if (j != k) acc = fma(w[k * K + j], get_q(j), acc);
+      }
+      return acc;
+    }
+    case LossMode::EnsembleLogits:
+      lr = (sum_others<A>(K, k, get_z) * a.u_scale - pr.mu) - pr.lsu;
+      return acc_exp(lr);
+    default:
+      return sum_others<A>(K, k, get_q) * a.inv_km1;
+  }
+}
+
+// One class of peer k in pass 2: adds to the loss sums (sums[0]: sum q log q, or the KL for the
+// ensemble modes; sums[1]: sum t log q; sums[2]: sum (z - m)) and returns row_scale * gradient.
+template <typename A>
+__device__ __forceinline__ A class_step(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q,
+                                        bool is_label, A d, const PeerRow<A>& pr, A q, A t, A lr,
+                                        A* sums) {
+  const A lq = log_q_of(d, a.inv_t, pr);
+  switch (a.mode) {
+    case LossMode::Pairwise:
+    case LossMode::Weights:
+      sums[0] += plogq(q, lq);
+      sums[1] += plogq(t, lq);
+      break;
+    case LossMode::Ensemble:
+      sums[0] += plogq(t, acc_log(t) - lq);
+      break;
+    case LossMode::EnsembleLogits:
+      sums[0] += plogq(t, lr - lq);
+      break;
+  }
+  if (a.smoothing) sums[2] += d;
+  if (!a.compute_grad) return A(0);
+  const A p = a.unit_t ? q : acc_exp(d - pr.ls);
+  A g = fma(cf.p, p, fma(coef_q, q, fma(cf.t, t, cf.d)));
+  // The one-hot term in A before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
+  if (is_label) g -= cf.label;
+  return g;
+}
+
+// Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's three sums).
+template <typename A, typename SumsOf>
+__device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, const A* w, int K, int k,
+                                              int64_t r, const PeerRow<A>& pr, A z_label,
+                                              const SumsOf& sums_of) {
+  const A* own = sums_of(k);
+  A ce = (A(1) - a.eps) * ((pr.m - z_label) + pr.ls);
+  // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
+  if (a.smoothing) ce += a.eps * (pr.ls - own[2] / static_cast<A>(a.C));
+  A mimicry = own[0];
+  if (a.mode == LossMode::Pairwise || a.mode == LossMode::Weights) {
+    mimicry = -own[1];
+    for (int j = 0; j < K; ++j) {
+      if (j != k) mimicry += peer_weight(a, w, K, k, j) * sums_of(j)[0];
+    }
+  }
+  const int64_t i = static_cast<int64_t>(k) * a.R + r;
+  a.ce[i] = ce;
+  a.mimicry[i] = mimicry;
+  a.loss[i] = ce + a.alpha_t2 * mimicry;
+}
+
+// Rows that are ignored (value 0) or whose target is out of range (NaN): no logits are read.
+template <typename S, int VEC, typename A>
+__device__ void fill_row(const KernelArgs<A>& a, int64_t r, A value, int tid, int nt) {
+  if (tid == 0) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      a.ce[k * a.R + r] = a.mimicry[k * a.R + r] = a.loss[k * a.R + r] = value;
+    }
+  }
+  if (!a.compute_grad) return;
+  Pack<S, VEC> x;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) from_acc(value, x.v[e]);
+  const int64_t nv = a.C / VEC;
+  for (int64_t k = 0; k < a.K; ++k) {
+    S* g = static_cast<S*>(a.grad) + (k * a.R + r) * a.C;
+    for (int64_t v = tid; v < nv; v += nt) store_pack<true, S, VEC>(g + v * VEC, x);
+  }
+}
+
+// Loads are batched so that each thread has several 16-byte loads in flight.
+template <int KT>
+struct BatchOf {
+  static constexpr int value = KT <= 2 ? 2 : 1;
+};
+
+// Calls body(v, x) for the vectors v = v0, v0 + nt, ... < end of the KT rows, x[k] holding row k's
+// vector v; kReverse: from the last one down (pass 2 then first re-reads what pass 1 read last,
+// which is the likeliest to be still in L2).
+template <int VEC, int KT, bool kStream, bool kReverse, typename S, typename Body>
+__device__ __forceinline__ void for_each_vector(const S* const (&rows)[KT], int64_t v0,
+                                                int64_t end, int nt, const Body& body) {
+  constexpr int B = BatchOf<KT>::value;
+  const int64_t n = end > v0 ? (end - v0 + nt - 1) / nt : 0;
+  for (int64_t i = 0; i < n; i += B) {
+    Pack<S, VEC> x[B][KT];
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      if (i + b < n) {
+        const int64_t v = v0 + (kReverse ? n - 1 - (i + b) : i + b) * nt;
+#pragma unroll
+        for (int k = 0; k < KT; ++k) x[b][k] = load_pack<kStream, S, VEC>(rows[k] + v * VEC);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      if (i + b < n) body(v0 + (kReverse ? n - 1 - (i + b) : i + b) * nt, x[b]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, K = KT in 2..8.
+
+template <typename S, int KT, int VEC>
+__global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  using P = Pack<S, VEC>;
+  __shared__ A scratch[kWarps * 3 * KT];
+  __shared__ A w[KT * KT];
+  // With many peers and 16-byte vectors, registers run out (spills): the per-peer statistics of the
+  // row then live in shared memory, one set per team.
+  constexpr bool kRowsInSmem = KT >= 5 && VEC > 1;
+  __shared__ PeerRow<A> rows_smem[kRowsInSmem ? kWarps * KT : 1];
+  PeerRow<A> rows_regs[kRowsInSmem ? 1 : KT];
+  extern __shared__ int4 dyn_smem[];
+
+  if (a.mode == LossMode::Weights) {
+    for (int i = threadIdx.x; i < KT * KT; i += kThreads) w[i] = a.weights[i];
+  }
+  __syncthreads();
+  const Coefs<A> cf = make_coefs(a);
+  A coef_q[KT];
+#pragma unroll
+  for (int k = 0; k < KT; ++k) coef_q[k] = cf.q * own_weight(a, w, KT, k);
+
+  const int nt = a.warps_per_team * 32;
+  const int slot = threadIdx.x / nt;
+  const int tid = threadIdx.x - slot * nt;
+  const int teams = kThreads / nt;
+  P* const cache =
+      reinterpret_cast<P*>(dyn_smem) + static_cast<int64_t>(slot) * a.cached_iters * KT * nt;
+  const int64_t nv = a.C / VEC;
+  const int64_t v_cached = min(nv, static_cast<int64_t>(a.cached_iters) * nt);
+  PeerRow<A>* pr;
+  if constexpr (kRowsInSmem) {
+    pr = rows_smem + slot * KT;
+  } else {
+    pr = rows_regs;
+  }
+
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * teams + slot; r < a.R;
+       r += static_cast<int64_t>(gridDim.x) * teams) {
+    const int64_t y = a.target[r * a.target_stride];
+    if (y == a.ignore_index || y < 0 || y >= a.C) {
+      fill_row<S, VEC>(a, r, y == a.ignore_index ? A(0) : A(NAN), tid, nt);
+      continue;
+    }
+    const S* rows[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      rows[k] = static_cast<const S*>(a.logits) + k * a.stride_k + r * a.stride_r;
+    }
+
+    // Pass 1: online log-sum-exps.
+    LseState<A> lse[KT], lse_u[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      lse[k].reset();
+      lse_u[k].reset();
+    }
+    const auto fold = [&](int64_t, const P(&x)[KT]) {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) {
+        A z[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) z[e] = to_acc(x[k].v[e]);
+        lse[k].fold(z, a.inv_t, a.unit_t);
+      }
+      if (a.mode == LossMode::EnsembleLogits) {
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          A u[VEC];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            u[e] = sum_others<A>(KT, k, [&](int j) { return to_acc(x[j].v[e]); }) * a.u_scale;
+          }
+          lse_u[k].fold(u, A(1), true);
+        }
+      }
+    };
+    for_each_vector<VEC, KT, true, false>(rows, tid, v_cached, nt, [&](int64_t v, const P(&x)[KT]) {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) cache[(v - tid) * KT + k * nt + tid] = x[k];
+      fold(v, x);
+    });
+    for_each_vector<VEC, KT, false, false>(rows, v_cached + tid, nv, nt, fold);
+    team_lse(lse, scratch, a.warps_per_team, a.inv_t, a.unit_t);
+    if (a.mode == LossMode::EnsembleLogits) team_lse(lse_u, scratch, a.warps_per_team, A(1), true);
+    if constexpr (kRowsInSmem) {
+      team_barrier(a.warps_per_team);  // the team is done with the previous row's statistics
+      if (tid == 0) {
+#pragma unroll
+        for (int k = 0; k < KT; ++k) pr[k] = finish_row(lse[k], lse_u[k], a.unit_t);
+      }
+      team_barrier(a.warps_per_team);
+    } else {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) pr[k] = finish_row(lse[k], lse_u[k], a.unit_t);
+    }
+
+    // Pass 2: loss sums and the gradient.
+    A sums[3 * KT];
+#pragma unroll
+    for (int i = 0; i < 3 * KT; ++i) sums[i] = A(0);
+    S* grad_rows[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      grad_rows[k] = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
+    }
+    const auto emit = [&](int64_t v, const P(&x)[KT]) {
+      P g[KT];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        A z[KT], q[KT];
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          z[k] = to_acc(x[k].v[e]);
+          q[k] = acc_exp(log_q_of(z[k] - pr[k].m, a.inv_t, pr[k]));
+        }
+        const bool is_label = v * VEC + e == y;
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          A lr = 0;
+          const A t = peer_target(
+              a, w, KT, k, [&](int j) { return q[j]; }, [&](int j) { return z[j]; }, pr[k], lr);
+          const A gk = class_step(a, cf, coef_q[k], is_label, z[k] - pr[k].m, pr[k], q[k], t, lr,
+                                  sums + 3 * k);
+          from_acc(gk, g[k].v[e]);
+        }
+      }
+      if (a.compute_grad) {
+#pragma unroll
+        for (int k = 0; k < KT; ++k) store_pack<true, S, VEC>(grad_rows[k] + v * VEC, g[k]);
+      }
+    };
+    for_each_vector<VEC, KT, true, true>(rows, v_cached + tid, nv, nt, emit);
+    for (int64_t v = tid; v < v_cached; v += nt) {
+      P x[KT];
+#pragma unroll
+      for (int k = 0; k < KT; ++k) x[k] = cache[(v - tid) * KT + k * nt + tid];
+      emit(v, x);
+    }
+
+    team_sum(sums, scratch, a.warps_per_team);
+    if (tid == 0) {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) {
+        write_outputs(a, w, KT, k, r, pr[k], to_acc(rows[k][y]),
+                      [&](int j) { return sums + 3 * j; });
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, any K: a block per row (or per chunk of a row, when few long rows are split across
+// blocks), peers one after the other; the other peers' values at a class are recomputed from the
+// logits (O(K^2 C) work, reads mostly from L1/L2). Scalar loads. Used beyond kMaxStaticK, for
+// float64, and for the split.
+
+template <typename S, typename A>
+__device__ __forceinline__ A logit_at(const KernelArgs<A>& a, const S* row0, int j, int64_t c) {
+  return to_acc(row0[j * a.stride_k + c]);
+}
+
+// Pass 1 of peer k over the classes [c0, c1) of a row: its online log-sum-exps (and those of the
+// ensemble_logits target), reduced over the block.
+template <typename S, typename A>
+__device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k, int64_t c0,
+                            int64_t c1, A* scratch, LseState<A> (&lse)[1],
+                            LseState<A> (&lse_u)[1]) {
+  lse[0].reset();
+  lse_u[0].reset();
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
+    const A z[1] = {logit_at(a, row0, k, c)};
+    lse[0].fold(z, a.inv_t, a.unit_t);
+  }
+  team_lse(lse, scratch, kWarps, a.inv_t, a.unit_t);
+  if (a.mode == LossMode::EnsembleLogits) {
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
+      const A u[1] = {
+          sum_others<A>(K, k, [&](int j) { return logit_at(a, row0, j, c); }) * a.u_scale};
+      lse_u[0].fold(u, A(1), true);
+    }
+    team_lse(lse_u, scratch, kWarps, A(1), true);
+  }
+}
+
+// Pass 2 of peer k over the classes [c0, c1) of row r, given every peer's statistics prs: writes
+// the gradient there and returns the loss sums, reduced over the block.
+template <typename S, typename A>
+__device__ void block_emit(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q, const S* row0,
+                           int K, int k, int64_t r, int64_t y, int64_t c0, int64_t c1,
+                           const PeerRow<A>* prs, A* scratch, A (&sums)[3]) {
+  const PeerRow<A> pk = prs[k];
+  sums[0] = sums[1] = sums[2] = A(0);
+  S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
+    const auto get_z = [&](int j) { return logit_at(a, row0, j, c); };
+    const auto get_q = [&](int j) {
+      return acc_exp(log_q_of(logit_at(a, row0, j, c) - prs[j].m, a.inv_t, prs[j]));
+    };
+    const A d = logit_at(a, row0, k, c) - pk.m;
+    A lr = 0;
+    const A t = peer_target(a, a.weights, K, k, get_q, get_z, pk, lr);
+    const A q = acc_exp(log_q_of(d, a.inv_t, pk));
+    const A g = class_step(a, cf, coef_q, c == y, d, pk, q, t, lr, sums);
+    if (a.compute_grad) from_acc(g, grad_row[c]);
+  }
+  team_sum(sums, scratch, kWarps);
+}
+
+// Shared memory of the any-K kernels: reduction scratch and, dynamic, prs [K], peer_sums [K][3],
+// coef_q [K].
+template <typename A>
+struct AnyKSmem {
+  int K;
+  A* scratch;
+  PeerRow<A>* prs;
+  A* peer_sums;
+  A* coef_q;
+
+  __device__ explicit AnyKSmem(int64_t peers) : K(static_cast<int>(peers)) {
+    __shared__ A reduce[kWarps * 3];
+    extern __shared__ int4 dyn_smem[];
+    scratch = reduce;
+    prs = reinterpret_cast<PeerRow<A>*>(dyn_smem);
+    peer_sums = reinterpret_cast<A*>(prs + K);
+    coef_q = peer_sums + 3 * K;
+  }
+};
+
+template <typename A>
+constexpr size_t any_k_smem_bytes(int64_t K) {
+  return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + 4 * sizeof(A));
+}
+
+template <typename A>
+__device__ __forceinline__ bool ignored_or_invalid(const KernelArgs<A>& a, int64_t y, A& value) {
+  value = y == a.ignore_index ? A(0) : A(NAN);
+  return y == a.ignore_index || y < 0 || y >= a.C;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  const AnyKSmem<A> sm(a.K);
+  const int K = sm.K;
+  const int tid = threadIdx.x;
+  const Coefs<A> cf = make_coefs(a);
+  for (int k = tid; k < K; k += kThreads) sm.coef_q[k] = cf.q * own_weight(a, a.weights, K, k);
+  __syncthreads();
+
+  for (int64_t r = blockIdx.x; r < a.R; r += gridDim.x) {
+    const int64_t y = a.target[r * a.target_stride];
+    A value;
+    if (ignored_or_invalid(a, y, value)) {
+      fill_row<S, 1>(a, r, value, tid, kThreads);
+      continue;
+    }
+    const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+    for (int k = 0; k < K; ++k) {
+      LseState<A> lse[1], lse_u[1];
+      block_stats(a, row0, K, k, 0, a.C, sm.scratch, lse, lse_u);
+      if (tid == 0) sm.prs[k] = finish_row(lse[0], lse_u[0], a.unit_t);
+    }
+    __syncthreads();
+    for (int k = 0; k < K; ++k) {
+      A sums[3];
+      block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, sums);
+      if (tid == 0) {
+        for (int i = 0; i < 3; ++i) sm.peer_sums[3 * k + i] = sums[i];
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      for (int k = 0; k < K; ++k) {
+        write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+                      [&](int j) { return sm.peer_sums + 3 * j; });
+      }
+    }
+    __syncthreads();  // prs and peer_sums are rewritten for the next row
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split forward, for rows too few to fill the device with one block each: the classes of row r are
+// cut into a.chunks chunks, block r * chunks + p owning chunk p. Three launches: each chunk's
+// log-sum-exps; then each chunk merges all of its row's (in chunk order, so all chunks get the
+// same statistics), writes its gradient and its loss sums; then a block per row adds the sums in
+// chunk order and writes the loss terms. a.partials holds 8 values per (row, chunk, peer): the
+// five statistics (m, s, s_t, mu, su) and the three sums.
+
+template <typename A>
+__device__ __forceinline__ A* partial(const KernelArgs<A>& a, int64_t r, int64_t p, int64_t k) {
+  return a.partials + ((r * a.chunks + p) * a.K + k) * 8;
+}
+
+template <typename A>
+__device__ __forceinline__ void chunk_range(const KernelArgs<A>& a, int64_t p, int64_t& c0,
+                                            int64_t& c1) {
+  const int64_t len = (a.C + a.chunks - 1) / a.chunks;
+  c0 = min(a.C, p * len);
+  c1 = min(a.C, c0 + len);
+}
+
+template <typename A>
+__device__ PeerRow<A> merged_row(const KernelArgs<A>& a, int64_t r, int k) {
+  const A* first = partial(a, r, 0, k);
+  LseState<A> lse{first[0], first[1], first[2]};
+  LseState<A> lse_u{first[3], first[4], A(0)};
+  for (int64_t p = 1; p < a.chunks; ++p) {
+    const A* part = partial(a, r, p, k);
+    lse.merge(part[0], part[1], part[2], a.inv_t, a.unit_t);
+    lse_u.merge(part[3], part[4], A(0), A(1), true);
+  }
+  return finish_row(lse, lse_u, a.unit_t);
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) split_stats_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  __shared__ A scratch[kWarps * 3];
+  const int64_t r = blockIdx.x / a.chunks;
+  const int64_t p = blockIdx.x - r * a.chunks;
+  const int64_t y = a.target[r * a.target_stride];
+  A value;
+  if (ignored_or_invalid(a, y, value)) return;
+  int64_t c0, c1;
+  chunk_range(a, p, c0, c1);
+  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+  for (int k = 0; k < static_cast<int>(a.K); ++k) {
+    LseState<A> lse[1], lse_u[1];
+    block_stats(a, row0, static_cast<int>(a.K), k, c0, c1, scratch, lse, lse_u);
+    if (threadIdx.x == 0) {
+      A* out = partial(a, r, p, k);
+      out[0] = lse[0].m;
+      out[1] = lse[0].s;
+      out[2] = lse[0].s_t;
+      out[3] = lse_u[0].m;
+      out[4] = lse_u[0].s;
+    }
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  const AnyKSmem<A> sm(a.K);
+  const int K = sm.K;
+  const int64_t r = blockIdx.x / a.chunks;
+  const int64_t p = blockIdx.x - r * a.chunks;
+  const int64_t y = a.target[r * a.target_stride];
+  int64_t c0, c1;
+  chunk_range(a, p, c0, c1);
+  A value;
+  if (ignored_or_invalid(a, y, value)) {
+    if (!a.compute_grad) return;
+    S fill;
+    from_acc(value, fill);
+    for (int64_t k = 0; k < a.K; ++k) {
+      S* const g = static_cast<S*>(a.grad) + (k * a.R + r) * a.C;
+      for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) g[c] = fill;
+    }
+    return;
+  }
+  const Coefs<A> cf = make_coefs(a);
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    sm.prs[k] = merged_row(a, r, k);
+    sm.coef_q[k] = cf.q * own_weight(a, a.weights, K, k);
+  }
+  __syncthreads();
+  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+  for (int k = 0; k < K; ++k) {
+    A sums[3];
+    block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch,
+               sums);
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < 3; ++i) partial(a, r, p, k)[5 + i] = sums[i];
+    }
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  const int64_t r = blockIdx.x;
+  const int64_t y = a.target[r * a.target_stride];
+  A value;
+  if (ignored_or_invalid(a, y, value)) {
+    for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
+      a.ce[k * a.R + r] = a.mimicry[k * a.R + r] = a.loss[k * a.R + r] = value;
+    }
+    return;
+  }
+  const AnyKSmem<A> sm(a.K);
+  const int K = sm.K;
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    sm.prs[k] = merged_row(a, r, k);
+    for (int i = 0; i < 3; ++i) {
+      A sum = 0;
+      for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
+      sm.peer_sums[3 * k + i] = sum;
+    }
+  }
+  __syncthreads();
+  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+                  [&](int j) { return sm.peer_sums + 3 * j; });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad[k, r, :] *= grad_loss[k, r] / row_scale unless they are equal.
+
+template <typename A>
+struct ScaleArgs {
+  void* grad;
+  const A* grad_loss;
+  int64_t stride_k, stride_r;
+  const A* row_scale;
+  int64_t K, R, C;
+  int team_threads;  // 32 or kThreads
+};
+
+template <typename S, int VEC>
+__global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  using P = Pack<S, VEC>;
+  const int nt = a.team_threads;
+  const int slot = threadIdx.x / nt;
+  const int tid = threadIdx.x - slot * nt;
+  const int teams = kThreads / nt;
+  const A rs = *a.row_scale;
+  const int64_t nv = a.C / VEC;
+  const int64_t rows = a.K * a.R;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * teams + slot; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * teams) {
+    const int64_t k = row / a.R;
+    const int64_t r = row - k * a.R;
+    const A g = a.grad_loss[k * a.stride_k + r * a.stride_r];
+    if (g == rs) continue;  // the forward already wrote row_scale * gradient
+    const A factor = g / rs;
+    S* const p = static_cast<S*>(a.grad) + row * a.C;
+#pragma unroll 4
+    for (int64_t v = tid; v < nv; v += nt) {
+      P x = load_pack<true, S, VEC>(p + v * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) from_acc(to_acc(x.v[e]) * factor, x.v[e]);
+      store_pack<false, S, VEC>(p + v * VEC, x);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int grid_for(int64_t work_items, const DeviceInfo& device, int blocks_per_sm) {
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(work_items, int64_t(device.num_sms) * blocks_per_sm)));
+}
+
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+template <typename A>
+KernelArgs<A> make_args(const MutualLossParams& p) {
+  KernelArgs<A> a;
+  a.logits = p.logits;
+  a.stride_k = p.stride_k;
+  a.stride_r = p.stride_r;
+  a.target = p.target;
+  a.target_stride = p.target_stride;
+  a.weights = static_cast<const A*>(p.weights);
+  a.row_scale = static_cast<const A*>(p.row_scale);
+  a.loss = static_cast<A*>(p.loss);
+  a.ce = static_cast<A*>(p.ce);
+  a.mimicry = static_cast<A*>(p.mimicry);
+  a.grad = p.grad;
+  a.K = p.K;
+  a.R = p.R;
+  a.C = p.C;
+  a.mode = p.mode;
+  a.unit_t = p.temperature == 1.0;
+  a.inv_t = a.unit_t ? A(1) : static_cast<A>(1.0 / p.temperature);
+  a.alpha_t = static_cast<A>(p.alpha * p.temperature);
+  a.alpha_t2 = static_cast<A>(p.alpha * p.temperature * p.temperature);
+  a.eps = static_cast<A>(p.label_smoothing);
+  a.eps_over_c = static_cast<A>(p.label_smoothing / static_cast<double>(p.C));
+  a.inv_km1 = static_cast<A>(1.0 / static_cast<double>(p.K - 1));
+  a.u_scale = static_cast<A>(1.0 / (static_cast<double>(p.K - 1) * p.temperature));
+  a.smoothing = p.label_smoothing > 0;
+  a.compute_grad = p.compute_grad;
+  a.ignore_index = p.ignore_index;
+  a.warps_per_team = kWarps;
+  a.cached_iters = 0;
+  a.chunks = 1;
+  a.partials = static_cast<A*>(p.workspace);
+  return a;
+}
+
+template <typename S, int KT, int VEC>
+cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
+                            cudaStream_t stream) {
+  const int64_t nv = a.C / VEC;
+  // A warp per row while each lane has at most 8 vectors of it, else a block per row.
+  a.warps_per_team = nv <= 8 * 32 ? 1 : kWarps;
+  const int nt = a.warps_per_team * 32;
+  const int teams = kThreads / nt;
+  // Shared memory for the cache: what leaves room for two blocks per multiprocessor.
+  const int64_t iter_bytes = int64_t(teams) * KT * nt * sizeof(Pack<S, VEC>);
+  const int64_t budget = std::max<int64_t>(
+      0, std::min<int64_t>(device.smem_per_block_optin, device.smem_per_sm / 2) - 8 * 1024);
+  a.cached_iters = static_cast<int>(std::min<int64_t>(ceil_div(nv, nt), budget / iter_bytes));
+  const size_t smem = static_cast<size_t>(a.cached_iters * iter_bytes);
+  const auto kernel = mutual_loss_kernel<S, KT, VEC>;
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid_for(ceil_div(a.R, teams), device, 32), kThreads, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+// Vectors of 16 bytes, or of 8 with 6 or more peers (registers: 16 would spill).
+template <int KT>
+constexpr int vector_bytes() {
+  return KT >= 6 ? 8 : 16;
+}
+
+template <typename S, int KT>
+cudaError_t launch_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
+                     cudaStream_t stream) {
+  constexpr int V = vector_bytes<KT>() / static_cast<int>(sizeof(S));
+  const auto aligned = [](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) % (V * sizeof(S)) == 0;
+  };
+  const bool vectorized = a.C % V == 0 && a.stride_k % V == 0 && a.stride_r % V == 0 &&
+                          aligned(a.logits) && (!a.compute_grad || aligned(a.grad));
+  return vectorized ? launch_static_k<S, KT, V>(a, device, stream)
+                    : launch_static_k<S, KT, 1>(a, device, stream);
+}
+
+template <typename S>
+cudaError_t dispatch_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
+                       cudaStream_t stream) {
+  switch (a.K) {
+    case 2: return launch_k<S, 2>(a, device, stream);
+    case 3: return launch_k<S, 3>(a, device, stream);
+    case 4: return launch_k<S, 4>(a, device, stream);
+    case 5: return launch_k<S, 5>(a, device, stream);
+    case 6: return launch_k<S, 6>(a, device, stream);
+    case 7: return launch_k<S, 7>(a, device, stream);
+    default: return launch_k<S, 8>(a, device, stream);
+  }
+}
+
+template <typename S>
+cudaError_t launch_any_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
+                         cudaStream_t stream) {
+  const size_t smem = any_k_smem_bytes<acc_t<S>>(a.K);
+  const auto kernel = mutual_loss_any_k_kernel<S>;
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid_for(a.R, device, 8), kThreads, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+// Chunks per row for the split forward (1: no split): when the rows are fewer than the
+// multiprocessors, about two blocks per multiprocessor, each of at least kMinChunk classes.
+int64_t split_chunks(const MutualLossParams& p, const DeviceInfo& device) {
+  constexpr int64_t kMinChunk = 4096;
+  if (p.R <= 0 || p.R >= device.num_sms || p.C < 2 * kMinChunk) return 1;
+  return std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(2 * int64_t(device.num_sms), p.R), p.C / kMinChunk));
+}
+
+template <typename S>
+cudaError_t launch_split(KernelArgs<acc_t<S>> a, int64_t chunks, cudaStream_t stream) {
+  a.chunks = chunks;
+  const size_t smem = any_k_smem_bytes<acc_t<S>>(a.K);
+  cudaError_t err = allow_dynamic_smem(split_emit_kernel<S>, smem);
+  if (err == cudaSuccess) err = allow_dynamic_smem(split_finish_kernel<S>, smem);
+  if (err != cudaSuccess) return err;
+  const int blocks = static_cast<int>(a.R * chunks);
+  split_stats_kernel<S><<<blocks, kThreads, 0, stream>>>(a);
+  split_emit_kernel<S><<<blocks, kThreads, smem, stream>>>(a);
+  split_finish_kernel<S><<<static_cast<int>(a.R), kThreads, smem, stream>>>(a);
+  return cudaSuccess;
+}
+
+template <typename S>
+cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
+                           cudaStream_t stream) {
+  const KernelArgs<acc_t<S>> a = make_args<acc_t<S>>(p);
+  const int64_t chunks = split_chunks(p, device);
+  if (chunks > 1) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    return launch_split<S>(a, chunks, stream);
+  }
+  if constexpr (std::is_same_v<S, double>) {
+    // float64 (gradcheck, references) always takes the any-K kernel: the register-resident one
+    // would spill with two registers per value, and leaving it out saves compile time.
+    return launch_any_k<S>(a, device, stream);
+  } else {
+    return p.K > kMaxStaticK ? launch_any_k<S>(a, device, stream)
+                             : dispatch_k<S>(a, device, stream);
+  }
+}
+
+template <typename S>
+cudaError_t launch_scale(const ScaleGradParams& p, const DeviceInfo& device, cudaStream_t stream) {
+  using A = acc_t<S>;
+  constexpr int V = static_cast<int>(16 / sizeof(S));
+  const bool vectorized = p.C % V == 0 && aligned16(p.grad);
+  const int vec = vectorized ? V : 1;
+  ScaleArgs<A> a{p.grad,
+                 static_cast<const A*>(p.grad_loss),
+                 p.grad_loss_stride_k,
+                 p.grad_loss_stride_r,
+                 static_cast<const A*>(p.row_scale),
+                 p.K,
+                 p.R,
+                 p.C,
+                 p.C / vec <= 1024 ? 32 : kThreads};
+  const int grid = grid_for(ceil_div(p.K * p.R, kThreads / a.team_threads), device, 32);
+  if (vectorized) {
+    scale_grad_rows_kernel<S, V><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    scale_grad_rows_kernel<S, 1><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return cudaSuccess;
+}
+
+// Calls f(S()) for the scalar type S of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float());
+    case DType::Float64: return f(double());
+    case DType::Float16: return f(__half());
+    case DType::BFloat16: return f(__nv_bfloat16());
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_mutual_loss_with_grad(const MutualLossParams& params, const DeviceInfo& device,
+                                         cudaStream_t stream) {
+  if (params.K < 2 || params.R <= 0 || params.C <= 0) return cudaSuccess;
+  return dispatch_dtype(params.dtype, [&](auto scalar) {
+    return launch_forward<decltype(scalar)>(params, device, stream);
+  });
+}
+
+int64_t mutual_loss_workspace_bytes(const MutualLossParams& params, const DeviceInfo& device) {
+  if (params.K < 2 || params.R <= 0 || params.C <= 0) return 0;
+  const int64_t chunks = split_chunks(params, device);
+  if (chunks <= 1) return 0;
+  const int64_t acc_bytes = params.dtype == DType::Float64 ? 8 : 4;
+  return params.R * chunks * params.K * 8 * acc_bytes;
+}
+
+cudaError_t launch_scale_grad_rows(const ScaleGradParams& params, const DeviceInfo& device,
+                                   cudaStream_t stream) {
+  if (params.K <= 0 || params.R <= 0 || params.C <= 0) return cudaSuccess;
+  return dispatch_dtype(params.dtype, [&](auto scalar) {
+    return launch_scale<decltype(scalar)>(params, device, stream);
+  });
+}
+
+}  // namespace gpu
+}  // namespace fastdml
