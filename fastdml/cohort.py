@@ -174,16 +174,18 @@ class Cohort:
     def _loss(
         self, logits: Sequence[Tensor], target: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The cohort's loss, each peer's [K] cross-entropy and mimicry, and the stacked logits."""
+        """The cohort's loss, each peer's [K] cross-entropy and mimicry, and the stacked logits
+        (detached)."""
+        c = self.criterion
+        if len(logits) == 1:  # no stacking: each autograd node costs a lone peer's step time
+            ce = F.cross_entropy(
+                logits[0], target, label_smoothing=c.label_smoothing, ignore_index=c.ignore_index
+            )
+            ce_out = ce.detach().reshape(1)
+            return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)
         if len({z.dtype for z in logits}) > 1:  # heterogeneous peers under autocast
             logits = [z.float() for z in logits]
-        z = torch.stack(list(logits)) if len(logits) > 1 else logits[0].unsqueeze(0)
-        c = self.criterion
-        if len(logits) == 1:
-            ce = F.cross_entropy(
-                z[0], target, label_smoothing=c.label_smoothing, ignore_index=c.ignore_index
-            )
-            return ce, ce.detach()[None], torch.zeros_like(ce.detach())[None], z
+        z = torch.stack(list(logits))
         out = mutual_loss(
             z,
             target,
@@ -196,7 +198,7 @@ class Cohort:
             return_components=True,
             backend=c.backend,
         )
-        return out.loss, out.ce, out.mimicry, z
+        return out.loss, out.ce, out.mimicry, z.detach()
 
     def _apply(self, loss: Tensor) -> None:
         """Back-propagates `loss` and steps every group that received gradients."""
@@ -226,7 +228,7 @@ class Cohort:
             loss, ce, mimicry, z = self._loss(logits, target)
             self._apply(loss)
         counted = target != self.criterion.ignore_index
-        correct = (z.detach().argmax(2) == target).flatten(1).sum(1)
+        correct = (z.argmax(2) == target).flatten(1).sum(1)
         return StepOutput(ce, mimicry, correct, counted.sum())
 
     def _alternating_step(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
