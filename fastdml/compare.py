@@ -184,8 +184,8 @@ def format_table(results: dict[str, Any]) -> str:
             cells.append(f"{stat['mean']:>9.2f} ± {stat['std']:4.2f}" if stat else f"{'-':>16}")
         lines.append(f"{mode:<12}" + "".join(cells))
     if {"dml", "dml_e"} <= set(results["modes"]):
-        lines.append(
-            "dml_e and dml take the same steps: the KL to the other peers' mean probability has "
-            "the gradient of the mean pairwise KL (dml_logits is the sharper ensemble target)"
-        )
+        lines += [
+            "dml_e takes the same steps as dml: the KL to the other peers' mean probability has",
+            "the gradient of the mean pairwise KL (dml_logits is the sharper ensemble target)",
+        ]
     return "\n".join(lines)
