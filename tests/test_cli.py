@@ -253,3 +253,49 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, capsys, where, kill
         return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
 
     assert untimed(metrics(cut)) == untimed(metrics(tmp_path / "whole"))
+
+
+def test_a_teacher_trained_alongside_from_a_checkpoint(tmp_path, capsys):
+    """Mutual learning with a larger teacher that starts from an earlier run's weights."""
+    first = tmp_path / "first"
+    assert run(capsys, "train", *TINY, "--peers", "cnn1d", "--epochs", 1, "--out", first)[0] == 0
+    teacher = load_checkpoint(first / "checkpoint.pt")["cohort"]["peers"][0]
+    status, out, err = run(
+        capsys,
+        "train",
+        *TINY,
+        "--peers",
+        "mlp",
+        "--teacher",
+        "cnn1d",
+        "--teacher-trainable",
+        "--teacher-checkpoint",
+        first / "checkpoint.pt",
+        "--lr",
+        "0.05,0.01",
+        "--lr-schedule",
+        "constant",
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "along",
+    )
+    assert status == 0, err
+    state = load_checkpoint(tmp_path / "along" / "checkpoint.pt")["cohort"]
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.01]
+    moved = state["peers"][1]
+    assert not all(torch.equal(teacher[k], moved[k]) for k in teacher)  # trained, not frozen
+    assert "peer1" in out and "ensemble" in out
+
+
+def test_peer_weights_from_a_config(tmp_path):
+    from fastdml.config import make_config
+    from fastdml.data import load_dataset
+    from fastdml.runs import build_cohort
+
+    config = make_config(
+        {"peers": "mlp,mlp,mlp", "peer_weights": [[0, 1, 0], [0, 0, 1], [1, 0, 0]]}
+    )
+    cohort = build_cohort(config, load_dataset("digits"))
+    assert cohort.criterion.peer_weights.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    assert len(cohort.optimizer.param_groups) == 3
