@@ -56,6 +56,16 @@ def _teacher(config: RunConfig, data: DataSplits) -> nn.Module:
     return model
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = resolve_device(name)
+        torch.empty(0, device=device)  # the device exists in this build and on this machine
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0].split(". ")[0]
+        raise ConfigError(f"device {name!r} cannot be used here: {reason}") from None
+    return device
+
+
 def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
     """The cohort of `config` (peers, then the teacher if any), freshly initialised."""
     models = [_model(entry, data) for entry in config.peers]
@@ -70,9 +80,7 @@ def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
             [float(j == len(models) - 1 and k != j) for j in range(len(models))]
             for k in range(len(models))
         ]
-    device = resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {config.device!r} is not available: this machine has no CUDA")
+    device = _device(config.device)
     sgd = config.optimizer == "sgd"
     peer_options = []
     for k in range(config.num_trained):

@@ -115,6 +115,7 @@ USER_ERRORS = [
     (["train", "--epochs", "many"], "invalid int value"),
     (["train", "--mode", "selfish"], "unknown mode 'selfish'"),
     (["train", "--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
+    (["train", "--device", "foo"], "device 'foo' cannot be used here"),
     (["train", "--lr", "0.1,0.2,0.3"], "one value or one per trained peer (2)"),
     (["train", "--mode", "distill"], "needs a frozen teacher"),
     (["train", "--teacher", "cnn1d"], "a frozen teacher is for mode 'distill'"),
