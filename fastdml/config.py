@@ -224,6 +224,10 @@ def _check(config: RunConfig) -> None:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
     for name in ("alpha", "temperature", "label_smoothing", "gamma"):
         _expect(name, getattr(config, name), float, "a number")
+    if not isinstance(config.milestones, list):
+        raise ConfigError(f"milestones must be a list of epochs, got {config.milestones!r}")
+    for milestone in config.milestones:
+        _expect("each milestone", milestone, int, "an epoch number")
     for name in ("nesterov", "compile", "tensorboard", "resume"):
         _expect(name, getattr(config, name), bool, "true or false")
     for name in ("device", "out"):

@@ -300,3 +300,34 @@ def test_peer_weights_from_a_config(tmp_path):
     cohort = build_cohort(config, load_dataset("digits"))
     assert cohort.criterion.peer_weights.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]
     assert len(cohort.optimizer.param_groups) == 3
+
+
+CONFIG_ERRORS = [
+    ({"epochs": "ten"}, "epochs must be an integer"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"peers": 5}, "peers must name at least one architecture"),
+    ({"peers": [{"hidden": 3}]}, "a mapping with 'arch'"),
+    ({"lr": "fast"}, "lr must be a number"),
+    ({"lr": [0.1, -1.0]}, "lr must be a finite number >= 0"),
+    ({"clip_norm": 0}, "clip_norm must be a finite number > 0"),
+    ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'"),
+    ({"milestones": "60"}, "milestones must be a list"),
+    ({"update": "together"}, "unknown update 'together'"),
+    ({"compile": "yes"}, "compile must be true or false"),
+    ({"teacher": {"arch": "cnn1d", "frozen": False}, "mode": "distill"}, "frozen teacher"),
+    ({"teacher": "cnn1d", "mode": "distill"}, "needs its weights"),
+    ({"teacher": "vgg", "mode": "distill"}, "unknown architecture 'vgg'"),
+    (
+        {"mode": "distill", "teacher": {"arch": "mlp", "checkpoint": "t.pt"}, "peer_weights": []},
+        "leave peer_weights out",
+    ),
+]
+
+
+@pytest.mark.parametrize("values, message", CONFIG_ERRORS, ids=[m for _, m in CONFIG_ERRORS])
+def test_config_errors(values, message):
+    from fastdml.config import make_config
+    from fastdml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        make_config(values)
