@@ -18,6 +18,9 @@ def test_mnist1d_is_generated_offline_and_leaves_global_rngs_alone(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("MNIST-1D must be generated, not downloaded")
 
+    import fastdml.data
+
+    fastdml.data._mnist1d.cache_clear()  # generate it here, even if another test did
     monkeypatch.setattr(mnist1d.data, "get_dataset", no_download)
     monkeypatch.setattr(mnist1d.data.requests, "get", no_download)
     random.seed(3)
