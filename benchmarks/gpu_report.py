@@ -26,9 +26,8 @@ def render(run: dict) -> str:
         if bench["group"] == "copy bandwidth":
             bandwidth, device = info["bytes_per_s"], info["device"]
             continue
-        cases[(info["K"], info["N"], info["C"], info["dtype"])][info["candidate"]][
-            info["pass"]
-        ] = info
+        case = (info["K"], info["N"], info["C"], info["dtype"])
+        cases[case][info["candidate"]][info["pass"]] = info
     if bandwidth is None:
         raise SystemExit("the run has no copy-bandwidth measurement")
     lines = [
