@@ -11,7 +11,8 @@ from fastdml.data import require
 Record = Mapping[str, Any]
 
 
-def _figure(panels: int) -> tuple[Any, list[Any]]:
+def new_figure(panels: int) -> tuple[Any, list[Any]]:
+    """A figure of `panels` side-by-side axes, for `figure.savefig`."""
     figure_module = require("matplotlib.figure", "matplotlib")
     figure = figure_module.Figure(figsize=(5.5 * panels, 4.0), layout="constrained")
     return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
@@ -28,7 +29,7 @@ def plot_history(history: Sequence[Record], path: str | Path, title: str = "") -
     """Accuracy and loss per epoch of each peer (train dotted, test solid) and the ensemble."""
     if not history or "test_acc/ensemble" not in history[0]:
         return  # nothing evaluated: no curves to draw
-    figure, (acc_axes, loss_axes) = _figure(2)
+    figure, (acc_axes, loss_axes) = new_figure(2)
     epochs = [record["epoch"] for record in history]
     for i, peer in enumerate(_peers(history)):
         colour = f"C{i}"
@@ -53,7 +54,7 @@ def plot_history(history: Sequence[Record], path: str | Path, title: str = "") -
 def plot_comparison(histories: Mapping[str, Sequence[Sequence[Record]]], path: str | Path) -> None:
     """Test accuracy per epoch of each training mode: the peers' mean and the ensemble, averaged
     over seeds (shaded: the seeds' min and max)."""
-    figure, (peer_axes, ensemble_axes) = _figure(2)
+    figure, (peer_axes, ensemble_axes) = new_figure(2)
     for i, (mode, runs) in enumerate(histories.items()):
         if not runs or not runs[0] or "test_acc/ensemble" not in runs[0][0]:
             continue
