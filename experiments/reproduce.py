@@ -123,7 +123,6 @@ def _folder(work: Path, run: Run, seed: int) -> Path:
 
 def _train(options: dict[str, Any], out: str) -> dict[str, Any]:
     """Trains one run (or reads it back); its last record and its training time."""
-    torch.set_num_threads(1)
     resume = (Path(out) / CHECKPOINT).is_file()
     config = make_config(options, {"out": out, "resume": resume})
     history = make_trainer(config, load_data(config), progress=False).run()
@@ -133,7 +132,6 @@ def _train(options: dict[str, Any], out: str) -> dict[str, Any]:
 def _analyse(options: dict[str, Any], out: str, setting: Setting) -> dict[str, Any]:
     """Each trained peer's posterior entropy on the training data and its training loss under
     Gaussian weight noise (mean over the draws, per sigma)."""
-    torch.set_num_threads(1)
     config = make_config(options, {"out": out})
     data = load_data(config)
     entropy, perturbed = [], []
@@ -209,7 +207,7 @@ def execute(
     with ProcessPoolExecutor(workers, get_context("spawn"), initializer=_start_worker) as pool:
         for wave in waves:
             jobs = {}
-            for run in wave:
+            for run in sorted(wave, key=_cost, reverse=True):  # the longest first
                 for seed in setting.seeds:
                     options = {**run.options, "seed": seed}
                     if run.teacher:
@@ -236,6 +234,10 @@ def execute(
         )
     seconds = sum(r["train_seconds_total"] for r in results.records.values())
     return results, seconds
+
+
+def _cost(run: Run) -> int:
+    return len(run.options["peers"]) * run.options["epochs"]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -307,7 +309,7 @@ def pairs_section(r: Results) -> Section:
                 claims.append(
                     (
                         f"DML beats independent: {network} in {'+'.join(pair)} ({dataset})",
-                        f"{difference.cell()} points, better in {difference.score()} seeds",
+                        difference.describe(),
                         difference.verdict,
                     )
                 )
@@ -375,12 +377,12 @@ def size_section(r: Results) -> Section:
         [
             (
                 f"mean peer accuracy rises from K = {smallest} to K = {largest}",
-                f"{rise.cell()} points, in {rise.score()} seeds",
+                rise.describe(),
                 rise.verdict,
             ),
             (
                 f"the ensemble of a K = {largest} cohort beats its mean peer",
-                f"{ensemble.cell()} points, in {ensemble.score()} seeds",
+                ensemble.describe(),
                 ensemble.verdict,
             ),
         ],
@@ -413,8 +415,7 @@ def modes_section(r: Results) -> Section:
             claims.append(
                 (
                     f"pairwise DML beats {mode}",
-                    f"{difference.cell()} points, in {difference.score()} seeds"
-                    + ("; identical weights" if same else ""),
+                    difference.describe() + ("; identical weights" if same else ""),
                     "equal by construction" if same else difference.verdict,
                 )
             )
@@ -496,7 +497,7 @@ def distill_section(r: Results) -> Section:
             (
                 "mutual learning with the untrained large network beats distillation from it "
                 "pre-trained",
-                f"{versus.cell()} points for the student, in {versus.score()} seeds",
+                "student: " + versus.describe(),
                 versus.verdict,
             )
         ],
@@ -524,8 +525,7 @@ def entropy_section(r: Results) -> Section:
             claims.append(
                 (
                     f"DML peers have higher posterior entropy: {network} in {'+'.join(pair)}",
-                    f"training set {train.cell(3)} nats ({train.score()} seeds), "
-                    f"test set {test.cell(3)} ({test.score()})",
+                    f"training set: {train.describe('nats', 3)}; test set: {test.cell(3)}",
                     train.verdict,
                 )
             )
@@ -565,9 +565,9 @@ def perturbation_section(r: Results) -> Section:
             (
                 f"DML finds wider minima: {'+'.join(pair)} training loss rises less under weight "
                 "noise",
-                f"mean rise {mean_std(rise['DML'], 3)} (DML) vs "
-                f"{mean_std(rise['independent'], 3)} (independent), lower in "
-                f"{difference.score()} seeds",
+                f"mean rise {mean_std(rise['DML'], 3)} (DML), "
+                f"{mean_std(rise['independent'], 3)} (independent); DML − independent "
+                + difference.describe("", 3),
                 difference.verdict,
             )
         )
@@ -605,7 +605,7 @@ def schedules_section(r: Results) -> Section:
                 claims.append(
                     (
                         f"alternating updates (Algorithm 1) vs simultaneous: {'+'.join(pair)}",
-                        f"{difference.cell()} points, higher in {difference.score()} seeds",
+                        difference.describe(),
                         "differ" if difference.verdict != "not resolved" else "no difference",
                     )
                 )

@@ -25,8 +25,13 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
 class Paired:
     """`new - base` over seeds; `better` says which sign the claim under test predicts."""
 
-    differences: tuple[float, ...]
+    base: tuple[float, ...]
+    new: tuple[float, ...]
     better: str  # "higher" or "lower"
+
+    @property
+    def differences(self) -> tuple[float, ...]:
+        return tuple(b - a for a, b in zip(self.base, self.new, strict=True))
 
     @property
     def delta(self) -> float:
@@ -71,10 +76,19 @@ class Paired:
         """``"5/5"``: in how many seeds the difference has the predicted sign."""
         return f"{self.wins}/{len(self.differences)}"
 
+    def describe(self, unit: str = "points", digits: int = 2) -> str:
+        """The effect against the seed-to-seed spread of the baseline, for a summary."""
+        spread = statistics.stdev(self.base) if len(self.base) > 1 else 0.0
+        return (
+            f"{self.cell(digits)}{' ' + unit if unit else ''} "
+            f"(baseline's std over seeds {spread:.{digits}f}); "
+            f"{'higher' if self.better == 'higher' else 'lower'} in {self.score()} seeds"
+        )
+
 
 def paired(base: Sequence[float], new: Sequence[float], *, better: str = "higher") -> Paired:
     if len(base) != len(new) or not base:
         raise ValueError(f"paired arms need the same seeds, got {len(base)} and {len(new)} values")
     if better not in ("higher", "lower"):
         raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
-    return Paired(tuple(b - a for a, b in zip(base, new, strict=True)), better)
+    return Paired(tuple(base), tuple(new), better)
