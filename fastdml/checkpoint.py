@@ -68,9 +68,12 @@ def load_peer_weights(path: str | Path, peer: int = 0) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}")
     state = _read(path, "cpu")
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        peers = state["cohort"]["peers"]
+        cohort = state["cohort"]
+        peers = cohort.get("peer_files", cohort.get("peers", []))  # a distributed run's: files
         if not 0 <= peer < len(peers):
             raise CheckpointError(f"{path} holds {len(peers)} peers, there is no peer {peer}")
+        if "peer_files" in cohort:
+            return load_checkpoint(path.parent / peers[peer])["peer"]
         return peers[peer]
     if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
         return state

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from fastdml.compare import DEFAULT_MODES, compare, format_table
 from fastdml.config import TEACHER_KEYS, RunConfig, make_config, make_teacher, read_config_file
+from fastdml.distributed import shutdown
 from fastdml.errors import UserError
 from fastdml.runs import load_data, make_trainer, stored_config
 
@@ -129,6 +130,29 @@ def _run_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
         default=True,
         help="no progress bars",
     )
+    if train:
+        spread = parser.add_argument_group(
+            "distributed (under torchrun: each rank trains its share of the peers; see the README)"
+        )
+        spread.add_argument(
+            "--replicas",
+            type=int,
+            metavar="R",
+            help="ranks per peer group: each peer data-parallel over R ranks (1)",
+        )
+        spread.add_argument(
+            "--exchange-every",
+            type=int,
+            metavar="N",
+            help="exchange logits every N steps; N > 1 is codistillation, with stale copies "
+            "of the other peers (their weights broadcast every N steps) in between (1)",
+        )
+        spread.add_argument(
+            "--timeout",
+            type=float,
+            metavar="SECONDS",
+            help=f"how long a rank waits for the others before it fails ({d.timeout:g})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,8 +225,13 @@ def _config(
 
 def _train(args: argparse.Namespace) -> int:
     config, _ = _config(args, default_out=RunConfig.out, resume_from_out=True, teacher_apart=False)
-    trainer = make_trainer(config, load_data(config), progress=args.progress)
-    history = trainer.run()
+    try:
+        trainer = make_trainer(config, load_data(config), progress=args.progress)
+        history = trainer.run()
+    finally:
+        shutdown()
+    if not trainer.cohort.writes_records:  # another rank of a distributed job reports
+        return 0
     if history and "test_acc/ensemble" in history[-1]:
         last = history[-1]
         peers = [k for k in last if k.startswith("test_acc/peer")]

@@ -12,12 +12,14 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdml.checkpoint import load_checkpoint, save_checkpoint
 from fastdml.loss import MutualLoss, mutual_loss
 from fastdml.optim import OptimizerFactory, clip_grad_norms_, make_optimizer, make_scheduler
 
@@ -146,14 +148,21 @@ class Cohort:
         self.scheduler = make_scheduler(self.optimizer, lr_schedule) if lr_schedule else None
         self.clip_norm = _per_peer(clip_norm, len(trained), "clip_norm")
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        compile_options = dict(compile) if isinstance(compile, Mapping) else {}
-        self._forwards: list[Callable[[Tensor], Tensor]] = [
-            torch.compile(p, **compile_options) if compile else p for p in self.peers
-        ]
+        self._compile = compile
+        self._forwards: list[Callable[[Tensor], Tensor]] = [self._compiled(p) for p in self.peers]
+
+    writes_records = True  # one process of a distributed cohort writes records, shows progress
 
     @property
     def num_peers(self) -> int:
         return len(self.peers)
+
+    def _compiled(self, module: nn.Module) -> Callable[[Tensor], Tensor]:
+        """`module`, or its `torch.compile` when the cohort compiles its peers."""
+        if not self._compile:
+            return module
+        options = dict(self._compile) if isinstance(self._compile, Mapping) else {}
+        return torch.compile(module, **options)
 
     def train(self, mode: bool = True) -> Cohort:
         """Train (or eval) mode for the trained peers; frozen teachers stay in eval mode."""
@@ -170,6 +179,10 @@ class Cohort:
     def _forward(self, k: int, x: Tensor, grad: bool) -> Tensor:
         with torch.set_grad_enabled(grad and k not in self.frozen), self._autocast():
             return self._forwards[k](x)
+
+    def _logits(self, x: Tensor, grad: bool) -> list[Tensor]:
+        """Every peer's logits on `x`; the trained peers' with gradients when `grad`."""
+        return [self._forward(k, x, grad) for k in range(self.num_peers)]
 
     def _loss(
         self, logits: Sequence[Tensor], target: Tensor
@@ -224,8 +237,7 @@ class Cohort:
         if self.update == "alternating":
             ce, mimicry, z = self._alternating_step(x, target)
         else:
-            logits = [self._forward(k, x, grad=True) for k in range(self.num_peers)]
-            loss, ce, mimicry, z = self._loss(logits, target)
+            loss, ce, mimicry, z = self._loss(self._logits(x, grad=True), target)
             self._apply(loss)
         counted = target != self.criterion.ignore_index
         correct = (z.argmax(2) == target).flatten(1).sum(1)
@@ -268,7 +280,7 @@ class Cohort:
             for x, target in data:
                 x = x.to(self.device, non_blocking=True)
                 target = target.to(self.device, non_blocking=True)
-                logits = [self._forward(k, x, grad=False) for k in range(self.num_peers)]
+                logits = self._logits(x, grad=False)
                 logp = torch.stack([z.float() for z in logits]).log_softmax(2)  # [K, N, C, ...]
                 ensemble = logp.index_select(0, trained).logsumexp(0, keepdim=True)
                 logp = torch.cat([logp, ensemble - math.log(len(self.trainable))])
@@ -316,6 +328,18 @@ class Cohort:
                 raise ValueError(f"the state and this cohort differ in having a {what}")
             if state[what] is not None:
                 getattr(self, what).load_state_dict(state[what])
+
+    def combine(self, sums: Tensor) -> Tensor:
+        """Per-peer sums of training terms over the processes that share each batch (one here)."""
+        return sums
+
+    def write_checkpoint(self, state: Mapping[str, Any], path: Path) -> None:
+        """Writes a trainer's checkpoint (`state` holds this cohort's `state_dict`)."""
+        save_checkpoint(state, path)
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Reads what `write_checkpoint` wrote."""
+        return load_checkpoint(path)
 
     def fit(self, train_data: Any, eval_data: Any = None, **options: Any) -> Trainer:
         """Trains for ``options["epochs"]`` epochs; see `fastdml.trainer.Trainer` for the options.

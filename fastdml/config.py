@@ -19,6 +19,7 @@ from typing import Any
 from fastdml.arguments import MODES as LOSS_MODES
 from fastdml.cohort import PRECISIONS, UPDATES
 from fastdml.data import DATASETS, require
+from fastdml.distributed import DEFAULT_TIMEOUT
 from fastdml.errors import ConfigError
 from fastdml.models import ARCHS
 from fastdml.optim import OPTIMIZERS, LRSchedule
@@ -45,6 +46,7 @@ RESUMABLE_CHANGES = (
     "tensorboard",
     "compile",
     "data_dir",
+    "timeout",
 )
 
 
@@ -84,6 +86,9 @@ class RunConfig:
     tensorboard: bool = False
     out: str = "runs/train"
     resume: bool = False
+    replicas: int = 1  # distributed (torchrun): ranks per peer group, each peer data-parallel
+    exchange_every: int = 1  # distributed: logits every step (1), or codistillation every n
+    timeout: float = DEFAULT_TIMEOUT  # distributed: seconds a rank waits for the others
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +168,7 @@ def _normalise(config: RunConfig) -> None:
         "momentum",
         "weight_decay",
         "clip_norm",
+        "timeout",
     ):
         value = getattr(config, name)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -216,14 +222,16 @@ def _check(config: RunConfig) -> None:
     for name in ("epochs", "seed", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
-    for name in ("batch_size", "train_samples", "checkpoint_every"):
+    for name in ("batch_size", "train_samples", "checkpoint_every", "replicas", "exchange_every"):
         value = getattr(config, name)
         if value is not None:
             _expect(name, value, int, "a positive integer")
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-    for name in ("alpha", "temperature", "label_smoothing", "gamma"):
+    for name in ("alpha", "temperature", "label_smoothing", "gamma", "timeout"):
         _expect(name, getattr(config, name), float, "a number")
+    if not config.timeout > 0:
+        raise ConfigError(f"timeout must be > 0 seconds, got {config.timeout}")
     if not isinstance(config.milestones, list):
         raise ConfigError(f"milestones must be a list of epochs, got {config.milestones!r}")
     for milestone in config.milestones:
@@ -286,9 +294,9 @@ def _check_per_peer(config: RunConfig) -> None:
 def differences(stored: Mapping[str, Any], config: RunConfig) -> list[str]:
     """The options in which `config` differs from a stored run's, other than those a resumed
     run may change."""
-    current = config.to_dict()
+    current, defaults = config.to_dict(), RunConfig().to_dict()  # older runs lack new options
     return [
-        f"{key} is {stored.get(key)!r} there, {value!r} here"
+        f"{key} is {stored.get(key, defaults[key])!r} there, {value!r} here"
         for key, value in current.items()
-        if key not in RESUMABLE_CHANGES and stored.get(key) != value
+        if key not in RESUMABLE_CHANGES and stored.get(key, defaults[key]) != value
     ]

@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or was written for a different cohort."""
+
+
+class DistributedError(UserError):
+    """A rank of a distributed cohort stopped, or the ranks cannot reach each other."""

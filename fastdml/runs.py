@@ -14,6 +14,7 @@ from fastdml.checkpoint import load_checkpoint, load_peer_weights
 from fastdml.cohort import Cohort, resolve_device
 from fastdml.config import PER_PEER, TEACHER_KEYS, TRAINING_MODES, RunConfig, differences
 from fastdml.data import DataSplits, load_dataset
+from fastdml.distributed import DistributedCohort, init_from_environment, launched, local_device
 from fastdml.errors import CheckpointError, ConfigError
 from fastdml.loss import MutualLoss
 from fastdml.models import build_model
@@ -58,7 +59,7 @@ def _teacher(config: RunConfig, data: DataSplits) -> nn.Module:
 
 def _device(name: str) -> torch.device:
     try:
-        device = resolve_device(name)
+        device = local_device(resolve_device(name))
         torch.empty(0, device=device)  # the device exists in this build and on this machine
     except (RuntimeError, AssertionError, ValueError) as error:
         reason = str(error).strip().splitlines()[0].split(". ")[0]
@@ -81,6 +82,7 @@ def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
             for k in range(len(models))
         ]
     device = _device(config.device)
+    kind, placement = _distribution(config, data, device)
     sgd = config.optimizer == "sgd"
     peer_options = []
     for k in range(config.num_trained):
@@ -109,7 +111,7 @@ def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
             peer_weights=peer_weights,
             label_smoothing=config.label_smoothing,
         )
-        return Cohort(
+        return kind(
             models,
             criterion,
             frozen=frozen,
@@ -122,9 +124,29 @@ def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
             precision=config.precision,
             device=device,
             compile=config.compile,
+            **placement,
         )
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
+
+
+def _distribution(
+    config: RunConfig, data: DataSplits, device: torch.device
+) -> tuple[type[Cohort], dict[str, Any]]:
+    """A plain cohort, or under torchrun a distributed one (joining the job) whose ranks check
+    that they agree on the class count and on every option."""
+    if not launched():
+        if config.replicas > 1 or config.exchange_every > 1:
+            raise ConfigError(
+                "replicas and exchange_every are for a distributed job: launch fastdml train "
+                "with torchrun (see the README)"
+            )
+        return Cohort, {}
+    init_from_environment(device, config.timeout)
+    agree_on = {"the class count": data.num_classes}
+    agree_on.update((f"option {key}", value) for key, value in config.to_dict().items())
+    placement = {"replicas": config.replicas, "exchange_every": config.exchange_every}
+    return DistributedCohort, {**placement, "agree_on": agree_on}
 
 
 def stored_config(out: str | Path) -> dict[str, Any]:

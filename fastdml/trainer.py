@@ -8,6 +8,7 @@ and resumed ends with the same parameters as a run that was never stopped.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastdml.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastdml.checkpoint import rng_state, set_rng_state
 from fastdml.cohort import Cohort, StepOutput
 from fastdml.data import ResumableLoader, as_loader
 from fastdml.errors import CheckpointError, UserError
@@ -86,8 +87,8 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         self.checkpoint_every = checkpoint_every
         self.config = dict(config) if config is not None else None
-        self.progress = progress
-        self.plots = plots
+        self.progress = progress and cohort.writes_records
+        self.plots = plots and cohort.writes_records
         self.name = name
         loader_options = dict(seed=seed, num_workers=num_workers, device=cohort.device)
         self.train_loader = as_loader(
@@ -110,7 +111,8 @@ class Trainer:
         self.log = None
         if self.out is not None:
             self._check_out(resume)
-            self.log = MetricsLog(self.out, tensorboard=tensorboard)
+            if cohort.writes_records:
+                self.log = MetricsLog(self.out, tensorboard=tensorboard)
         elif resume:
             raise UserError("resume needs the folder of the checkpoint (out)")
         if resume:
@@ -128,7 +130,7 @@ class Trainer:
             raise CheckpointError(f"{path} exists; resume it or choose another output folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{id(self)}"
+            probe = self.out / f".write-test-{os.getpid()}-{id(self)}"
             probe.touch()
             probe.unlink()
         except OSError as error:
@@ -248,9 +250,12 @@ class Trainer:
         self._epoch_sums[3] += count.sum()
         self._outputs.clear()
 
-    def _train_record(self) -> dict[str, float]:
+    def _train_record(self, combined: bool = False) -> dict[str, float]:
+        """The epoch's training terms so far: this process's, or all processes' when
+        `combined` (a collective call in a distributed cohort)."""
         self._add_outputs()
-        ce, mimicry, correct, count = (self._epoch_sums / self._epoch_sums[3].clamp(min=1)).tolist()
+        sums = self.cohort.combine(self._epoch_sums) if combined else self._epoch_sums
+        ce, mimicry, correct, count = (sums / sums[3].clamp(min=1)).tolist()
         criterion = self.cohort.criterion
         weight = criterion.alpha * criterion.temperature**2 if self.cohort.num_peers > 1 else 0.0
         record: dict[str, float] = {}
@@ -266,7 +271,7 @@ class Trainer:
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step}
         for group, k in zip(cohort.optimizer.param_groups, cohort.trainable, strict=True):
             record[f"lr/peer{k}"] = group["lr"]
-        record.update(self._train_record())
+        record.update(self._train_record(combined=True))
         record["train_seconds"] = self._train_seconds
         cohort.end_epoch()
         if self.eval_loader is not None:
@@ -300,11 +305,11 @@ class Trainer:
     def save(self) -> None:
         """Writes the checkpoint (atomically) to ``out/checkpoint.pt``; nothing without `out`."""
         if self.out is not None:
-            save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
+            self.cohort.write_checkpoint(self.state_dict(), self.out / CHECKPOINT)
 
     def load(self, path: str | Path) -> None:
         """Restores a checkpoint written by `save`; the next `run` continues where it stopped."""
-        state = load_checkpoint(path)
+        state = self.cohort.read_checkpoint(Path(path))
         try:
             self.cohort.load_state_dict(state["cohort"])
             position = state["trainer"]

@@ -1,0 +1,264 @@
+"""Distributed cohorts: real processes on this machine with gloo, launched as torchrun launches
+them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), against single-process runs."""
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fastdml import MutualLoss, build_model, mutual_loss
+from fastdml.checkpoint import load_checkpoint, load_peer_weights
+from fastdml.cli import main
+from fastdml.config import make_config
+from fastdml.distributed import Placement
+from fastdml.errors import ConfigError
+from fastdml.optim import make_optimizer
+from fastdml.runs import build_cohort, load_data
+
+TINY = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--epochs", "2"]
+TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of sums taken in another order
+
+# The command, with a fault on one rank: it SIGKILLs itself before its KILL_AT-th step, or it
+# loaded a dataset with FEWER_CLASSES classes.
+FAULTY = """
+import dataclasses, os, signal, sys
+import fastdml.cli
+from fastdml.distributed import DistributedCohort
+
+rank, faulty = int(os.environ["RANK"]), int(os.environ.get("FAULTY_RANK", -1))
+if rank == faulty and "KILL_AT" in os.environ:
+    count, step = [0], DistributedCohort.train_step
+
+    def killed(*args, **kwargs):
+        count[0] += 1
+        if count[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(*args, **kwargs)
+
+    DistributedCohort.train_step = killed
+if rank == faulty and "FEWER_CLASSES" in os.environ:
+    load = fastdml.cli.load_data
+    fastdml.cli.load_data = lambda config: dataclasses.replace(
+        load(config), num_classes=int(os.environ["FEWER_CLASSES"])
+    )
+sys.exit(fastdml.cli.main(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks, args, *, env=None, timeout=120):
+    """Runs `python args` as every rank of a job; returns each rank's (status, stdout, stderr,
+    seconds)."""
+    port = str(free_port())
+    children = []
+    for rank in range(ranks):
+        rank_env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(ranks),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(Path(__file__).parent),
+            **(env or {}),
+        }
+        command = [sys.executable, *map(str, args)]
+        children.append(
+            subprocess.Popen(
+                command, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    start, results = time.monotonic(), []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=max(timeout - (time.monotonic() - start), 1))
+            results.append((child.returncode, out, err, time.monotonic() - start))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    return results
+
+
+def train(*argv):
+    """`fastdml train` in this process; fails the test on a non-zero status."""
+    assert main(["train", *map(str, argv)]) == 0
+
+
+def train_ranks(ranks, *argv, **options):
+    results = launch(ranks, ["-m", "fastdml", "train", *argv], **options)
+    for status, _, err, _ in results:
+        assert status == 0, err
+    return results
+
+
+def peers(folder, count):
+    return [load_peer_weights(folder / "checkpoint.pt", k) for k in range(count)]
+
+
+def records(folder):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "train_seconds"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A single-process run of two MLP peers and the same run on two ranks."""
+    root = tmp_path_factory.mktemp("runs")
+    argv = [*TINY, "--train-samples", 256, "--checkpoint-every", 3]
+    train(*argv, "--out", root / "one")
+    train_ranks(2, *argv, "--out", root / "two")
+    return root, argv
+
+
+def test_two_ranks_match_the_single_process_cohort(runs):
+    root, _ = runs
+    assert_close(peers(root / "two", 2), peers(root / "one", 2), **TIGHT)
+    one, two = records(root / "one"), records(root / "two")
+    assert [r["step"] for r in two] == [8, 16]
+    for a, b in zip(one, two, strict=True):
+        assert_close(b, a, **TIGHT)
+    files = sorted(p.name for p in (root / "two").glob("checkpoint*"))
+    assert files == ["checkpoint.peer0.step16.pt", "checkpoint.peer1.step16.pt", "checkpoint.pt"]
+
+
+@pytest.mark.parametrize(
+    "peers_option, replicas", [("mlp,mlp,mlp,mlp", 1), ("mlp,cnn1d", 2)], ids=["4x1", "2x2"]
+)
+def test_four_ranks_match_the_single_process_cohort(tmp_path, peers_option, replicas):
+    """Four peers, one a rank; or two peers, each data-parallel over two ranks (250 examples:
+    the last batch of 26 splits 13 + 13, the shards' counted rows weigh each replica)."""
+    argv = [*TINY, "--train-samples", 250, "--peers", peers_option, "--dataset", "mnist1d"]
+    train(*argv, "--out", tmp_path / "one")
+    train_ranks(4, *argv, "--replicas", replicas, "--out", tmp_path / "four")
+    count = len(peers_option.split(","))
+    assert_close(peers(tmp_path / "four", count), peers(tmp_path / "one", count), **TIGHT)
+    for a, b in zip(records(tmp_path / "one"), records(tmp_path / "four"), strict=True):
+        assert_close(b, a, **TIGHT)
+
+
+def test_a_killed_rank_fails_the_others_and_the_job_resumes(runs, tmp_path):
+    """Rank 1 is killed before its 11th step (last checkpoint: step 9): rank 0 stops with a
+    one-line error well within the timeout, and the resumed job ends as the uninterrupted one."""
+    root, argv = runs
+    out = tmp_path / "cut"
+    env = {"FAULTY_RANK": "1", "KILL_AT": "11"}
+    args = ["-c", FAULTY, "train", *argv, "--timeout", 60, "--out", out]
+    (status0, _, err0, seconds0), (status1, *_) = launch(2, args, env=env)
+    assert status1 == -signal.SIGKILL
+    assert status0 == 2 and seconds0 < 45, err0
+    assert err0.startswith("fastdml: error: rank 0: the ") and err0.count("\n") == 1, err0
+    assert "another rank stopped or cannot be reached" in err0
+    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["global_step"] == 9
+    train_ranks(2, "--out", out, "--resume", "--no-progress")
+    for a, b in zip(peers(root / "two", 2), peers(out, 2), strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    assert records(out) == records(root / "two")
+
+
+def test_bad_settings_fail_at_start_up_on_every_rank(tmp_path):
+    three = launch(3, ["-m", "fastdml", "train", *TINY, "--out", tmp_path / "three"])
+    expected = "2 peers cannot be shared evenly by 3 peer groups (3 ranks / 1 replicas)"
+    for status, _, err, _ in three:
+        assert status == 2 and err.startswith(f"fastdml: error: {expected}"), err
+    env = {"FAULTY_RANK": "1", "FEWER_CLASSES": "5"}
+    two = launch(2, ["-c", FAULTY, "train", *TINY, "--out", tmp_path / "two"], env=env)
+    expected = "the ranks disagree on the class count: rank 0 has 10, rank 1 has 5"
+    for status, _, err, _ in two:
+        assert (status, err) == (2, f"fastdml: error: {expected}\n")
+    assert not (tmp_path / "two" / "checkpoint.pt").exists()
+
+
+def test_placement():
+    placement = Placement(num_peers=4, world_size=8, replicas=2, rank=5)
+    assert (placement.groups, placement.group, placement.replica) == (4, 2, 1)
+    assert list(placement.local_peers) == [2]
+    assert placement.group_ranks(2) == [4, 5] and placement.exchange_ranks(1) == [1, 3, 5, 7]
+    assert placement.owner(3) == 6
+    with pytest.raises(ConfigError, match="must be a multiple of replicas"):
+        Placement(num_peers=2, world_size=3, replicas=2)
+    with pytest.raises(ConfigError, match="4 peers cannot be shared evenly by 3 peer groups"):
+        Placement(num_peers=4, world_size=3)
+
+
+def test_distributed_options_need_a_distributed_launch():
+    config = make_config({"dataset": "digits", "replicas": 2})
+    with pytest.raises(ConfigError, match="launch fastdml train with torchrun"):
+        build_cohort(config, load_data(config))
+
+
+# Codistillation on two ranks, against the same schedule written out in one process.
+STEPS, EVERY, BATCH = 7, 3, 16
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, BATCH, 12, generator=generator)
+    return x, torch.randint(0, 5, (STEPS, BATCH), generator=generator)
+
+
+def two_mlps():
+    torch.manual_seed(0)
+    return [build_model("mlp", (12,), 5, hidden=16) for _ in range(2)]
+
+
+def codistillation_rank(out):
+    """A rank of the two-rank job: trains its peer, writes its weights and traffic to `out`."""
+    from fastdml.distributed import DistributedCohort, init_from_environment, shutdown
+
+    init_from_environment(torch.device("cpu"), timeout=60)
+    cohort = DistributedCohort(two_mlps(), MutualLoss(), exchange_every=EVERY, device="cpu")
+    for x, y in zip(*batches(), strict=True):
+        cohort.train_step(x, y)
+    rank = cohort.placement.rank
+    torch.save(
+        {"peer": cohort.peers[rank].state_dict(), "traffic": vars(cohort.traffic)},
+        Path(out) / f"rank{rank}.pt",
+    )
+    shutdown()
+
+
+def test_codistillation_uses_stale_copies_between_exchanges(tmp_path):
+    script = (
+        f"from test_distributed import codistillation_rank; codistillation_rank({str(tmp_path)!r})"
+    )
+    for status, _, err, _ in launch(2, ["-c", script]):
+        assert status == 0, err
+    models = two_mlps()
+    optimizer = make_optimizer("sgd", models)
+    for step, (x, y) in enumerate(zip(*batches(), strict=True)):
+        if step % EVERY == 0:  # fresh logits, and copies of the weights for the next steps
+            copies = [copy.deepcopy(m).eval() for m in models]
+            others = [m(x).detach() for m in models]
+        else:
+            with torch.no_grad():
+                others = [c(x) for c in copies]
+        mine = [m(x) for m in models]
+        first = mutual_loss([mine[0], others[1]], y, reduction="none").mean(1)[0]
+        second = mutual_loss([others[0], mine[1]], y, reduction="none").mean(1)[1]
+        loss = first + second
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights = sum(t.nbytes for t in models[0].parameters())
+    exchanges = len(range(0, STEPS, EVERY))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(result["peer"], models[rank].state_dict(), **TIGHT)
+        logits = exchanges * BATCH * 5 * 4  # one peer's [16, 5] float32 logits received
+        assert result["traffic"] == {"logits": logits, "weights": exchanges * weights, "steps": 7}
