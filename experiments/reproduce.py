@@ -125,8 +125,14 @@ def _train(options: dict[str, Any], out: str) -> dict[str, Any]:
     """Trains one run (or reads it back); its last record and its training time."""
     resume = (Path(out) / CHECKPOINT).is_file()
     config = make_config(options, {"out": out, "resume": resume})
-    history = make_trainer(config, load_data(config), progress=False).run()
-    return {**history[-1], "train_seconds_total": sum(r["train_seconds"] for r in history)}
+    trainer = make_trainer(config, load_data(config), progress=False)
+    done = trainer.epoch
+    history = trainer.run()
+    return {
+        **history[-1],
+        "train_seconds_total": sum(r["train_seconds"] for r in history),
+        "trained_now": trainer.epoch > done,
+    }
 
 
 def _analyse(options: dict[str, Any], out: str, setting: Setting) -> dict[str, Any]:
@@ -197,9 +203,9 @@ def execute(
     setting: Setting,
     work: Path,
     workers: int,
-) -> tuple[Results, float]:
+) -> Results:
     """Trains every run for every seed (teachers before their students), then measures the runs
-    in `analyse`; returns the results and the summed training time in seconds."""
+    in `analyse`."""
     results = Results(setting)
     unique = list(dict.fromkeys(runs))
     by_name = {run.name: run for run in unique}
@@ -232,8 +238,7 @@ def execute(
         results.identical[(a.name, b.name)] = all(
             _same_weights(_folder(work, a, seed), _folder(work, b, seed)) for seed in setting.seeds
         )
-    seconds = sum(r["train_seconds_total"] for r in results.records.values())
-    return results, seconds
+    return results
 
 
 def _cost(run: Run) -> int:
@@ -710,13 +715,15 @@ def _machine() -> str:
 
 def render(
     sections: dict[str, Section],
+    records: dict[tuple[str, int], dict[str, Any]],
     setting: Setting,
     command: str,
-    seconds: float,
     wall: float,
     workers: int,
 ) -> str:
     summary = [list(claim) for section in sections.values() for claim in section.claims]
+    seconds = sum(record["train_seconds_total"] for record in records.values())
+    trained = sum(record["trained_now"] for record in records.values())
     lines = [
         "# Deep Mutual Learning, reproduced on MNIST-1D",
         "",
@@ -742,9 +749,9 @@ def render(
         "many seeds it has the sign the claim predicts, and a verdict: **holds** or **reversed** "
         "when a two-sided paired t-test over the seeds rejects no difference at the 5% level, "
         "**not resolved** otherwise.",
-        f"- Machine: {_machine()}; {workers} worker processes of one thread. Training took "
-        f"{seconds / 60:.1f} min of process time; the whole command {wall / 60:.1f} min of wall "
-        "time.",
+        f"- Machine: {_machine()}; {workers} worker processes of one thread. The {len(records)} "
+        f"runs' training loops took {seconds / 60:.1f} min in all; this call trained "
+        f"{trained} of them and took {wall / 60:.1f} min of wall time.",
         "",
         "## Summary",
         "",
@@ -792,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         analyse = [run for run in pair_runs(setting) if run.options["dataset"] == "mnist1d"]
     dml, *others = mode_runs(setting)
     start = time.perf_counter()
-    results, seconds = execute(
+    results = execute(
         [run for e in chosen for run in e.runs(setting)],
         analyse,
         [(dml, run) for run in others] if "modes" in names else [],
@@ -809,7 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m experiments.reproduce", *argv])
     wall = time.perf_counter() - start
     (args.out / "results.md").write_text(
-        render(sections, setting, command, seconds, wall, args.workers)
+        render(sections, results.records, setting, command, wall, args.workers)
     )
     (images / "results.json").write_text(
         json.dumps(
