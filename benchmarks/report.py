@@ -8,7 +8,8 @@ Every number in BENCHMARKS.md comes from the JSON: benchmarks/results/cpu.json (
 times, the copy bandwidth, the machine) and benchmarks/results/memory.json (peak_memory.py). The
 hand-written explanation of a missed target goes in benchmarks/notes.md, which is copied verbatim.
 The GPU section comes from benchmarks/results/gpu.json (benchmarks/gpu.sh) once a GPU run exists,
-the cohort trainer's from benchmarks/trainer.md.
+the cohort trainer's from benchmarks/trainer.md, the distributed cohorts' from
+benchmarks/distributed.md (written by benchmarks/distributed_step.py).
 """
 
 from __future__ import annotations
@@ -418,7 +419,8 @@ otherwise idle machine:
 ## GPU
 
 {gpu_section(args.gpu)}
-{extra_section(args.trainer, "Cohort trainer")}"""
+{extra_section(args.trainer, "Cohort trainer")}
+{extra_section(args.distributed, "Distributed cohorts")}"""
 
 
 def gpu_section(path: Path) -> str:
@@ -446,6 +448,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=RESULTS / "time_vs_classes.png")
     parser.add_argument("--gpu", type=Path, default=RESULTS / "gpu.json")
     parser.add_argument("--trainer", type=Path, default=ROOT / "benchmarks" / "trainer.md")
+    parser.add_argument("--distributed", type=Path, default=ROOT / "benchmarks" / "distributed.md")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     if not args.timings.exists():

@@ -7,7 +7,8 @@ KL divergence from the other peers' class posteriors to its own (Zhang et al., C
 from fastdml.backends import available_backends
 from fastdml.cohort import Cohort, Evaluation, StepOutput
 from fastdml.data import InMemoryLoader, load_dataset
-from fastdml.errors import CheckpointError, ConfigError, UserError
+from fastdml.distributed import DistributedCohort
+from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
 from fastdml.loss import MutualLoss, MutualLossOutput, mutual_loss
 from fastdml.models import build_model
 from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer
@@ -17,6 +18,8 @@ __all__ = [
     "CheckpointError",
     "Cohort",
     "ConfigError",
+    "DistributedCohort",
+    "DistributedError",
     "Evaluation",
     "InMemoryLoader",
     "LRSchedule",

@@ -329,6 +329,11 @@ class Cohort:
             if state[what] is not None:
                 getattr(self, what).load_state_dict(state[what])
 
+    def epoch_record(self) -> dict[str, float]:
+        """What the cohort adds to an epoch's record (nothing here; a distributed cohort, the
+        bytes each step received)."""
+        return {}
+
     def combine(self, sums: Tensor) -> Tensor:
         """Per-peer sums of training terms over the processes that share each batch (one here)."""
         return sums

@@ -153,7 +153,7 @@ class Placement:
 
 @dataclass
 class Traffic:
-    """Bytes this rank received from other ranks, and the training steps they served."""
+    """Bytes this rank received from other ranks in training steps, and how many steps."""
 
     logits: int = 0  # the logits exchange (all_gather)
     weights: int = 0  # codistillation's broadcasts of the stale copies
@@ -268,17 +268,19 @@ class DistributedCohort(Cohort):
         if self._from_copies:
             others = {k: self._forward(k, x, grad=False) for k in self.elsewhere}
         else:
-            others = self._exchange(list(mine.values()))
+            others = self._exchange(list(mine.values()), counted=grad)
         return [mine[k] if k in mine else others[k] for k in range(self.num_peers)]
 
-    def _exchange(self, mine: list[Tensor]) -> dict[int, Tensor]:
-        """The other groups' peers' logits on this shard: one all_gather of [k_local, N, C]."""
+    def _exchange(self, mine: list[Tensor], counted: bool) -> dict[int, Tensor]:
+        """The other groups' peers' logits on this shard: one all_gather of [k_local, N, C],
+        `counted` in the traffic of training steps (evaluation's is not)."""
         dtype = PRECISIONS[self.precision] or mine[0].dtype
         local = torch.stack([z.detach().to(dtype) for z in mine]).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.placement.groups)]
         with collective("logits exchange"):
             dist.all_gather(parts, local, group=self._exchange_group)
-        self.traffic.logits += local.nbytes * (self.placement.groups - 1)
+        if counted:
+            self.traffic.logits += local.nbytes * (self.placement.groups - 1)
         logits = torch.cat(parts)
         return {k: logits[k] for k in self.elsewhere}
 
@@ -297,6 +299,13 @@ class DistributedCohort(Cohort):
             loss = loss * self._share
         with collective("gradient all-reduce"):
             super()._apply(loss)
+
+    def epoch_record(self) -> dict[str, float]:
+        """The bytes this rank received per step since the last record, by kind."""
+        traffic = self.traffic.per_step().items()
+        record = {f"received_bytes_per_step/{kind}": value for kind, value in traffic}
+        self.traffic = Traffic()
+        return record
 
     def combine(self, sums: Tensor) -> Tensor:
         """Sums over the replicas of this rank's group, which saw the other shards."""

@@ -272,6 +272,7 @@ class Trainer:
         for group, k in zip(cohort.optimizer.param_groups, cohort.trainable, strict=True):
             record[f"lr/peer{k}"] = group["lr"]
         record.update(self._train_record(combined=True))
+        record.update(cohort.epoch_record())
         record["train_seconds"] = self._train_seconds
         cohort.end_epoch()
         if self.eval_loader is not None:
