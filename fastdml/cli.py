@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from fastdml.compare import DEFAULT_MODES, compare, format_table
 from fastdml.config import TEACHER_KEYS, RunConfig, make_config, make_teacher, read_config_file
-from fastdml.distributed import shutdown
+from fastdml.distributed import launched, shutdown
 from fastdml.errors import UserError
 from fastdml.runs import load_data, make_trainer, stored_config
 
@@ -245,6 +245,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if launched():
+        raise UserError("fastdml compare runs in one process; under torchrun, use fastdml train")
     config, teacher = _config(
         args, default_out="runs/compare", resume_from_out=False, teacher_apart=True
     )

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastdml.checkpoint import load_checkpoint, save_checkpoint
-from fastdml.cohort import PRECISIONS, Cohort
+from fastdml.cohort import PRECISIONS, Cohort, StepOutput
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
 from fastdml.loss import MutualLoss
 
@@ -243,7 +243,7 @@ class DistributedCohort(Cohort):
             self.peers[k].eval()
         return self
 
-    def train_step(self, x: Tensor, target: Tensor) -> Any:
+    def train_step(self, x: Tensor, target: Tensor) -> StepOutput:
         """One step on this rank's shard of the batch (every rank is given the whole batch)."""
         replicas, replica = self.placement.replicas, self.placement.replica
         if replicas > 1:
@@ -333,7 +333,7 @@ class DistributedCohort(Cohort):
         with collective("checkpoint"):
             ranks = [None] * self.placement.world_size
             dist.all_gather_object(ranks, state["trainer"])
-        written = [k for k in self.placement.local_peers if self.placement.replica == 0]
+        written = list(self.placement.local_peers) if self.placement.replica == 0 else []
         for k in written:
             peer = {"peer": cohort["peers"][k], "optimizer": self._optimizer_state(cohort, k)}
             save_checkpoint(peer, _peer_path(path, k, step))

@@ -208,6 +208,13 @@ def test_distributed_options_need_a_distributed_launch():
         build_cohort(config, load_data(config))
 
 
+def test_compare_is_refused_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["compare", "--no-progress"]) == 2
+    assert "fastdml compare runs in one process" in capsys.readouterr().err
+
+
 # Codistillation on two ranks, against the same schedule written out in one process.
 STEPS, EVERY, BATCH = 7, 3, 16
 
