@@ -38,6 +38,7 @@ from fastdml.runs import load_data, make_trainer
 from fastdml.trainer import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES = Path(__file__).with_name("notes.md")  # copied into the full report verbatim
 STUDENT = "mlp"
 LARGE = {"arch": "cnn1d", "channels": 64}  # the large network of the distillation experiment
 
@@ -359,17 +360,44 @@ def size_section(r: Results) -> Section:
         ]
         row = [str(k), mean_std(peers), f"{statistics.fmean(within):.2f}"]
         row += [mean_std(r.values(dml, "test_acc/ensemble"))]
-        row += [mean_std(r.values(alone, "test_acc/ensemble"))] if k > 1 else ["–"]
+        if k > 1:
+            row += [mean_std(r.peers(alone)), mean_std(r.values(alone, "test_acc/ensemble"))]
+        else:
+            row += ["–", "–"]
         rows.append(row)
         curves["DML"].append((k, peers, r.values(dml, "test_acc/ensemble")))
         curves["independent"].append((k, r.peers(alone), r.values(alone, "test_acc/ensemble")))
-    largest, smallest = s.cohort_sizes[-1], s.cohort_sizes[0]
-    first = cohort(s, ["mlp"] * smallest, "independent")
-    last = cohort(s, ["mlp"] * largest, "dml")
-    rise = paired(r.peers(first), r.peers(last))
-    ensemble = paired(r.peers(last), r.values(last, "test_acc/ensemble"))
+    sizes = [k for k in s.cohort_sizes if k > 1]
+    alone = cohort(s, ["mlp"], "independent")
+    smallest, largest = (cohort(s, ["mlp"] * k, "dml") for k in (sizes[0], sizes[-1]))
+    largest_alone = cohort(s, ["mlp"] * sizes[-1], "independent")
+    claims = [
+        (f"mean peer accuracy: one network alone → K = {sizes[-1]}", alone, largest, "peers"),
+        (f"mean peer accuracy: K = {sizes[0]} → K = {sizes[-1]}", smallest, largest, "peers"),
+        (f"K = {sizes[-1]}: DML ensemble vs its mean peer", None, largest, "ensemble"),
+        (
+            f"K = {sizes[-1]}: DML ensemble vs the ensemble of K networks trained alone",
+            largest_alone,
+            largest,
+            "ensemble",
+        ),
+    ]
+    tested = []
+    for claim, base, new, network in claims:
+        if base is None:
+            difference = paired(r.peers(new), r.values(new, "test_acc/ensemble"))
+        else:
+            difference = _comparison_row(r, base, new, network)[1]
+        tested.append((claim, difference.describe(), difference.verdict))
     text = _table(
-        ["K", "mean peer (DML)", "spread among peers", "ensemble (DML)", "ensemble (independent)"],
+        [
+            "K",
+            "mean peer (DML)",
+            "spread among peers",
+            "ensemble (DML)",
+            "mean peer (independent)",
+            "ensemble (independent)",
+        ],
         rows,
     )
     return Section(
@@ -377,20 +405,9 @@ def size_section(r: Results) -> Section:
         "MLP cohorts of K peers on MNIST-1D; K = 1 is one network alone. "
         "Mean peer: the mean test accuracy of the K peers, mean ± std over seeds (the std is "
         "the spread over seeds). Spread among peers: the std of the K peers' accuracies within "
-        "a run, averaged over seeds. The independent ensemble averages K networks trained alone "
-        "from the same initial weights.\n\n" + text,
-        [
-            (
-                f"mean peer accuracy rises from K = {smallest} to K = {largest}",
-                rise.describe(),
-                rise.verdict,
-            ),
-            (
-                f"the ensemble of a K = {largest} cohort beats its mean peer",
-                ensemble.describe(),
-                ensemble.verdict,
-            ),
-        ],
+        "a run, averaged over seeds. The independent cohorts are K networks trained alone from "
+        "the same initial weights as the DML cohort's.\n\n" + text,
+        tested,
         {"cohort_size.png": lambda path: figures.cohort_size(curves, path)},
     )
 
@@ -720,6 +737,7 @@ def render(
     command: str,
     wall: float,
     workers: int,
+    notes: str | None = None,
 ) -> str:
     summary = [list(claim) for section in sections.values() for claim in section.claims]
     seconds = sum(record["train_seconds_total"] for record in records.values())
@@ -757,6 +775,8 @@ def render(
         "",
         _table(["claim", "measured", "verdict"], summary),
     ]
+    if notes is not None:
+        lines += ["", "## What the measurements say", "", notes.strip()]
     for name, section in sections.items():
         lines += [
             "",
@@ -814,9 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for image, draw in section.figures.items():
             draw(images / image)
     command = " ".join(["python -m experiments.reproduce", *argv])
+    notes = None  # a reading of the full study's numbers: it belongs to them alone
+    if setting == FULL and set(names) == set(EXPERIMENTS) and NOTES.is_file():
+        notes = NOTES.read_text()
     wall = time.perf_counter() - start
     (args.out / "results.md").write_text(
-        render(sections, results.records, setting, command, wall, args.workers)
+        render(sections, results.records, setting, command, wall, args.workers, notes)
     )
     (images / "results.json").write_text(
         json.dumps(
