@@ -80,6 +80,14 @@ def load_peer_weights(path: str | Path, peer: int = 0) -> dict[str, Any]:
     raise CheckpointError(f"{path} holds neither a fastdml checkpoint nor a model state_dict")
 
 
+def describe_layout(layout: Mapping[str, int]) -> str:
+    """The layout of a distributed job's checkpoint, in words."""
+    return (
+        f"{layout['world_size']} ranks ({layout['replicas']} replicas a peer group) "
+        f"training {layout['peers']} peers"
+    )
+
+
 def _read(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

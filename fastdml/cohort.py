@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdml.checkpoint import load_checkpoint, save_checkpoint
+from fastdml.checkpoint import describe_layout, load_checkpoint, save_checkpoint
+from fastdml.errors import CheckpointError
 from fastdml.loss import MutualLoss, mutual_loss
 from fastdml.optim import OptimizerFactory, clip_grad_norms_, make_optimizer, make_scheduler
 
@@ -344,7 +345,13 @@ class Cohort:
 
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
         """Reads what `write_checkpoint` wrote."""
-        return load_checkpoint(path)
+        state = load_checkpoint(path)
+        if "distributed" in state:
+            raise CheckpointError(
+                f"{path} was written by a distributed job of "
+                f"{describe_layout(state['distributed'])}: resume it under torchrun, the same way"
+            )
+        return state
 
     def fit(self, train_data: Any, eval_data: Any = None, **options: Any) -> Trainer:
         """Trains for ``options["epochs"]`` epochs; see `fastdml.trainer.Trainer` for the options.

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastdml.checkpoint import load_checkpoint, save_checkpoint
+from fastdml.checkpoint import describe_layout, load_checkpoint, save_checkpoint
 from fastdml.cohort import PRECISIONS, Cohort, StepOutput
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
 from fastdml.loss import MutualLoss
@@ -380,13 +380,12 @@ class DistributedCohort(Cohort):
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
         """This rank's view of a checkpoint that `write_checkpoint` wrote."""
         manifest = load_checkpoint(path)
-        stored = manifest.get("distributed")
-        here = self._layout()
+        stored, here = manifest.get("distributed"), self._layout()
         if stored != here:
-            written = "one process" if stored is None else f"{stored}"
+            written = "one process" if stored is None else describe_layout(stored)
             raise CheckpointError(
-                f"{path} was written by {written}, this job is {here}: resume it with the same "
-                "number of ranks, replicas and peers"
+                f"{path} was written by {written}, this job is {describe_layout(here)}: "
+                "resume it with the same numbers of ranks, replicas and peers"
             )
         cohort = manifest["cohort"]
         peers = [peer.state_dict() for peer in self.peers]  # loading these back changes nothing

@@ -144,6 +144,16 @@ def test_two_ranks_match_the_single_process_cohort(runs):
     assert files == ["checkpoint.peer0.step16.pt", "checkpoint.peer1.step16.pt", "checkpoint.pt"]
 
 
+def test_a_distributed_checkpoint_resumes_only_under_torchrun(runs, capsys):
+    root, _ = runs
+    assert main(["train", "--out", str(root / "two"), "--resume", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"fastdml: error: {root / 'two' / 'checkpoint.pt'} was written by a distributed job of "
+        "2 ranks (1 replicas a peer group) training 2 peers: resume it under torchrun, the same "
+        "way\n"
+    )
+
+
 def test_four_ranks_match_the_single_process_cohort(tmp_path):
     """Four peers in two groups of two ranks: each rank holds two peers, each peer is
     data-parallel over two ranks (250 examples: the last batch of 26 splits 13 + 13, and each
