@@ -27,7 +27,7 @@ import torch
 
 from experiments import figures
 from experiments.runner import Results, Run, Setting, cohort, execute, label
-from experiments.stats import mean_std, paired
+from experiments.stats import Paired, mean_std, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = Path(__file__).with_name("notes.md")  # copied into the full report verbatim
@@ -55,6 +55,8 @@ QUICK = Setting(
 
 @dataclass
 class Section:
+    """An experiment's part of the report, and its lines in the summary."""
+
     title: str
     text: str
     claims: list[tuple[str, str, str]]  # (claim, measured, verdict) for the summary
@@ -84,7 +86,9 @@ def _shown(network: str, pair: Sequence[str]) -> str:
     return f"{network} (x2)" if pair.count(network) == 2 else network
 
 
-def _comparison_row(results: Results, base: Run, new: Run, network: str) -> tuple[list[str], Any]:
+def _comparison_row(
+    results: Results, base: Run, new: Run, network: str
+) -> tuple[list[str], Paired]:
     """Test accuracy of `network` ("peers" for all, "ensemble", or an architecture) in two
     arms: the table cells and the paired difference."""
     if network == "ensemble":
