@@ -192,8 +192,16 @@ class Cohort:
         (detached)."""
         c = self.criterion
         if len(logits) == 1:  # no stacking: each autograd node costs a lone peer's step time
-            ce = F.cross_entropy(
-                logits[0], target, label_smoothing=c.label_smoothing, ignore_index=c.ignore_index
+            counted = (target != c.ignore_index).sum().clamp(min=1)  # 0 rows: a loss of 0
+            ce = (
+                F.cross_entropy(
+                    logits[0],
+                    target,
+                    label_smoothing=c.label_smoothing,
+                    ignore_index=c.ignore_index,
+                    reduction="sum",
+                )
+                / counted
             )
             ce_out = ce.detach().reshape(1)
             return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)

@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -56,13 +57,21 @@ def init_from_environment(device: torch.device, timeout: float = DEFAULT_TIMEOUT
     instead of wait forever. Does nothing when the process group exists already."""
     if dist.is_initialized():
         return
-    if timeout <= 0:
+    if not timeout > 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     with collective("start-up of the job"):
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+
+
+def seed_rank(seed: int) -> None:
+    """Seeds torch's generators (CPU and CUDA) from `seed` and this rank, so that the peers of
+    different ranks (and replicas) draw different dropout masks. Call it after building every
+    peer from `seed` (the initial weights stay those of a single process)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, dist.get_rank()]).generate_state(1)[0]))
 
 
 def shutdown() -> None:
@@ -73,16 +82,19 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
-    """Turns the error of a collective whose peers vanished into one clear `DistributedError`."""
+    """Turns the error of a collective whose peers vanished into one clear `DistributedError`
+    (running out of memory is left as it is: it is this rank's)."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as error:  # gloo and NCCL raise RuntimeError (DistError among them)
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DistributedError(
             f"rank {rank}: the {what} failed, most likely because another rank stopped or "
             f"cannot be reached ({reason}); restart the whole job with --resume"
-        ) from None
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -196,6 +208,14 @@ class DistributedCohort(Cohort):
             )
         peers = list(peers)
         world_size = dist.get_world_size()
+        description = {
+            "the placement (peers, ranks, replicas)": (len(peers), world_size, replicas),
+            "exchange_every": exchange_every,
+            **(agree_on or {}),
+            **_shapes(peers),
+        }
+        with collective("start-up check"):  # first, so that every rank fails the same way
+            _check_agreement(description)
         placement = Placement(len(peers), world_size, replicas, dist.get_rank())
         if isinstance(exchange_every, bool) or not isinstance(exchange_every, int):
             raise ConfigError(f"exchange_every must be a positive integer, got {exchange_every!r}")
@@ -206,12 +226,6 @@ class DistributedCohort(Cohort):
                 "a distributed cohort updates its peers simultaneously: alternating updates "
                 "would make every rank wait for the others in turn"
             )
-        description = {
-            "the placement (peers, ranks, replicas)": (len(peers), world_size, replicas),
-            "exchange_every": exchange_every,
-            **(agree_on or {}),
-            **_shapes(peers),
-        }
         self.placement = placement
         self.exchange_every = exchange_every
         self.elsewhere = [k for k in range(len(peers)) if k not in placement.local_peers]
@@ -220,8 +234,8 @@ class DistributedCohort(Cohort):
                 _release(peers[k])
         super().__init__(peers, criterion, **options)
         self.writes_records = placement.rank == 0
-        with collective("start-up check"):
-            _check_agreement(description)
+        self._trains = any(k in self.trainable for k in placement.local_peers)
+        with collective("creation of the process groups"):
             self._peer_group, self._exchange_group = _process_groups(placement)
         if replicas > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -246,6 +260,8 @@ class DistributedCohort(Cohort):
     def train_step(self, x: Tensor, target: Tensor) -> StepOutput:
         """One step on this rank's shard of the batch (every rank is given the whole batch)."""
         replicas, replica = self.placement.replicas, self.placement.replica
+        if replicas > 1 and len(target) < 2 * replicas:
+            return self._skipped()
         if replicas > 1:
             counted = (target != self.criterion.ignore_index).sum()
             x, target = x.tensor_split(replicas)[replica], target.tensor_split(replicas)[replica]
@@ -262,6 +278,13 @@ class DistributedCohort(Cohort):
         self._steps += 1
         self.traffic.steps += 1
         return out
+
+    def _skipped(self) -> StepOutput:
+        """A batch too small to give every replica 2 rows (batch norm needs them) is skipped, the
+        same way on every rank: it counts nothing and moves no peer."""
+        zeros = torch.zeros(self.num_peers, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        return StepOutput(zeros, zeros, zeros.long(), count)
 
     def _logits(self, x: Tensor, grad: bool) -> list[Tensor]:
         mine = {k: self._forward(k, x, grad) for k in self.placement.local_peers}
@@ -285,20 +308,25 @@ class DistributedCohort(Cohort):
         return {k: logits[k] for k in self.elsewhere}
 
     def _refresh_copies(self) -> None:
-        """Codistillation: every trained peer's weights from its owner to every rank."""
+        """Codistillation: every trained peer's weights from its owner to every rank (its own
+        replicas too, which receive the same weights and batch-norm buffers)."""
         with torch.no_grad(), collective("weights broadcast"):
             for k in self.trainable:
+                owner = self.placement.owner(k)
                 for tensor in _tensors(self.peers[k]):
-                    dist.broadcast(tensor, src=self.placement.owner(k))
-                    if k in self.elsewhere:
+                    dist.broadcast(tensor, src=owner)
+                    if self.placement.rank != owner:
                         self.traffic.weights += tensor.nbytes
         self._copies_current = True
 
     def _apply(self, loss: Tensor) -> None:
-        if self._share is not None:  # DDP averages over replicas: weigh each by its rows
-            loss = loss * self._share
-        with collective("gradient all-reduce"):
+        if not self._trains:  # this rank holds only frozen teachers: nothing to step
+            return
+        if self._share is None:
             super()._apply(loss)
+            return
+        with collective("gradient all-reduce"):  # DDP's, in the backward
+            super()._apply(loss * self._share)  # DDP averages replicas: weigh each by its rows
 
     def epoch_record(self) -> dict[str, float]:
         """The bytes this rank received per step since the last record, by kind."""
@@ -308,12 +336,13 @@ class DistributedCohort(Cohort):
         return record
 
     def combine(self, sums: Tensor) -> Tensor:
-        """Sums over the replicas of this rank's group, which saw the other shards."""
-        if self.placement.replicas == 1:
-            return sums
+        """Each peer's sums from the ranks that train it (its group's replicas, which saw the
+        shards of every batch), on every rank; the others' numbers for it (computed from its
+        exchanged logits or its stale copy) are left out."""
         sums = sums.clone()
+        sums[:, self.elsewhere] = 0
         with collective("all-reduce of the training records"):
-            dist.all_reduce(sums, group=self._peer_group)
+            dist.all_reduce(sums)
         return sums
 
     def state_dict(self) -> dict[str, Any]:

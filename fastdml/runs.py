@@ -9,12 +9,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fastdml.checkpoint import load_checkpoint, load_peer_weights
 from fastdml.cohort import Cohort, resolve_device
 from fastdml.config import PER_PEER, TEACHER_KEYS, TRAINING_MODES, RunConfig, differences
 from fastdml.data import DataSplits, load_dataset
-from fastdml.distributed import DistributedCohort, init_from_environment, launched, local_device
+from fastdml.distributed import (
+    DistributedCohort,
+    init_from_environment,
+    launched,
+    local_device,
+    seed_rank,
+)
 from fastdml.errors import CheckpointError, ConfigError
 from fastdml.loss import MutualLoss
 from fastdml.models import build_model
@@ -142,6 +149,12 @@ def _distribution(
                 "with torchrun (see the README)"
             )
         return Cohort, {}
+    if config.num_workers == 0 and not isinstance(data.train, TensorDataset):
+        raise ConfigError(
+            f"under torchrun, {config.dataset} (read from disk, with random augmentations) needs "
+            "--num-workers 1 or more: the loader's workers draw the same augmentations on every "
+            "rank, the main process draws from the rank's own generator"
+        )
     init_from_environment(device, config.timeout)
     agree_on = {"the class count": data.num_classes}
     agree_on.update((f"option {key}", value) for key, value in config.to_dict().items())
@@ -169,11 +182,14 @@ def make_trainer(
     config: RunConfig, data: DataSplits, *, progress: bool = True, name: str = ""
 ) -> Trainer:
     """The trainer of a run: seeds everything, builds the cohort, and resumes if asked (a
-    checkpoint of the same run only)."""
+    checkpoint of the same run only). A rank of a distributed job then draws its own random
+    numbers (dropout), from the seed and its rank."""
     if config.resume:
         check_resumable(stored_config(config.out), config)
     seed_everything(config.seed)
     cohort = build_cohort(config, data)
+    if isinstance(cohort, DistributedCohort):
+        seed_rank(config.seed)
     return Trainer(
         cohort,
         data.train,

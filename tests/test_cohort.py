@@ -153,6 +153,18 @@ def test_single_peer_trains_on_cross_entropy():
     assert out.mimicry.tolist() == [0.0] and out.ce.shape == (1,)
 
 
+def test_a_single_peer_with_every_target_ignored_takes_a_loss_of_zero():
+    """Not F.cross_entropy's NaN mean over no rows (a data-parallel replica's shard may count
+    none), which would spread to every parameter."""
+    (model,) = peers(1)
+    cohort = Cohort([model], optimizer="sgd", peer_options=[{"weight_decay": 0.0}])
+    before = copy.deepcopy(model)
+    x, y = batches(1)[0]
+    out = cohort.train_step(x, torch.full_like(y, -100))
+    assert out.ce.tolist() == [0.0] and out.count.item() == 0
+    assert_same_parameters([model], [before], rtol=0, atol=0)
+
+
 def test_heterogeneous_cohort_in_bfloat16():
     torch.manual_seed(0)
     models = [build_model("mlp", (40,), 10, hidden=32), build_model("cnn1d", (40,), 10)]

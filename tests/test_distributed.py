@@ -8,21 +8,24 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from fastdml import MutualLoss, build_model, mutual_loss
 from fastdml.checkpoint import load_checkpoint, load_peer_weights
 from fastdml.cli import main
 from fastdml.config import make_config
-from fastdml.distributed import Placement
+from fastdml.distributed import Placement, init_from_environment
 from fastdml.errors import ConfigError
 from fastdml.optim import make_optimizer
-from fastdml.runs import build_cohort, load_data
+from fastdml.runs import build_cohort, load_data, make_trainer, seed_everything
 
 TINY = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--epochs", "2"]
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of sums taken in another order
@@ -62,36 +65,46 @@ def free_port() -> int:
 
 def launch(ranks, args, *, env=None, timeout=120):
     """Runs `python args` as every rank of a job; returns each rank's (status, stdout, stderr,
-    seconds)."""
+    seconds). Once more on another port if the free port was taken before rank 0 listened."""
+    results = launch_once(ranks, args, env, timeout)
+    if "EADDRINUSE" in results[0][2]:
+        results = launch_once(ranks, args, env, timeout)
+    return results
+
+
+def launch_once(ranks, args, env, timeout):
     port = str(free_port())
-    children = []
-    for rank in range(ranks):
-        rank_env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(ranks),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(Path(__file__).parent),
-            **(env or {}),
-        }
-        command = [sys.executable, *map(str, args)]
-        children.append(
-            subprocess.Popen(
-                command, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    start, results = time.monotonic(), []
-    try:
-        for child in children:
-            out, err = child.communicate(timeout=max(timeout - (time.monotonic() - start), 1))
-            results.append((child.returncode, out, err, time.monotonic() - start))
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as logs:
+        children = []
+        for rank in range(ranks):
+            rank_env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(ranks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": path,
+                **(env or {}),
+            }
+            with open(f"{logs}/{rank}.out", "w") as out, open(f"{logs}/{rank}.err", "w") as err:
+                command = [sys.executable, *map(str, args)]
+                children.append(subprocess.Popen(command, env=rank_env, stdout=out, stderr=err))
+        start, results = time.monotonic(), []
+        try:
+            for rank, child in enumerate(children):
+                child.wait(timeout=max(timeout - (time.monotonic() - start), 1))
+                out, err = (Path(f"{logs}/{rank}.{kind}").read_text() for kind in ("out", "err"))
+                results.append((child.returncode, out, err, time.monotonic() - start))
+                if "EADDRINUSE" in err:  # the others would wait for rank 0 until their timeout
+                    break
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
     return results
 
 
@@ -156,16 +169,29 @@ def test_a_distributed_checkpoint_resumes_only_under_torchrun(runs, capsys):
 
 def test_four_ranks_match_the_single_process_cohort(tmp_path):
     """Four peers in two groups of two ranks: each rank holds two peers, each peer is
-    data-parallel over two ranks (250 examples: the last batch of 26 splits 13 + 13, and each
+    data-parallel over two ranks (251 examples: the last batch of 27 splits 14 + 13, and each
     replica's loss is weighed by its share of the rows)."""
-    argv = [*TINY, "--train-samples", 250, "--peers", "mlp,cnn1d,mlp,mlp", "--dataset", "mnist1d"]
+    argv = [*TINY, "--train-samples", 251, "--peers", "mlp,cnn1d,mlp,mlp", "--dataset", "mnist1d"]
     train(*argv, "--out", tmp_path / "one")
     train_ranks(4, *argv, "--replicas", 2, "--out", tmp_path / "four")
     assert_close(peers(tmp_path / "four", 4), peers(tmp_path / "one", 4), **TIGHT)
     for a, b in zip(records(tmp_path / "one"), records(tmp_path / "four"), strict=True):
         assert_close(learning(b), a, **TIGHT)
-        # the two peers of the other group on this rank's half of the batch: [2, 16, 10]
-        assert b["received_bytes_per_step/logits"] == 2 * (250 / 8 / 2) * 10 * 4
+        # the two peers of the other group on rank 0's shards: [2, 16, 10], and [2, 14, 10] last
+        assert b["received_bytes_per_step/logits"] == 2 * (7 * 16 + 14) / 8 * 10 * 4
+
+
+def test_a_rank_may_hold_only_a_frozen_teacher(runs, tmp_path):
+    """Distillation on two ranks: rank 1 holds only the teacher (the last peer); it sends the
+    teacher's logits and steps nothing, and the job matches one process."""
+    root, _ = runs
+    argv = [*TINY, "--epochs", 1, "--train-samples", 96, "--peers", "mlp", "--mode", "distill"]
+    argv += ["--teacher", "mlp", "--teacher-checkpoint", root / "one" / "checkpoint.pt"]
+    train(*argv, "--out", tmp_path / "one")
+    train_ranks(2, *argv, "--out", tmp_path / "two")
+    assert_close(peers(tmp_path / "two", 2), peers(tmp_path / "one", 2), **TIGHT)
+    for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
+        assert_close(learning(b), a, **TIGHT)
 
 
 def test_a_killed_rank_fails_the_others_and_the_job_resumes(runs, tmp_path):
@@ -241,16 +267,24 @@ def two_mlps():
 
 
 def codistillation_rank(out):
-    """A rank of the two-rank job: trains its peer, writes its weights and traffic to `out`."""
+    """A rank of the two-rank job: trains its peer, writes its weights, traffic and the combined
+    sums of the training records (cross-entropy times count, ..., count) to `out`."""
     from fastdml.distributed import DistributedCohort, init_from_environment, shutdown
 
     init_from_environment(torch.device("cpu"), timeout=60)
     cohort = DistributedCohort(two_mlps(), MutualLoss(), exchange_every=EVERY, device="cpu")
+    sums = torch.zeros(4, 2, dtype=torch.float64)
     for x, y in zip(*batches(), strict=True):
-        cohort.train_step(x, y)
+        step = cohort.train_step(x, y)
+        terms = [step.ce * step.count, step.mimicry * step.count, step.correct, step.count]
+        sums += torch.stack(torch.broadcast_tensors(*terms))
     rank = cohort.placement.rank
     torch.save(
-        {"peer": cohort.peers[rank].state_dict(), "traffic": vars(cohort.traffic)},
+        {
+            "peer": cohort.peers[rank].state_dict(),
+            "traffic": vars(cohort.traffic),
+            "sums": cohort.combine(sums),
+        },
         Path(out) / f"rank{rank}.pt",
     )
     shutdown()
@@ -264,6 +298,7 @@ def test_codistillation_uses_stale_copies_between_exchanges(tmp_path):
         assert status == 0, err
     models = two_mlps()
     optimizer = make_optimizer("sgd", models)
+    ce = torch.zeros(2, dtype=torch.float64)  # each peer's, on the rank that trains it
     for step, (x, y) in enumerate(zip(*batches(), strict=True)):
         if step % EVERY == 0:  # fresh logits, and copies of the weights for the next steps
             copies = [copy.deepcopy(m).eval() for m in models]
@@ -272,6 +307,7 @@ def test_codistillation_uses_stale_copies_between_exchanges(tmp_path):
             with torch.no_grad():
                 others = [c(x) for c in copies]
         mine = [m(x) for m in models]
+        ce += torch.stack([F.cross_entropy(z, y) for z in mine]).detach()
         first = mutual_loss([mine[0], others[1]], y, reduction="none").mean(1)[0]
         second = mutual_loss([others[0], mine[1]], y, reduction="none").mean(1)[1]
         loss = first + second
@@ -285,3 +321,61 @@ def test_codistillation_uses_stale_copies_between_exchanges(tmp_path):
         assert_close(result["peer"], models[rank].state_dict(), **TIGHT)
         logits = exchanges * BATCH * 5 * 4  # one peer's [16, 5] float32 logits received
         assert result["traffic"] == {"logits": logits, "weights": exchanges * weights, "steps": 7}
+        assert result["sums"][3].tolist() == [STEPS * BATCH] * 2
+        assert_close(result["sums"][0] / (STEPS * BATCH), ce / STEPS, **TIGHT)
+
+
+def replicas_rank(out):
+    """A rank of a two-rank job of one MLP on two replicas, exchanging every 2 steps: writes a
+    random draw after the run is built, the peer's weights then and after steps on batches of
+    16, 16, 1 (too small for two replicas: skipped) and 16 rows, the rows counted at each step
+    and the traffic."""
+    config = make_config(
+        {
+            "dataset": "digits",
+            "peers": [{"arch": "mlp"}],
+            "replicas": 2,
+            "exchange_every": 2,
+            "timeout": 60,
+            "out": str(Path(out) / "run"),
+        }
+    )
+    data = load_data(config)
+    cohort = make_trainer(config, data, progress=False).cohort
+    result = {"draw": torch.rand(4), "initial": copy.deepcopy(cohort.peers[0].state_dict())}
+    x, y = data.train.tensors
+    result["counts"] = [cohort.train_step(x[:n], y[:n]).count.item() for n in (16, 16, 1, 16)]
+    result.update(peer=cohort.peers[0].state_dict(), traffic=vars(cohort.traffic))
+    torch.save(result, Path(out) / f"rank{cohort.placement.rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_replicas_skip_a_batch_too_small_to_split_and_draw_their_own_random_numbers(tmp_path):
+    script = f"from test_distributed import replicas_rank; replicas_rank({str(tmp_path)!r})"
+    for status, _, err, _ in launch(2, ["-c", script]):
+        assert status == 0, err
+    one, two = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    config = make_config({"dataset": "digits", "peers": [{"arch": "mlp"}]})
+    seed_everything(config.seed)
+    single = build_cohort(config, load_data(config)).peers[0].state_dict()
+    assert_close(one["initial"], single, rtol=0, atol=0)
+    assert_close(two["initial"], single, rtol=0, atol=0)
+    assert not torch.equal(one["draw"], two["draw"])  # dropout masks would differ too
+    assert one["counts"] == two["counts"] == [8, 8, 0, 8]
+    assert_close(one["peer"], two["peer"], rtol=0, atol=0)  # the replicas stay in step
+    assert all(tensor.isfinite().all() for tensor in one["peer"].values())
+    assert not torch.equal(one["peer"]["net.1.weight"], single["net.1.weight"])
+    # two exchanges (steps 0 and 2): rank 1 receives the peer's weights from rank 0
+    weights = sum(tensor.nbytes for tensor in single.values())
+    assert one["traffic"] == {"logits": 0, "weights": 0, "steps": 3}
+    assert two["traffic"] == {"logits": 0, "weights": 2 * weights, "steps": 3}
+
+
+def test_init_from_environment_picks_the_gpu_of_local_rank(monkeypatch):
+    calls = []
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(backend))
+    init_from_environment(torch.device("cuda"))
+    assert calls == [torch.device("cuda", 1), "nccl"]
