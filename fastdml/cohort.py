@@ -225,10 +225,7 @@ class Cohort:
     def _apply(self, loss: Tensor) -> None:
         """Back-propagates `loss` and steps every group that received gradients."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
+        self._backward(loss)
         if any(norm is not None for norm in self.clip_norm):
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -238,6 +235,12 @@ class Cohort:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
 
     def train_step(self, x: Tensor, target: Tensor) -> StepOutput:
         """One mutual-learning update of every trained peer on a batch (on any device)."""

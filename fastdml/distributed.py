@@ -320,13 +320,15 @@ class DistributedCohort(Cohort):
         self._copies_current = True
 
     def _apply(self, loss: Tensor) -> None:
-        if not self._trains:  # this rank holds only frozen teachers: nothing to step
-            return
-        if self._share is None:
+        if self._trains:  # a rank that holds only frozen teachers has nothing to step
             super()._apply(loss)
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._share is None:
+            super()._backward(loss)
             return
         with collective("gradient all-reduce"):  # DDP's, in the backward
-            super()._apply(loss * self._share)  # DDP averages replicas: weigh each by its rows
+            super()._backward(loss * self._share)  # DDP averages replicas: weigh each by its rows
 
     def epoch_record(self) -> dict[str, float]:
         """The bytes this rank received per step since the last record, by kind."""

@@ -2,6 +2,7 @@
 them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), against single-process runs."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -22,16 +23,16 @@ from fastdml import MutualLoss, build_model, mutual_loss
 from fastdml.checkpoint import load_checkpoint, load_peer_weights
 from fastdml.cli import main
 from fastdml.config import make_config
-from fastdml.distributed import Placement, init_from_environment
-from fastdml.errors import ConfigError
+from fastdml.distributed import Placement, collective, init_from_environment
+from fastdml.errors import ConfigError, DistributedError
 from fastdml.optim import make_optimizer
 from fastdml.runs import build_cohort, load_data, make_trainer, seed_everything
 
 TINY = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--epochs", "2"]
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of sums taken in another order
 
-# The command, with a fault on one rank: it SIGKILLs itself before its KILL_AT-th step, or it
-# loaded a dataset with FEWER_CLASSES classes.
+# The command, with a fault on one rank: it SIGKILLs itself before its KILL_AT-th step, it
+# loaded a dataset with FEWER_CLASSES classes, or it was given --peers PEERS.
 FAULTY = """
 import dataclasses, os, signal, sys
 import fastdml.cli
@@ -53,7 +54,8 @@ if rank == faulty and "FEWER_CLASSES" in os.environ:
     fastdml.cli.load_data = lambda config: dataclasses.replace(
         load(config), num_classes=int(os.environ["FEWER_CLASSES"])
     )
-sys.exit(fastdml.cli.main(sys.argv[1:]))
+extra = ["--peers", os.environ["PEERS"]] if rank == faulty and "PEERS" in os.environ else []
+sys.exit(fastdml.cli.main(sys.argv[1:] + extra))
 """
 
 
@@ -206,7 +208,10 @@ def test_a_killed_rank_fails_the_others_and_the_job_resumes(runs, tmp_path):
     assert status0 == 2 and seconds0 < 45, err0
     assert err0.startswith("fastdml: error: rank 0: the ") and err0.count("\n") == 1, err0
     assert "another rank stopped or cannot be reached" in err0
-    assert load_checkpoint(out / "checkpoint.pt")["trainer"]["global_step"] == 9
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["trainer"]["global_step"] == 9
+    first, second = (rank["rng"]["torch"] for rank in checkpoint["ranks"])
+    assert not torch.equal(first, second)  # each rank's own generator, restored on resume
     train_ranks(2, "--out", out, "--resume", "--no-progress")
     for a, b in zip(peers(root / "two", 2), peers(out, 2), strict=True):
         assert all(torch.equal(a[name], b[name]) for name in a)
@@ -224,6 +229,12 @@ def test_bad_settings_fail_at_start_up_on_every_rank(tmp_path):
     for status, _, err, _ in two:
         assert (status, err) == (2, f"fastdml: error: {expected}\n")
     assert not (tmp_path / "two" / "checkpoint.pt").exists()
+    # 3 peers on rank 1 only: its placement would fail, but the ranks compare first
+    env = {"FAULTY_RANK": "1", "PEERS": "mlp,mlp,mlp"}
+    odd = launch(2, ["-c", FAULTY, "train", *TINY, "--out", tmp_path / "odd"], env=env)
+    expected = "the ranks disagree on the placement (peers, ranks, replicas): rank 0 has (2, 2, 1)"
+    for status, _, err, _ in odd:
+        assert status == 2 and err.startswith(f"fastdml: error: {expected}, rank 1 has (3"), err
 
 
 def test_placement():
@@ -242,6 +253,16 @@ def test_distributed_options_need_a_distributed_launch():
     config = make_config({"dataset": "digits", "replicas": 2})
     with pytest.raises(ConfigError, match="launch fastdml train with torchrun"):
         build_cohort(config, load_data(config))
+
+
+def test_a_dataset_read_from_disk_needs_workers_under_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = make_config({"dataset": "digits"})
+    data = load_data(config)
+    on_disk = dataclasses.replace(data, train=torch.utils.data.Subset(data.train, range(8)))
+    with pytest.raises(ConfigError, match="needs --num-workers 1 or more"):
+        build_cohort(config, on_disk)
 
 
 def test_compare_is_refused_under_torchrun(monkeypatch, capsys):
@@ -369,6 +390,16 @@ def test_replicas_skip_a_batch_too_small_to_split_and_draw_their_own_random_numb
     weights = sum(tensor.nbytes for tensor in single.values())
     assert one["traffic"] == {"logits": 0, "weights": 0, "steps": 3}
     assert two["traffic"] == {"logits": 0, "weights": 2 * weights, "steps": 3}
+
+
+def test_collective_reports_a_lost_rank_but_not_running_out_of_memory():
+    with pytest.raises(torch.OutOfMemoryError), collective("logits exchange"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    lost = RuntimeError("Connection closed by peer\nmore")
+    with pytest.raises(DistributedError, match=r"\(Connection closed by peer\);") as caught:
+        with collective("logits exchange"):
+            raise lost
+    assert caught.value.__cause__ is lost
 
 
 def test_init_from_environment_picks_the_gpu_of_local_rank(monkeypatch):
