@@ -4,11 +4,11 @@ A job of W ranks is split into W / R peer groups of R replicas each, and the K p
 evenly by the groups: rank r is replica r % R of group r // R. Every rank reads the same batch
 (the same data order everywhere). The R replicas of a group split it into R shards and train the
 group's peers on their own shard under DistributedDataParallel (gradients averaged over the
-group); the ranks with the same replica index, one per group, form an exchange group that
-all_gathers its peers' logits on that shard. Each rank then computes the whole cohort's fused
-mutual loss with its own peers' logits (with gradients) beside the others' (constants: the
-mimicry targets take no gradient), so its peers get exactly their single-process gradients. Only
-logits cross between groups, never weights or gradients.
+group; a batch of fewer than 2R rows is skipped); the ranks with the same replica index, one
+per group, form an exchange group that all_gathers its peers' logits on that shard. Each rank
+then computes the whole cohort's fused mutual loss with its own peers' logits (with gradients)
+beside the others' (constants: the mimicry targets take no gradient), so its peers get exactly
+their single-process gradients. Only logits cross between groups, never weights or gradients.
 
 Codistillation (Anil et al., 2018), ``exchange_every=n > 1``: logits are exchanged only every n
 steps, when the weights of every peer are also broadcast to every rank; in between a rank
@@ -181,7 +181,8 @@ class DistributedCohort(Cohort):
 
     Every rank builds every peer, from the same seed (so the initial weights are those of the
     single-process cohort), and passes them all; a rank keeps the weights of its own peers only
-    (with codistillation, stale copies of the others too).
+    (with codistillation, stale copies of the others too). Then `seed_rank` gives each rank its
+    own random draws (dropout).
 
     Args:
         peers, criterion, options: as for `Cohort`; update must be "simultaneous".
