@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.machine import describe
 from experiments import figures
 from experiments.runner import Results, Run, Setting, cohort, execute, label
 from experiments.stats import Paired, mean_std, paired
@@ -517,16 +515,8 @@ EXPERIMENTS = {
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            names = [
-                line.split(":", 1)[1].strip() for line in file if line.startswith("model name")
-            ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}"
+    facts = describe()
+    return f"{facts['cpus']}-core {facts['cpu_model']}, torch {facts['torch']}"
 
 
 def render(

@@ -20,8 +20,7 @@ import torch
 from fastdml.analysis import perturbed_loss, posterior_entropy
 from fastdml.checkpoint import load_checkpoint, load_peer_weights
 from fastdml.config import make_config
-from fastdml.models import build_model
-from fastdml.runs import load_data, make_trainer
+from fastdml.runs import load_data, make_trainer, peer_model
 from fastdml.trainer import CHECKPOINT
 
 
@@ -108,8 +107,7 @@ def _analyse(options: dict[str, Any], out: str, setting: Setting) -> dict[str, A
     data = load_data(config)
     entropy, perturbed = [], []
     for k, entry in enumerate(config.peers):
-        extra = {key: value for key, value in entry.items() if key != "arch"}
-        model = build_model(entry["arch"], data.input_shape, data.num_classes, **extra)
+        model = peer_model(entry, data)
         model.load_state_dict(load_peer_weights(Path(out) / CHECKPOINT, k))
         entropy.append(posterior_entropy(model, data.train))
         losses = perturbed_loss(model, data.train, setting.sigmas, draws=setting.draws, seed=k)

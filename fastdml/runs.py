@@ -42,7 +42,8 @@ def load_data(config: RunConfig) -> DataSplits:
     )
 
 
-def _model(entry: dict[str, Any], data: DataSplits, extra: tuple[str, ...] = ()) -> nn.Module:
+def peer_model(entry: dict[str, Any], data: DataSplits, extra: tuple[str, ...] = ()) -> nn.Module:
+    """A fresh model for a `peers` entry: its architecture with its own options."""
     skip = {"arch", *PER_PEER, *extra}
     options = {key: value for key, value in entry.items() if key not in skip}
     return build_model(entry["arch"], data.input_shape, data.num_classes, **options)
@@ -50,7 +51,7 @@ def _model(entry: dict[str, Any], data: DataSplits, extra: tuple[str, ...] = ())
 
 def _teacher(config: RunConfig, data: DataSplits) -> nn.Module:
     teacher = config.teacher
-    model = _model(teacher, data, TEACHER_KEYS)
+    model = peer_model(teacher, data, TEACHER_KEYS)
     if teacher["checkpoint"]:
         weights = load_peer_weights(teacher["checkpoint"], teacher["peer"])
         try:
@@ -76,7 +77,7 @@ def _device(name: str) -> torch.device:
 
 def build_cohort(config: RunConfig, data: DataSplits) -> Cohort:
     """The cohort of `config` (peers, then the teacher if any), freshly initialised."""
-    models = [_model(entry, data) for entry in config.peers]
+    models = [peer_model(entry, data) for entry in config.peers]
     frozen = []
     if config.teacher is not None:
         models.append(_teacher(config, data))
