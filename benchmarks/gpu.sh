@@ -1,27 +1,71 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call: build the CUDA extension with this machine's torch and
-# nvcc, run the GPU tests, run the GPU benchmarks, and leave logs, JSON and tables in OUTDIR.
-#   bash benchmarks/gpu.sh OUTDIR
-# Wheels that the machine lacks (liger-kernel, hypothesis, ...) may be put in ./wheels; they are
-# installed from there without a network.
+# Everything that needs a GPU, staged to fit a short lease (README: "On a GPU"). Each stage writes
+# into OUTDIR as it goes and has its own time limit, so a timeout still returns what ran:
+#   a. build the CUDA extension for this GPU's architecture only, translation units in parallel;
+#   b. the correctness smoke (benchmarks/gpu_smoke.py), about a minute;
+#   c. the benchmarks that decide the GPU targets and backend="auto" (FASTDML_GPU_SHAPES=core);
+#   d. the cuda-marked tests, then the remaining benchmark shapes, only if STAGES asks for them.
+#   bash benchmarks/gpu.sh OUTDIR            # stages a, b, c
+#   STAGES="a b c d" bash benchmarks/gpu.sh OUTDIR
+# Wheels the machine lacks (liger-kernel) may be put in ./wheels; they install without a network.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
+stages="${STAGES:-a b c}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 status=0
+summary=()
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, notes how it ended
+  local name="$1" limit="$2" start=$SECONDS rc
+  shift 2
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  summary+=("$(printf '%-28s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  ((rc == 0)) || status=1
+  return "$rc"
+}
+
 {
-    nvidia-smi
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'sms', torch.cuda.get_device_properties(0).multi_processor_count)"
 } > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
 if compgen -G "wheels/*.whl" > /dev/null; then
-    pip install --no-index --no-deps wheels/*.whl > "$out/wheels.log" 2>&1 || status=1
+  python -m pip install -q --no-index --no-deps --target /tmp/fastdml-wheels wheels/*.whl \
+    > "$out/wheels.log" 2>&1 && export PYTHONPATH="/tmp/fastdml-wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
-pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { echo "build failed"; exit 1; }
-python -m pytest tests -m cuda -q -p no:cacheprovider > "$out/tests.log" 2>&1 || status=1
-tail -3 "$out/tests.log"
-python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
-    --benchmark-json="$out/gpu.json" > "$out/benchmarks.log" 2>&1 || status=1
-tail -3 "$out/benchmarks.log"
-python -m benchmarks.gpu_report "$out/gpu.json" > "$out/gpu.md" 2> "$out/report.log" || status=1
+
+if [[ " $stages " == *" a "* ]]; then
+  arch="$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
+  TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" stage "a build (sm_${arch/./})" 420 \
+    python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
+    || { tail -30 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
+fi
+if [[ " $stages " == *" b "* ]]; then
+  stage "b correctness smoke" 180 python -m benchmarks.gpu_smoke "$out/smoke.jsonl" \
+    > "$out/smoke.log" 2>&1
+  tail -2 "$out/smoke.log"
+fi
+if [[ " $stages " == *" c "* ]]; then
+  FASTDML_GPU_SHAPES=core stage "c core benchmarks" 300 python -m pytest benchmarks/test_gpu.py \
+    --benchmark-enable -q -p no:cacheprovider --benchmark-json="$out/gpu_core.json" \
+    > "$out/benchmarks_core.log" 2>&1
+  tail -3 "$out/benchmarks_core.log"
+  python -m benchmarks.gpu_report "$out/gpu_core.json" > "$out/gpu_core.md" 2>&1
+fi
+if [[ " $stages " == *" d "* ]]; then
+  stage "d cuda-marked tests" 300 python -m pytest tests -m cuda -q -p no:cacheprovider \
+    > "$out/tests.log" 2>&1
+  tail -3 "$out/tests.log"
+  FASTDML_GPU_SHAPES=rest stage "d other benchmarks" 300 python -m pytest benchmarks/test_gpu.py \
+    --benchmark-enable -q -p no:cacheprovider --benchmark-json="$out/gpu_rest.json" \
+    > "$out/benchmarks_rest.log" 2>&1
+  tail -3 "$out/benchmarks_rest.log"
+fi
+echo
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 exit $status

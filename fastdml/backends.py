@@ -38,6 +38,19 @@ CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
 # backend="auto" on CUDA tensors: the first available of these. The order is provisional: the GPU
 # benchmark that decides it (benchmarks/gpu.sh) has not been run yet; see BENCHMARKS.md.
 _CUDA_PREFERENCE = ("triton", "cuda")
+
+
+def _max_peers() -> dict[str, int]:
+    """The most peers a backend's kernels take: Triton's tiles hold K x K x classes temporaries.
+    (The CUDA op takes up to 1024 and checks it in C++.)"""
+    if ops.TRITON_ERROR is not None:
+        return {}
+    from fastdml.kernels.mutual_loss import MAX_PEERS as triton_max_peers
+
+    return {"triton": triton_max_peers}
+
+
+MAX_PEERS = _max_peers()
 _NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "triton": ops.TRITON_ERROR, "cuda": ops.CUDA_ERROR}
 _warned_fallback: set[str] = set()
 
@@ -71,10 +84,17 @@ _DEVICES = {
 }
 
 
-def select(backend: str, device: torch.device) -> str:
-    """The backend that computes the loss of tensors on `device`; raises if it cannot run."""
+def _too_many_peers(backend: str, num_peers: int) -> str | None:
+    limit = MAX_PEERS.get(backend)
+    if limit is not None and num_peers > limit:
+        return f"it takes up to {limit} peers, got K = {num_peers}"
+    return None
+
+
+def select(backend: str, device: torch.device, num_peers: int) -> str:
+    """The backend that computes the loss of K peers' tensors on `device`; raises if it cannot."""
     if backend == "auto":
-        return _auto(device)
+        return _auto(device, num_peers)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -82,10 +102,13 @@ def select(backend: str, device: torch.device) -> str:
         raise ValueError(
             f"backend={backend!r} runs on {_DEVICES[backend]}, but the logits are on {device}"
         )
+    reason = _too_many_peers(backend, num_peers)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot compute this loss: {reason}")
     return backend
 
 
-def _auto(device: torch.device) -> str:
+def _auto(device: torch.device, num_peers: int) -> str:
     if device.type == "cpu":
         fused = ("cpp",)
     elif device.type == "cuda":
@@ -94,7 +117,7 @@ def _auto(device: torch.device) -> str:
         return "torch"
     reasons = []
     for name in fused:
-        reason = unavailable_reason(name)
+        reason = unavailable_reason(name) or _too_many_peers(name, num_peers)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")

@@ -80,6 +80,12 @@ def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
     return ce, mimicry
 
 
+# float16 gradients are computed in the backward, with the upstream gradient folded in before the
+# cast: the forward's gradient of row_scale * loss, rescaled later, would flush to zero where a loss
+# scale (GradScaler's) should have kept it. float32 and bfloat16 have the exponent range to rescale.
+RECOMPUTE_GRAD_DTYPES = (torch.float16,)
+
+
 def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
     """The arguments of the `mutual_loss_with_grad` ops for `problem`, in schema order."""
     return (
@@ -92,7 +98,9 @@ def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
         problem.alpha,
         problem.label_smoothing,
         problem.ignore_index,
-        torch.is_grad_enabled() and problem.logits.requires_grad,
+        torch.is_grad_enabled()
+        and problem.logits.requires_grad
+        and problem.logits.dtype not in RECOMPUTE_GRAD_DTYPES,
     )
 
 
@@ -155,17 +163,20 @@ def _with_grad_setup_context(ctx, inputs, output):
 def _with_grad_backward(forward_op, scale_grad_rows):
     """The backward of a `mutual_loss_with_grad` op: the forward's gradient, rescaled where needed.
 
-    A later backward through a retained graph (retain_graph=True, gradcheck) finds the buffer
-    handed out already and recomputes the gradient into a new one.
+    Where the forward wrote no gradient (float16, or a later backward through a retained graph,
+    as with retain_graph=True or gradcheck, which finds the buffer handed out already), the op
+    computes it again with the upstream gradient as the row scale, so it is exact in the logits'
+    dtype; the rescale then only zeroes the rows whose upstream gradient is 0 (a zero scale folds
+    nothing in).
     """
 
     def backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
         logits, target, weights, row_scale = ctx.saved_tensors
         grad, ctx.grad_buffer = ctx.grad_buffer, None
-        if grad is None:
-            arguments = (logits, target, weights, row_scale, *ctx.options, True)
-            grad = forward_op(*arguments)[3]
-        scale_grad_rows(grad, grad_loss.contiguous(), row_scale)
+        if grad is None or grad.numel() != logits.numel():
+            row_scale = grad_loss
+            grad = forward_op(logits, target, weights, row_scale, *ctx.options, True)[3]
+        scale_grad_rows(grad, grad_loss, row_scale)
         return (grad,) + (None,) * 9
 
     return backward

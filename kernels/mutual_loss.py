@@ -13,6 +13,7 @@ order, so results stay deterministic).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,7 +25,8 @@ from triton.runtime.interpreter import InterpretedFunction
 from fastdml.arguments import accumulation_dtype
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
-_MAX_TILE = 8192  # elements of a [K_PAD, BLOCK_C] tile: registers, not spills
+MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond, the CUDA op
+_MAX_TILE_BYTES = 16384  # of the largest temporary tile (accumulation dtype): registers, no spills
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
 _SCALE_BLOCK = 1024
@@ -45,10 +47,19 @@ def _finish_lse(m, s):
 
 
 @triton.jit
-def _others_mean(z, peers, K: tl.constexpr):
+def _others_mean(z, peers, K):
     """u[k] = sum_{j != k} z[j] / (K - 1), summed as such (total - own is NaN at -inf)."""
     pick = (peers[:, None] != peers[None, :]) & (peers[None, :] < K)
     return tl.sum(tl.where(pick[:, :, None], z[None, :, :], 0.0), axis=1) / (K - 1)
+
+
+@triton.jit
+def _grad_scale(scale_ptr, peers, r, stride_k, stride_r, K, ACC: tl.constexpr):
+    """The factor of each peer's gradient row: the scale given (0-dim, or [K, R] any strides),
+    or 1 where it is 0, so that no gradient is lost before the backward rescales it."""
+    s = tl.load(scale_ptr + peers.to(tl.int64) * stride_k + r * stride_r, mask=peers < K, other=1.0)
+    s = s.to(ACC)
+    return tl.where(s == 0, 1.0, s)
 
 
 @triton.jit
@@ -64,7 +75,7 @@ def _load_tile(logits_ptr, offsets, cols, c0, C, live):
 
 
 @triton.jit
-def _scaled_tiles(z, peers, inv_t, K: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr):
+def _scaled_tiles(z, peers, inv_t, K, MODE: tl.constexpr, HAS_T: tl.constexpr):
     """z / T and, for ensemble_logits, the others' mean logits / T (else z / T again)."""
     zt = z * inv_t if HAS_T else z
     u = _others_mean(z, peers, K) * inv_t if MODE == 2 else zt
@@ -141,12 +152,18 @@ def _rescale(m_part, m):
     return tl.exp(m_part - tl.where(m == float("-inf"), 0.0, m)[None, :])
 
 
-@triton.jit
+# Integers that only bound loops and masks are not specialized (each value, or its divisibility
+# by 16, would compile another kernel); the logits' strides are, for aligned vector loads.
+@triton.jit(
+    do_not_specialize=[
+        "R", "C", "stride_scale_k", "stride_scale_r", "chunk", "splits", "ignore_index", "K",
+    ]
+)  # fmt: skip
 def _mutual_loss_with_grad_kernel(
     logits_ptr,
     target_ptr,
     weights_ptr,
-    row_scale_ptr,
+    scale_ptr,
     loss_ptr,
     ce_ptr,
     mimicry_ptr,
@@ -157,8 +174,11 @@ def _mutual_loss_with_grad_kernel(
     C,
     stride_k,
     stride_r,
+    stride_scale_k,
+    stride_scale_r,
     chunk,
     splits,
+    K,
     inv_t_hi,
     inv_t_lo,
     alpha_t_hi,
@@ -169,8 +189,8 @@ def _mutual_loss_with_grad_kernel(
     smoothing_lo,
     ignore_index,
     STAGE: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-    K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     MODE: tl.constexpr,
@@ -181,9 +201,11 @@ def _mutual_loss_with_grad_kernel(
 ):
     """One row (grid axis 0), or one chunk of a row's classes (axis 1) when C is split.
 
-    STAGE 0: the whole op for a row. A row split over programs takes three launches: STAGE 1
-    writes each chunk's partial log-sum-exps to `stats`, STAGE 2 merges them, writes the chunk's
-    gradient and its partial loss sums to `sums`, STAGE 3 merges those into the row's outputs.
+    STAGE 0: the whole op for a row; SINGLE_TILE (decided on the host: C <= BLOCK_C) keeps the
+    row's one tile from pass 1 for pass 2, so the logits are read once. A row split over programs
+    takes three launches: STAGE 1 writes each chunk's partial log-sum-exps to `stats`, STAGE 2
+    merges them, writes the chunk's gradient and its partial loss sums to `sums`, STAGE 3 merges
+    those into the row's outputs.
     """
     r = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
@@ -213,7 +235,6 @@ def _mutual_loss_with_grad_kernel(
 
     # Pass 1: the row's (or chunk's) log-sum-exps. A row that fits one tile is loaded once here
     # and kept for pass 2.
-    SINGLE_TILE: tl.constexpr = STAGE == 0 and BLOCK_C >= C
     if SINGLE_TILE:
         z = _load_tile(logits_ptr, offsets, cols, 0, C, live).to(ACC)
         zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
@@ -262,10 +283,12 @@ def _mutual_loss_with_grad_kernel(
         lse_t = _finish_lse(mt, st) if HAS_T else lse
         lse_u = _finish_lse(mu, su) if MODE == 2 else lse
 
-        # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms.
-        wk = peers[:, None] * K + peers[None, :]
-        w_live = peer_live[:, None] & peer_live[None, :]
-        weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
+        # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms and
+        # read no weights.
+        if MODE == 3:
+            wk = peers[:, None] * K + peers[None, :]
+            w_live = peer_live[:, None] & peer_live[None, :]
+            weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
         cross = zero  # sum_c t_k log q_k
         self_term = zero  # pairwise/weights: h_k = sum_c q_k log q_k; ensembles: sum t_k log t_k
         if STAGE == 3:
@@ -273,8 +296,8 @@ def _mutual_loss_with_grad_kernel(
             self_term = _merge_partial_sums(sums_ptr, r, splits, peers, 1, SPLITS_PAD, K_PAD)
         else:
             # Pass 2: probabilities, the loss sums and the gradient, tile by tile.
-            row_sum = tl.sum(weights, axis=1)
-            row_scale = tl.load(row_scale_ptr).to(ACC)
+            row_sum = tl.sum(weights, axis=1) if MODE == 3 else zero + 1.0
+            scale = _grad_scale(scale_ptr, peers, r, stride_scale_k, stride_scale_r, K, ACC)
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 if not SINGLE_TILE:
                     z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
@@ -301,7 +324,7 @@ def _mutual_loss_with_grad_kernel(
                     p = tl.where(tile_live, tl.exp(z - lse[:, None]), 0.0) if HAS_T else q
                     grad = p - smoothing / C + alpha_t * (row_sum[:, None] * q - t)
                     grad -= tl.where(cls[None, :] == y_safe, 1.0 - smoothing, 0.0)
-                    grad = _row_output(grad * row_scale, ignored, bad_target)
+                    grad = _row_output(grad * scale[:, None], ignored, bad_target)
                     out_mask = peer_live[:, None] & (cls < C)[None, :]
                     grad_offsets = (peers.to(tl.int64)[:, None] * R + r) * C + cls[None, :]
                     grad = grad.to(grad_ptr.dtype.element_ty)
@@ -314,10 +337,14 @@ def _mutual_loss_with_grad_kernel(
             ce = lse - (1.0 - smoothing) * z_y.to(ACC)
             if HAS_SMOOTHING:
                 ce -= smoothing / C * sum_z
-            if MODE >= 1 and MODE <= 2:
-                mimicry = self_term - cross
-            else:  # sum_j W[k, j] h_j - sum_c t_k log q_k
+            if MODE == 3:  # sum_j W[k, j] h_j - sum_c t_k log q_k
                 mimicry = tl.sum(weights * self_term[None, :], axis=1) - cross
+            elif MODE == 0:  # sum_{j != k} h_j / (K - 1) - sum_c t_k log q_k
+                others = (peers[:, None] != peers[None, :]) & (peers[None, :] < K)
+                h_others = tl.sum(tl.where(others, self_term[None, :], 0.0), axis=1)
+                mimicry = h_others / (K - 1) - cross
+            else:
+                mimicry = self_term - cross
             loss = ce + (tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)) * mimicry
             out = peers.to(tl.int64) * R + r
             tl.store(ce_ptr + out, _row_output(ce, ignored, bad_target), mask=peer_live)
@@ -336,13 +363,28 @@ def _merge_partial_sums(
     return tl.sum(tl.load(sums_ptr + offsets, mask=live, other=0.0), axis=0)
 
 
-@triton.jit
-def _scale_grad_rows_kernel(grad_ptr, grad_loss_ptr, row_scale_ptr, C, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R", "C", "stride_gk", "stride_gr", "stride_sk", "stride_sr"])
+def _scale_grad_rows_kernel(
+    grad_ptr,
+    grad_loss_ptr,
+    scale_ptr,
+    R,
+    C,
+    stride_gk,
+    stride_gr,
+    stride_sk,
+    stride_sr,
+    BLOCK: tl.constexpr,
+):
+    """grad[k, r] *= grad_loss[k, r] / s[k, r], s being the factor the forward folded in."""
     row = tl.program_id(0).to(tl.int64)
-    g = tl.load(grad_loss_ptr + row)
-    scale = tl.load(row_scale_ptr)
-    if g != scale:
-        factor = g / scale
+    k = row // R
+    r = row - k * R
+    g = tl.load(grad_loss_ptr + k * stride_gk + r * stride_gr)
+    s = tl.load(scale_ptr + k * stride_sk + r * stride_sr)
+    s = tl.where(s == 0, 1.0, s)
+    if g != s:
+        factor = g / s
         cols = tl.arange(0, BLOCK)
         for c0 in range(0, C, BLOCK):
             offsets = row * C + c0 + cols
@@ -360,21 +402,176 @@ def _split(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _launch_config(k: int, num_classes: int) -> dict:
+@dataclass(frozen=True)
+class Launch:
+    """One launch of `_mutual_loss_with_grad_kernel`: its grid, constexprs and warps."""
+
+    grid: tuple[int, int]
+    constexprs: dict
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the op computes one problem: the launches, and the split of a row's classes."""
+
+    chunk: int  # classes per program
+    splits: int  # programs per row
+    k_pad: int
+    launches: tuple[Launch, ...]
+
+
+def _tile(k_pad: int, num_classes: int, mode: str, acc: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_C, num_warps). The largest temporary ([K_PAD, BLOCK_C], or [K_PAD, K_PAD, BLOCK_C]
+    for ensemble_logits and weights) stays within _MAX_TILE_BYTES, spread over the warps so that no
+    thread holds more than 16 of its elements: registers, not spills. Tiles grow by 4x from 128
+    classes, so that few sizes are ever compiled."""
+    rows = k_pad * (k_pad if MODE_IDS[mode] >= 2 else 1)
+    budget = max(_MAX_TILE_BYTES // (rows * acc.itemsize), 16)  # a power of 2, as all terms are
+    block_c = 128
+    while block_c < min(num_classes, budget):
+        block_c *= 4
+    block_c = min(block_c, budget)
+    return block_c, min(max(rows * block_c // 512, 1), 8)
+
+
+def plan(
+    k: int,
+    rows: int,
+    num_classes: int,
+    dtype: torch.dtype,
+    mode: str,
+    has_t: bool,
+    has_smoothing: bool,
+    compute_grad: bool,
+) -> Plan:
+    """The launches of the op for logits [k, rows, num_classes] of `dtype`: the one place that
+    decides block sizes, warps and splits (the op launches them; the compile check enumerates them).
+
+    A row's classes are split across programs when there are too few rows to fill the GPU and each
+    chunk keeps at least SPLIT_MIN_CLASSES: three launches, merged in a fixed order.
+    """
+    acc = accumulation_dtype(dtype)
     k_pad = triton.next_power_of_2(k)
-    block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // k_pad, 16))
-    num_warps = min(max(k_pad * block_c // 512, 1), 8)
-    return dict(K=k, K_PAD=k_pad, BLOCK_C=block_c, num_warps=num_warps)
+    block_c, num_warps = _tile(k_pad, num_classes, mode, acc)
+    splits = min(triton.cdiv(SPLIT_PROGRAMS, max(rows, 1)), num_classes // SPLIT_MIN_CLASSES)
+    chunk = num_classes
+    if splits > 1:
+        chunk = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
+        splits = triton.cdiv(num_classes, chunk)
+    else:
+        splits = 1
+    common = dict(
+        K_PAD=k_pad,
+        BLOCK_C=block_c,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        MODE=MODE_IDS[mode],
+        HAS_T=has_t,
+        HAS_SMOOTHING=has_smoothing,
+        COMPUTE_GRAD=compute_grad,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+    )
+    if splits == 1:
+        stages = [((rows, 1), 0, num_classes <= block_c)]
+    else:
+        stages = [((rows, splits), 1, False), ((rows, splits), 2, False), ((rows, 1), 3, False)]
+    launches = tuple(
+        Launch(grid, dict(common, STAGE=stage, SINGLE_TILE=single), num_warps)
+        for grid, stage, single in stages
+    )
+    return Plan(chunk, splits, k_pad, launches)
 
 
-def _chunks(rows: int, num_classes: int, block_c: int) -> tuple[int, int]:
-    """(classes per program, programs per row): a row's classes are split across programs when
-    there are too few rows to fill the GPU and each chunk keeps at least SPLIT_MIN_CLASSES."""
-    splits = min(triton.cdiv(SPLIT_PROGRAMS, rows), num_classes // SPLIT_MIN_CLASSES)
-    if splits <= 1:
-        return num_classes, 1
-    chunk = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
-    return chunk, triton.cdiv(num_classes, chunk)
+def check_peers(k: int) -> None:
+    if k > MAX_PEERS:
+        raise ValueError(
+            f"backend='triton' supports up to {MAX_PEERS} peers, got K = {k}; "
+            "use backend='cuda' (or 'auto')"
+        )
+
+
+def kernel_launches(
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    mode: str,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[tuple[Launch, tuple]]]:
+    """The op's outputs (allocated, not yet written) and the launches that compute them, each
+    with its arguments. Shared by the op and the compile check (benchmarks/triton_compile.py),
+    which calls it with meta tensors to compile exactly what the op launches."""
+    k, rows, num_classes = logits.shape
+    check_peers(k)
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    if mode == "weights":
+        weights = weights.contiguous()
+    acc = accumulation_dtype(logits.dtype)
+    loss = torch.empty((k, rows), dtype=acc, device=logits.device)
+    ce, mimicry = torch.empty_like(loss), torch.empty_like(loss)
+    grad_shape = logits.shape if compute_grad else (0,)
+    grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
+    outputs = (loss, ce, mimicry, grad)
+    if rows == 0:
+        return outputs, []
+    has_t, has_smoothing = temperature != 1.0, label_smoothing != 0.0
+    work = plan(k, rows, num_classes, logits.dtype, mode, has_t, has_smoothing, compute_grad)
+    partial = (rows, work.splits, 7, work.k_pad) if work.splits > 1 else (0,)
+    stats = loss.new_empty(partial)
+    sums = loss.new_empty((rows, work.splits, 2, work.k_pad) if work.splits > 1 else (0,))
+    scale = row_scale.expand(k, rows)
+    arguments = (
+        logits,
+        target,
+        weights,
+        scale,
+        loss,
+        ce,
+        mimicry,
+        grad,
+        stats,
+        sums,
+        rows,
+        num_classes,
+        logits.stride(0),
+        logits.stride(1),
+        scale.stride(0),
+        scale.stride(1),
+        work.chunk,
+        work.splits,
+        k,
+        *_split(1.0 / temperature),
+        *_split(alpha * temperature),
+        *_split(alpha * temperature**2),
+        *_split(label_smoothing),
+        ignore_index,
+    )
+    return outputs, [(launch, arguments) for launch in work.launches]
+
+
+def scale_launch(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> tuple[Launch, tuple]:
+    """The launch of `_scale_grad_rows_kernel` and its arguments."""
+    k, rows, num_classes = grad.shape
+    block = min(triton.next_power_of_2(num_classes), _SCALE_BLOCK)
+    scale = row_scale.expand(k, rows)
+    arguments = (
+        grad,
+        grad_loss,
+        scale,
+        rows,
+        num_classes,
+        grad_loss.stride(0),
+        grad_loss.stride(1),
+        scale.stride(0),
+        scale.stride(1),
+    )
+    return Launch((k * rows, 1), dict(BLOCK=block), num_warps=4), arguments
 
 
 # Under TRITON_INTERPRET=1 (CPU tensors, for tests) the kernels are plain Python, invisible to
@@ -396,67 +593,29 @@ def mutual_loss_with_grad(
     ignore_index: int,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    k, rows, num_classes = logits.shape
-    if logits.stride(2) != 1:
-        logits = logits.contiguous()
-    target = target.contiguous()
-    acc = accumulation_dtype(logits.dtype)
-    loss = torch.empty((k, rows), dtype=acc, device=logits.device)
-    ce, mimicry = torch.empty_like(loss), torch.empty_like(loss)
-    grad_shape = logits.shape if compute_grad else (0,)
-    grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
-    if rows == 0:
-        return loss, ce, mimicry, grad
-    config = _launch_config(k, num_classes)
-    chunk, splits = _chunks(rows, num_classes, config["BLOCK_C"])
-    stats = loss.new_empty((rows, splits, 7, config["K_PAD"]) if splits > 1 else (0,))
-    sums = loss.new_empty((rows, splits, 2, config["K_PAD"]) if splits > 1 else (0,))
-    arguments = (
+    outputs, launches = kernel_launches(
         logits,
         target,
         weights,
         row_scale,
-        loss,
-        ce,
-        mimicry,
-        grad,
-        stats,
-        sums,
-        rows,
-        num_classes,
-        logits.stride(0),
-        logits.stride(1),
-        chunk,
-        splits,
-        *_split(1.0 / temperature),
-        *_split(alpha * temperature),
-        *_split(alpha * temperature**2),
-        *_split(label_smoothing),
+        mode,
+        temperature,
+        alpha,
+        label_smoothing,
         ignore_index,
+        compute_grad,
     )
-    options = dict(
-        SPLITS_PAD=triton.next_power_of_2(splits),
-        MODE=MODE_IDS[mode],
-        HAS_T=temperature != 1.0,
-        HAS_SMOOTHING=label_smoothing != 0.0,
-        COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        **config,
-    )
-    if splits == 1:
-        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, 1)](*arguments, STAGE=0, **options)
-    else:
-        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, splits)](*arguments, STAGE=1, **options)
-        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, splits)](*arguments, STAGE=2, **options)
-        wrap_triton(_mutual_loss_with_grad_kernel)[(rows, 1)](*arguments, STAGE=3, **options)
-    return loss, ce, mimicry, grad
+    for launch, arguments in launches:
+        wrap_triton(_mutual_loss_with_grad_kernel)[launch.grid](
+            *arguments, num_warps=launch.num_warps, **launch.constexprs
+        )
+    return outputs
 
 
 @_define_op("fastdml::triton_scale_grad_rows_", mutates_args={"grad"})
 def scale_grad_rows_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> None:
-    k, rows, num_classes = grad.shape
-    if k * rows > 0:
-        block = min(triton.next_power_of_2(num_classes), _SCALE_BLOCK)
-        wrap_triton(_scale_grad_rows_kernel)[(k * rows,)](
-            grad, grad_loss, row_scale, num_classes, BLOCK=block, num_warps=4
+    if grad.shape[0] * grad.shape[1] > 0:
+        launch, arguments = scale_launch(grad, grad_loss, row_scale)
+        wrap_triton(_scale_grad_rows_kernel)[launch.grid[:1]](
+            *arguments, num_warps=launch.num_warps, **launch.constexprs
         )

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ def test_backends_of_this_build():
 
 
 def test_auto_uses_the_fused_op_on_cpu():
-    assert backends.select("auto", torch.device("cpu")) == "cpp"
-    assert backends.select("auto", torch.device("meta")) == "torch"
+    assert backends.select("auto", torch.device("cpu"), 2) == "cpp"
+    assert backends.select("auto", torch.device("meta"), 2) == "torch"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA")
@@ -38,7 +39,7 @@ def test_missing_cuda_kernels_are_named():
 def test_backends_need_their_device(monkeypatch, name, message):
     monkeypatch.setitem(backends._NOT_BUILT, name, None)
     with pytest.raises(ValueError, match=message):
-        backends.select(name, torch.device("meta"))
+        backends.select(name, torch.device("meta"), 2)
 
 
 def test_without_triton_its_backend_is_named():
@@ -92,3 +93,13 @@ def _available_backends_after(script: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def test_triton_takes_up_to_its_peer_limit():
+    limit = backends.MAX_PEERS["triton"]
+    assert backends.select("triton", torch.device("cpu"), limit) == "triton"
+    with pytest.raises(ValueError, match=f"backend='triton' .* up to {limit} peers, got K = "):
+        backends.select("triton", torch.device("cpu"), limit + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA kernels here: auto falls back to torch
+        assert backends.select("auto", torch.device("cuda"), limit + 1) != "triton"

@@ -252,3 +252,29 @@ def test_class_masked_by_one_peer_only(backend):
     target = torch.where(target == 5, 0, target)
     per_peer = mutual_loss(logits, target, return_components=True, backend=backend).mimicry
     assert per_peer[1] == float("inf") and torch.isfinite(per_peer[[0, 2]]).all()
+
+
+def test_peer_weights_of_any_strides(backend):
+    """A transposed view of the weights is read as the matrix it is, not as its storage."""
+    logits, target = make_inputs(3, 4, 10, dtype=torch.float32)
+    weights = torch.rand(3, 3)
+    losses = [
+        mutual_loss(logits, target, temperature=2.0, peer_weights=w, backend=backend)
+        for w in (weights.t(), weights.t().contiguous())
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("reduction", "scale"), [("mean", 65536.0), ("none", 256.0)])
+def test_float16_gradient_under_loss_scaling(backend, reduction, scale):
+    """GradScaler's recipe: the loss times a large scale. The gradient must reach float16 only after
+    that scale, as PyTorch's own float16 backward does, or small gradients flush to zero."""
+    logits, target = make_inputs(2, 512, 200, dtype=torch.float16, ignore_every=0, scale=4.0)
+    ours = logits.clone().requires_grad_()
+    (scale * mutual_loss(ours, target, reduction=reduction, backend=backend).sum()).backward()
+    exact = logits.double().requires_grad_()
+    (scale * mutual_loss(exact, target, reduction=reduction, backend="torch").sum()).backward()
+    expected = exact.grad.to(torch.float16)
+    assert int(((ours.grad == 0) & (expected != 0)).sum()) == 0
+    error = (ours.grad.double() - expected.double()).abs().sum() / expected.double().abs().sum()
+    assert error < 1e-3

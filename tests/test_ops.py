@@ -80,7 +80,7 @@ def test_opcheck_with_grad(with_grad_ops, mode, dtype):
     problem = op_args(mode=mode, dtype=dtype)
     problem.logits.requires_grad_()
     row_scale = torch.tensor(0.25, dtype=problem.weights.dtype)
-    args = with_grad_arguments(problem, row_scale)
+    args = (*with_grad_arguments(problem, row_scale)[:-1], True)  # float16 too writes a gradient
     # Not opcheck's AOT-dispatch test: it hands every output of the op to the caller, the
     # gradient buffer too, which the backward rescales in place; the loss never exposes that
     # buffer, and the torch.compile tests below run the op's forward and backward through AOT.
@@ -101,6 +101,46 @@ def test_scale_grad_rows_touches_only_rows_not_at_row_scale(with_grad_ops):
     expected[0, 2] = float("nan")
     scale_rows(grad, grad_loss, torch.tensor(0.5))
     torch.testing.assert_close(grad, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble", "ensemble_logits"])
+def test_uniform_modes_read_no_weights(with_grad_ops, mode):
+    """The weights are read in mode "weights" only: the other modes use their closed forms."""
+    _, forward, _ = with_grad_ops
+    problem = op_args(mode=mode, dtype=torch.float32)
+    row_scale = torch.tensor(0.25)
+    args = (*with_grad_arguments(problem, row_scale)[:-1], True)
+    garbage = (args[0], args[1], torch.full_like(problem.weights, float("nan")), *args[3:])
+    for got, expected in zip(forward(*garbage), forward(*args), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_zero_row_scale_loses_no_gradient(with_grad_ops):
+    """A zero row_scale folds nothing into the forward's gradient, so the backward's rescale to
+    the upstream gradient is exact (not 0 / 0)."""
+    _, forward, scale_rows = with_grad_ops
+    problem = op_args(dtype=torch.float32)
+    args = (*with_grad_arguments(problem, torch.tensor(0.0))[:-1], True)
+    grad = forward(*args)[3]
+    grad_loss = torch.full(problem.logits.shape[:2], 0.5)
+    scale_rows(grad, grad_loss, torch.tensor(0.0))
+    args = (*with_grad_arguments(problem, torch.tensor(0.5))[:-1], True)
+    torch.testing.assert_close(grad, forward(*args)[3])
+
+
+def test_per_row_scale_is_the_upstream_gradient(with_grad_ops):
+    """A [K, R] row_scale (any strides) is folded into each row: the float16 backward's path."""
+    _, forward, scale_rows = with_grad_ops
+    problem = op_args(dtype=torch.float32)
+    k, rows, _ = problem.logits.shape
+    grad_loss = torch.rand(rows, k).t()  # not contiguous
+    grad_loss[1, 3] = 0.0
+    args = (*with_grad_arguments(problem, grad_loss)[:-1], True)
+    grad = forward(*args)[3]
+    scale_rows(grad, grad_loss, grad_loss)
+    args = (*with_grad_arguments(problem, torch.tensor(1.0))[:-1], True)
+    expected = forward(*args)[3] * grad_loss[:, :, None]
+    torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("mode", MODES)
