@@ -5,7 +5,11 @@ The CPU op is compiled for AVX2/FMA on x86-64 (ATen's `at::vec` picks its 256-bi
 is built with OpenMP, as torch is: `at::parallel_for` in an extension runs on one thread without it.
 The CUDA kernels (csrc/*.cu and their bindings, csrc/*_cuda.cpp) join the same extension when
 torch was built with CUDA and nvcc is found; the architectures are torch's defaults for the GPUs
-present, or TORCH_CUDA_ARCH_LIST.
+present, or TORCH_CUDA_ARCH_LIST. The kernels are split into one translation unit per logits dtype
+(csrc/mutual_loss_cuda_<dtype>.cu), which ninja compiles in parallel (MAX_JOBS limits the jobs).
+
+`cxx_flags()` and `nvcc_flags()` are read by .ci/compile_cuda.sh, which runs this file under another
+name than __main__ (no setup()).
 """
 
 import glob
@@ -27,17 +31,29 @@ def cxx_flags() -> list[str]:
     return flags
 
 
+def nvcc_flags() -> list[str]:
+    # Exact exp/log: no --use_fast_math (the loss must match the reference to rounding).
+    # --threads 0: the architectures of one translation unit compile in parallel (one thread per CPU
+    # at most).
+    return ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--threads", "0"]
+
+
 def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    options = dict(extra_link_args=OPENMP, depends=sorted(glob.glob(os.path.join("csrc", "*.h"))))
+    headers = glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh"))
+    options = dict(extra_link_args=OPENMP, depends=sorted(headers))
     if torch.version.cuda and CUDA_HOME is not None:
-        # Exact exp/log: no --use_fast_math (the loss must match the reference to rounding).
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-        flags = {"cxx": cxx_flags(), "nvcc": nvcc}
+        # Object files are named by the sources' stems: x.cpp and x.cu would both make x.o.
+        stems = [os.path.splitext(path)[0] for path in cpp + cuda]
+        clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if clashes:
+            raise RuntimeError(f"csrc: a .cpp and a .cu share the stem of {clashes}")
+        flags = {"cxx": cxx_flags(), "nvcc": nvcc_flags()}
         return CUDAExtension("fastdml._C", cpp + cuda, extra_compile_args=flags, **options)
     cpu_only = [path for path in cpp if not path.endswith("_cuda.cpp")]
     return CppExtension("fastdml._C", cpu_only, extra_compile_args={"cxx": cxx_flags()}, **options)
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":
+    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

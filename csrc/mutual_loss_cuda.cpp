@@ -1,16 +1,19 @@
 // CUDA binding of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (schemas in
 // ops.cpp): argument checks shared with the CPU op (mutual_loss.h), the output tensors, and the
-// launches of mutual_loss_cuda.cu on the current stream. Nothing here waits for the device:
+// launches of mutual_loss_cuda_api.cu on the current stream. Nothing here waits for the device:
 // row_scale and the targets are read by the kernels only.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "mutual_loss.h"
 #include "mutual_loss_cuda.h"
@@ -41,11 +44,27 @@ gpu::LossMode gpu_mode(Mode mode) {
   TORCH_CHECK(false, "fastdml: unknown mode");
 }
 
-// Of the current device, from torch's cache of device properties (no driver call per launch).
+// Of the current device: its properties are read from the driver on the first launch there and
+// cached (no driver call per launch). Not torch's cache (ATen/cuda/CUDAContextLight.h), whose
+// header needs those of cuBLAS and cuSPARSE.
 gpu::DeviceInfo device_info() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return {prop->multiProcessorCount, static_cast<int>(prop->sharedMemPerMultiprocessor),
-          static_cast<int>(prop->sharedMemPerBlockOptin)};
+  struct Entry {
+    std::once_flag once;
+    gpu::DeviceInfo info;
+  };
+  static std::vector<Entry> cache(static_cast<size_t>(c10::cuda::device_count()));
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && static_cast<size_t>(device) < cache.size(),
+              "fastdml: CUDA device index ", static_cast<int>(device), " out of range");
+  Entry& entry = cache[static_cast<size_t>(device)];
+  // A failed query throws and leaves the flag unset, so the next launch asks again.
+  std::call_once(entry.once, [&] {
+    cudaDeviceProp prop;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    entry.info = {prop.multiProcessorCount, static_cast<int>(prop.sharedMemPerMultiprocessor),
+                  static_cast<int>(prop.sharedMemPerBlockOptin)};
+  });
+  return entry.info;
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {

@@ -1,6 +1,7 @@
 // Plain C++ interface of the CUDA kernels of fastdml::mutual_loss_with_grad and
-// fastdml::scale_grad_rows_ (mutual_loss_cuda.cu). No torch types: the .cu file compiles with nvcc
-// alone, and its binding (mutual_loss_cuda.cpp) fills these structs from tensors.
+// fastdml::scale_grad_rows_ (defined in mutual_loss_cuda_api.cu, kernels in
+// mutual_loss_cuda_kernels.cuh). No torch types: the .cu files compile with nvcc alone, and their
+// binding (mutual_loss_cuda.cpp) fills these structs from tensors.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -17,8 +18,8 @@ enum class DType : int { Float32, Float64, Float16, BFloat16 };
 // The same modes as fastdml::Mode (mutual_loss.h), which needs torch headers.
 enum class LossMode : int { Pairwise, Ensemble, EnsembleLogits, Weights };
 
-// What the launchers need to know about the device: the binding reads it from torch's cached
-// device properties, so no launch queries the driver.
+// What the launchers need to know about the device: the binding reads it from the driver once per
+// device and caches it, so no launch queries the driver.
 struct DeviceInfo {
   int num_sms;
   int smem_per_sm;          // shared memory per multiprocessor, bytes

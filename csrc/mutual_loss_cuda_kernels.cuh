@@ -1,6 +1,10 @@
 // CUDA kernels of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (DESIGN.md
-// sections 1-3). Raw pointers and a stream only: no torch headers, so nvcc compiles this file
-// alone.
+// sections 1-3), and their launchers. Raw pointers and a stream only: no torch headers, so nvcc
+// compiles the files that include this one alone. Each logits dtype has its own translation unit
+// (mutual_loss_cuda_{float32,float64,float16,bfloat16}.cu) with the explicit instantiation of its
+// launchers (declared in mutual_loss_cuda_launch.cuh), so that they build in parallel;
+// mutual_loss_cuda_api.cu holds the public entry points (mutual_loss_cuda.h), which switch on
+// the dtype.
 //
 // Forward (one launch): a team of threads (a warp for short rows, the whole 256-thread block for
 // long ones) owns one row r and all K peers of it, so every class's K logits are in one thread's
@@ -19,6 +23,8 @@
 // Backward (one launch): a team per row reads grad_loss and leaves the row alone when it equals
 // row_scale; otherwise it multiplies the row by grad_loss / row_scale.
 
+#pragma once
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,9 +36,11 @@
 #include <type_traits>
 
 #include "mutual_loss_cuda.h"
+#include "mutual_loss_cuda_launch.cuh"
 
 namespace fastdml {
 namespace gpu {
+namespace detail {
 namespace {
 
 constexpr int kThreads = 256;
@@ -957,7 +965,6 @@ __global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleAr
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int grid_for(int64_t work_items, const DeviceInfo& device, int blocks_per_sm) {
   return static_cast<int>(
@@ -1072,15 +1079,6 @@ cudaError_t launch_any_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device
   return cudaSuccess;
 }
 
-// Chunks per row for the split forward (1: no split): when the rows are fewer than the
-// multiprocessors, about two blocks per multiprocessor, each of at least kMinChunk classes.
-int64_t split_chunks(const MutualLossParams& p, const DeviceInfo& device) {
-  constexpr int64_t kMinChunk = 4096;
-  if (p.R <= 0 || p.R >= device.num_sms || p.C < 2 * kMinChunk) return 1;
-  return std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(2 * int64_t(device.num_sms), p.R), p.C / kMinChunk));
-}
-
 template <typename S>
 cudaError_t launch_split(KernelArgs<acc_t<S>> a, int64_t chunks, cudaStream_t stream) {
   a.chunks = chunks;
@@ -1094,6 +1092,8 @@ cudaError_t launch_split(KernelArgs<acc_t<S>> a, int64_t chunks, cudaStream_t st
   split_finish_kernel<S><<<static_cast<int>(a.R), kThreads, smem, stream>>>(a);
   return cudaSuccess;
 }
+
+}  // namespace
 
 template <typename S>
 cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
@@ -1138,43 +1138,6 @@ cudaError_t launch_scale(const ScaleGradParams& p, const DeviceInfo& device, cud
   return cudaSuccess;
 }
 
-// Calls f(S()) for the scalar type S of dtype.
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float());
-    case DType::Float64: return f(double());
-    case DType::Float16: return f(__half());
-    case DType::BFloat16: return f(__nv_bfloat16());
-  }
-  return cudaErrorInvalidValue;
-}
-
-}  // namespace
-
-cudaError_t launch_mutual_loss_with_grad(const MutualLossParams& params, const DeviceInfo& device,
-                                         cudaStream_t stream) {
-  if (params.K < 2 || params.R <= 0 || params.C <= 0) return cudaSuccess;
-  return dispatch_dtype(params.dtype, [&](auto scalar) {
-    return launch_forward<decltype(scalar)>(params, device, stream);
-  });
-}
-
-int64_t mutual_loss_workspace_bytes(const MutualLossParams& params, const DeviceInfo& device) {
-  if (params.K < 2 || params.R <= 0 || params.C <= 0) return 0;
-  const int64_t chunks = split_chunks(params, device);
-  if (chunks <= 1) return 0;
-  const int64_t acc_bytes = params.dtype == DType::Float64 ? 8 : 4;
-  return params.R * chunks * params.K * 8 * acc_bytes;
-}
-
-cudaError_t launch_scale_grad_rows(const ScaleGradParams& params, const DeviceInfo& device,
-                                   cudaStream_t stream) {
-  if (params.K <= 0 || params.R <= 0 || params.C <= 0) return cudaSuccess;
-  return dispatch_dtype(params.dtype, [&](auto scalar) {
-    return launch_scale<decltype(scalar)>(params, device, stream);
-  });
-}
-
+}  // namespace detail
 }  // namespace gpu
 }  // namespace fastdml

@@ -1,0 +1,16 @@
+// The float16 launchers of the CUDA kernels (mutual_loss_cuda_kernels.cuh): one translation unit
+// per logits dtype, so that nvcc builds the dtypes in parallel.
+
+#include "mutual_loss_cuda_kernels.cuh"
+
+namespace fastdml {
+namespace gpu {
+namespace detail {
+
+template cudaError_t launch_forward<__half>(const MutualLossParams&, const DeviceInfo&,
+                                            cudaStream_t);
+template cudaError_t launch_scale<__half>(const ScaleGradParams&, const DeviceInfo&, cudaStream_t);
+
+}  // namespace detail
+}  // namespace gpu
+}  // namespace fastdml

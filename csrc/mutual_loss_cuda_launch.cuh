@@ -1,0 +1,38 @@
+// The per-dtype launchers of the CUDA kernels (defined in mutual_loss_cuda_kernels.cuh, explicitly
+// instantiated for one logits dtype S in each mutual_loss_cuda_<dtype>.cu) and the host helpers
+// that the public entry points (mutual_loss_cuda_api.cu) share with them. No torch headers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "mutual_loss_cuda.h"
+
+namespace fastdml {
+namespace gpu {
+namespace detail {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Chunks per row for the split forward (1: no split): when the rows are fewer than the
+// multiprocessors, about two blocks per multiprocessor, each of at least kMinChunk classes.
+inline int64_t split_chunks(const MutualLossParams& p, const DeviceInfo& device) {
+  constexpr int64_t kMinChunk = 4096;
+  if (p.R <= 0 || p.R >= device.num_sms || p.C < 2 * kMinChunk) return 1;
+  return std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(2 * int64_t(device.num_sms), p.R), p.C / kMinChunk));
+}
+
+// S: float, double, __half or __nv_bfloat16. Same contracts as launch_mutual_loss_with_grad and
+// launch_scale_grad_rows, for non-empty problems.
+template <typename S>
+cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
+                           cudaStream_t stream);
+template <typename S>
+cudaError_t launch_scale(const ScaleGradParams& p, const DeviceInfo& device, cudaStream_t stream);
+
+}  // namespace detail
+}  // namespace gpu
+}  // namespace fastdml
