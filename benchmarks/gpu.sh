@@ -51,18 +51,18 @@ if [[ " $stages " == *" b "* ]]; then
   tail -2 "$out/smoke.log"
 fi
 if [[ " $stages " == *" c "* ]]; then
-  FASTDML_GPU_SHAPES=core stage "c core benchmarks" 300 python -m pytest benchmarks/test_gpu.py \
-    --benchmark-enable -q -p no:cacheprovider --benchmark-json="$out/gpu_core.json" \
+  FASTDML_GPU_SHAPES=core FASTDML_GPU_LOG="$out/gpu_core.jsonl" stage "c core benchmarks" 300 \
+    python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
     > "$out/benchmarks_core.log" 2>&1
   tail -3 "$out/benchmarks_core.log"
-  python -m benchmarks.gpu_report "$out/gpu_core.json" > "$out/gpu_core.md" 2>&1
+  python -m benchmarks.gpu_report "$out/gpu_core.jsonl" > "$out/gpu_core.md" 2>&1
 fi
 if [[ " $stages " == *" d "* ]]; then
   stage "d cuda-marked tests" 300 python -m pytest tests -m cuda -q -p no:cacheprovider \
     > "$out/tests.log" 2>&1
   tail -3 "$out/tests.log"
-  FASTDML_GPU_SHAPES=rest stage "d other benchmarks" 300 python -m pytest benchmarks/test_gpu.py \
-    --benchmark-enable -q -p no:cacheprovider --benchmark-json="$out/gpu_rest.json" \
+  FASTDML_GPU_SHAPES=rest FASTDML_GPU_LOG="$out/gpu_rest.jsonl" stage "d other benchmarks" 300 \
+    python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
     > "$out/benchmarks_rest.log" 2>&1
   tail -3 "$out/benchmarks_rest.log"
 fi

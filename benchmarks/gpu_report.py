@@ -1,6 +1,6 @@
 """Markdown tables of a GPU benchmark run (benchmarks/test_gpu.py's JSON), for BENCHMARKS.md.
 
-    python -m benchmarks.gpu_report OUT/gpu.json > OUT/gpu.md
+    python -m benchmarks.gpu_report OUT/gpu.json > OUT/gpu.md   (or OUT/gpu_core.jsonl)
 
 Per shape and dtype: each candidate's median forward and forward + backward time (CUDA events),
 the fraction of the bandwidth floor its forward + backward reaches, its speed-up over each baseline,
@@ -72,6 +72,13 @@ def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def load(path: str) -> dict:
+    """A pytest-benchmark JSON file, or the JSON lines of FASTDML_GPU_LOG (one case a line)."""
+    with open(path) as file:
+        if path.endswith(".jsonl"):
+            return {"benchmarks": [json.loads(line) for line in file if line.strip()]}
+        return json.load(file)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as file:
-        print(render(json.load(file)))
+    print(render(load(sys.argv[1])))

@@ -14,6 +14,7 @@ measured in the same run (`test_copy_bandwidth`, stored in ``extra_info["bytes_p
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import pytest
@@ -34,6 +35,16 @@ BFLOAT16_ONLY = {(2, 8192, 128256)}
 # FASTDML_GPU_SHAPES: "core" (benchmarks/gpu.sh stage c), "rest" (the other CPU shapes and
 # candidates, stage d), or unset for everything.
 SELECTION = os.environ.get("FASTDML_GPU_SHAPES", "all")
+# FASTDML_GPU_LOG: a JSON-lines file that gets each case's results as soon as it has run (the
+# pytest-benchmark JSON is written only at the end, and a time limit may come first).
+LOG = os.environ.get("FASTDML_GPU_LOG")
+
+
+def _log(benchmark) -> None:
+    if LOG:
+        with open(LOG, "a") as file:
+            record = dict(group=benchmark.group, extra_info=benchmark.extra_info)
+            file.write(json.dumps(record) + "\n")
 
 
 def _liger() -> candidates.Candidate | None:
@@ -140,6 +151,7 @@ def test_copy_bandwidth(benchmark):
         bytes=2 * src.nbytes, median_ms=median_ms, bytes_per_s=2 * src.nbytes / median_ms * 1e3
     )
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    _log(benchmark)
     benchmark.pedantic(lambda: (dst.copy_(src), torch.cuda.synchronize()), rounds=5)
 
 
@@ -198,6 +210,7 @@ def test_loss(benchmark, shape, dtype, name, pass_):
     if shape == LAUNCH_SHAPE:
         benchmark.extra_info["kernel_launches"] = _kernel_launches(call)
         z.grad = None
+    _log(benchmark)
 
     def timed():
         call()

@@ -66,7 +66,7 @@ class Specialization:
 
     def describe(self) -> str:
         named = dict(self.constexprs)
-        keys = ("STAGE", "SINGLE_TILE", "K", "BLOCK_C", "MODE", "HAS_T", "HAS_SMOOTHING")
+        keys = ("STAGE", "SINGLE_TILE", "K_PAD", "BLOCK_C", "MODE", "HAS_T", "HAS_SMOOTHING")
         keys += ("COMPUTE_GRAD", "ACC", "BLOCK")
         parts = [f"{key}={named[key]}" for key in keys if key in named]
         pointers = sorted({t for _, t in self.signature if t.startswith("*")})
@@ -164,6 +164,8 @@ def _compile(job: tuple[Specialization, str]) -> dict:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
     else:
         row.update(shared_bytes=kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"]))
+        if row["stack_bytes"]:
+            row.update(_spills(kernel.asm["ptx"], TARGETS[target_name].arch))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -186,6 +188,46 @@ def _resource_usage(cubin: bytes) -> dict:
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), local_bytes=int(found[3]))
 
 
+def _spills(ptx: str, arch: int) -> dict:
+    """Spill stores and loads, from ptxas -v of the PTX (a stack frame alone is no spill)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        ptxas = compiler.get_ptxas(arch)
+    except TypeError:  # Triton 3.6 has one ptxas
+        ptxas = compiler.get_ptxas()
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as file:
+            file.write(ptx)
+        target = f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}"
+        command = [ptxas.path, "-v", target, source, "-o", os.path.join(folder, "kernel.cubin")]
+        text = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if found is None:
+        raise RuntimeError(f"no spill counts in ptxas -v's output: {text!r}")
+    return dict(spill_store_bytes=int(found[1]), spill_load_bytes=int(found[2]))
+
+
+def render(runs: list[dict]) -> str:
+    """A Markdown table of the compiles of one or more runs (one per Triton version): registers,
+    spill stores and shared memory of each specialization on each target."""
+    columns = [(run["triton"], target) for run in runs for target in TARGETS]
+    cells: dict[str, dict[tuple, str]] = {}
+    for run in runs:
+        for row in run["compiles"]:
+            cell = "error" if "error" in row else f"{row['registers']} / "
+            if "error" not in row:
+                cell += f"{row.get('spill_store_bytes', 0)} / {row['shared_bytes']}"
+            cells.setdefault(row["specialization"], {})[(run["triton"], row["target"])] = cell
+    header = "| specialization | " + " | ".join(f"{t} {v}" for v, t in columns) + " |"
+    lines = [header, "|---" + "|---:" * len(columns) + "|"]
+    for name in sorted(cells):
+        values = [cells[name].get(column, "") for column in columns]
+        lines.append(f"| `{name}` | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
@@ -195,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="JSON of every compile, with its resources")
     args = parser.parse_args(argv)
+    # A cache of its own, so that every kernel is really compiled (and timed) in this run.
+    cache = tempfile.TemporaryDirectory()
+    os.environ["TRITON_CACHE_DIR"] = cache.name
     start = time.perf_counter()
     every = specializations()
     specs = every if args.all else covering(every)
