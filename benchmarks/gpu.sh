@@ -2,16 +2,17 @@
 # Everything that needs a GPU, staged to fit a short lease (README: "On a GPU"). Each stage writes
 # into OUTDIR as it goes and has its own time limit, so a timeout still returns what ran:
 #   a. build the CUDA extension for this GPU's architecture only, translation units in parallel;
-#   b. the correctness smoke (benchmarks/gpu_smoke.py), about a minute;
+#   b. the correctness smoke (benchmarks/gpu_smoke.py), one process per backend;
+#   t. the Triton tile choices measured (benchmarks/gpu_tune.py); the best is used from here on;
 #   c. the benchmarks that decide the GPU targets and backend="auto" (FASTDML_GPU_SHAPES=core);
-#   d. the cuda-marked tests, then the remaining benchmark shapes, only if STAGES asks for them.
-#   bash benchmarks/gpu.sh OUTDIR            # stages a, b, c
-#   STAGES="a b c d" bash benchmarks/gpu.sh OUTDIR
+#   d. the cuda-marked tests (TESTS_LIMIT seconds, default 90);
+#   e. the remaining benchmark shapes and candidates, only if STAGES asks for them.
+#   bash benchmarks/gpu.sh OUTDIR            # stages a b t c d: at most 9.5 minutes, 8 files
+#   STAGES="a e" bash benchmarks/gpu.sh OUTDIR
 # Wheels the machine lacks (liger-kernel) may be put in ./wheels; they install without a network.
-# Stages a-c leave 7 files in OUTDIR and take at most 9.5 minutes (about 5 on an H100 or H200).
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
-stages="${STAGES:-a b c}"
+stages="${STAGES:-a b t c d}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
@@ -42,30 +43,40 @@ fi
 
 if [[ " $stages " == *" a "* ]]; then
   arch="$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
-  TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" stage "a build (sm_${arch/./})" 240 \
+  TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" stage "a build (sm_${arch/./})" 150 \
     python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
     || { tail -30 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 fi
+log="$out/stages.log"
 if [[ " $stages " == *" b "* ]]; then
-  stage "b correctness smoke" 120 python -m benchmarks.gpu_smoke "$out/smoke.jsonl" \
-    > "$out/smoke.log" 2>&1
-  tail -2 "$out/smoke.log"
+  for backend in triton cuda; do
+    stage "b smoke ($backend)" 60 python -X faulthandler -m benchmarks.gpu_smoke \
+      "$out/smoke.jsonl" "$backend" >> "$log" 2>&1
+    tail -1 "$log"
+  done
+fi
+if [[ " $stages " == *" t "* ]]; then
+  stage "t tune Triton tiles" 90 python -m benchmarks.gpu_tune "$out/tune.jsonl" >> "$log" 2>&1
+  best="$(grep -o 'FASTDML_TRITON_TILE=[0-9,]*' "$log" | tail -1)"
+  [[ -n "$best" ]] && export "${best?}" && echo "$best"
 fi
 if [[ " $stages " == *" c "* ]]; then
-  FASTDML_GPU_SHAPES=core FASTDML_GPU_LOG="$out/gpu_core.jsonl" stage "c core benchmarks" 200 \
+  FASTDML_GPU_SHAPES=core FASTDML_GPU_LOG="$out/gpu_core.jsonl" stage "c core benchmarks" 180 \
     python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
-    > "$out/benchmarks_core.log" 2>&1
-  tail -3 "$out/benchmarks_core.log"
+    >> "$log" 2>&1
+  tail -3 "$log"
   python -m benchmarks.gpu_report "$out/gpu_core.jsonl"
 fi
 if [[ " $stages " == *" d "* ]]; then
-  stage "d cuda-marked tests" 300 python -m pytest tests -m cuda -q -p no:cacheprovider \
-    > "$out/tests.log" 2>&1
+  # pytest-xdist and pytest-timeout are in the GPU machines' image.
+  stage "d cuda-marked tests" "${TESTS_LIMIT:-90}" python -m pytest tests -m cuda -q \
+    -p no:cacheprovider -n 8 --timeout 60 > "$out/tests.log" 2>&1
   tail -3 "$out/tests.log"
-  FASTDML_GPU_SHAPES=rest FASTDML_GPU_LOG="$out/gpu_rest.jsonl" stage "d other benchmarks" 300 \
+fi
+if [[ " $stages " == *" e "* ]]; then
+  FASTDML_GPU_SHAPES=rest FASTDML_GPU_LOG="$out/gpu_rest.jsonl" stage "e other benchmarks" 300 \
     python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
-    > "$out/benchmarks_rest.log" 2>&1
-  tail -3 "$out/benchmarks_rest.log"
+    >> "$log" 2>&1
 fi
 echo
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

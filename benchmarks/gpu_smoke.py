@@ -2,10 +2,11 @@
 the float64 reference, then determinism, CUDA graph capture, torch.compile(fullgraph=True), the
 absence of host syncs, out-of-range targets and kernel launches. About a minute on an H100.
 
-    python -m benchmarks.gpu_smoke OUT/smoke.jsonl
+    python -m benchmarks.gpu_smoke OUT/smoke.jsonl BACKEND   (triton or cuda)
 
-Each check appends one JSON line to the file as soon as it has run (a timeout keeps what ran) and
-prints one line; the exit status is non-zero if any check failed.
+One backend a process, so that a crash of one leaves the other's results. Each check appends
+one JSON line to the file as soon as it has run (a timeout keeps what ran) and prints one line;
+the exit status is non-zero if any check failed.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def check_graph_capture(backend: str) -> dict:
     torch.manual_seed(0)
     peers = [torch.nn.Linear(d, c).cuda() for _ in range(k)]
     params = [p for peer in peers for p in peer.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, capturable=False)
+    optimizer = torch.optim.SGD(params, lr=0.1)
     x = torch.randn(n, d, device="cuda")
     y = torch.randint(0, c, (n,), device="cuda")
 
@@ -196,33 +197,35 @@ def _record(file, name: str, check: Callable[[], dict], failures: list[str]) -> 
     print(json.dumps(shown), flush=True)
 
 
-def main(path: str) -> int:
-    backends = [b for b in ("triton", "cuda") if b in fastdml.available_backends()]
-    print(f"{torch.cuda.get_device_name()}; backends {backends}", flush=True)
+def main(path: str, backend: str) -> int:
+    print(f"{torch.cuda.get_device_name()}; backend {backend}", flush=True)
+    if backend not in fastdml.available_backends():
+        print(f"{backend} is not available: {fastdml.backends.unavailable_reason(backend)}")
+        return 1
     failures: list[str] = []
     with open(path, "a") as file:
-        for backend in backends:
-            for name, check in (
-                ("no_sync", check_no_sync),
-                ("bad_target", check_bad_target),
-                ("launches", check_launches),
-                ("float16_loss_scaling", check_float16_loss_scaling),
-                ("graph_capture", check_graph_capture),
-                ("compile_fullgraph", check_compile),
-            ):
-                _record(file, f"{backend} {name}", lambda c=check, b=backend: c(b), failures)
-            for shape in SHAPES:
-                for mode in MODES:
-                    for dtype in DTYPES:
-                        name = f"{backend} accuracy {shape} {mode} {str(dtype)[6:]}"
+        for name, check in (
+            ("no_sync", check_no_sync),
+            ("bad_target", check_bad_target),
+            ("launches", check_launches),
+            ("float16_loss_scaling", check_float16_loss_scaling),
+            ("graph_capture", check_graph_capture),
+            ("compile_fullgraph", check_compile),
+        ):
+            _record(file, f"{backend} {name}", lambda c=check: c(backend), failures)
+        for shape in SHAPES:
+            for mode in MODES:
+                for dtype in DTYPES:
 
-                        def check(b=backend, m=mode, d=dtype, s=shape):
-                            return check_accuracy(b, m, d, s)
+                    def check(m=mode, d=dtype, s=shape):
+                        return check_accuracy(backend, m, d, s)
 
-                        _record(file, name, check, failures)
+                    _record(
+                        file, f"{backend} accuracy {shape} {mode} {str(dtype)[6:]}", check, failures
+                    )
     print(f"{len(failures)} failed: {failures}")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2]))

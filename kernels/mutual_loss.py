@@ -12,6 +12,7 @@ order, so results stay deterministic).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -26,7 +27,11 @@ from fastdml.arguments import accumulation_dtype
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond, the CUDA op
-_MAX_TILE_BYTES = 16384  # of the largest temporary tile (accumulation dtype): registers, no spills
+# Of the largest temporary tile (accumulation dtype), and of it per thread: registers, no spills.
+# FASTDML_TRITON_TILE=BYTES,ELEMENTS overrides them (benchmarks/gpu_tune.py measures choices).
+_MAX_TILE_BYTES, _THREAD_ELEMENTS = map(
+    int, os.environ.get("FASTDML_TRITON_TILE", "16384,16").split(",")
+)
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
 _SCALE_BLOCK = 1024
@@ -60,6 +65,15 @@ def _grad_scale(scale_ptr, peers, r, stride_k, stride_r, K, ACC: tl.constexpr):
     s = tl.load(scale_ptr + peers.to(tl.int64) * stride_k + r * stride_r, mask=peers < K, other=1.0)
     s = s.to(ACC)
     return tl.where(s == 0, 1.0, s)
+
+
+@triton.jit
+def _weighted_targets(weights, q, K_PAD: tl.constexpr):
+    """t[k] = sum_j W[k, j] q[j]. From 16 peers the compiler would turn the broadcast product into
+    a TF32 matrix product (an error of 1e-3); the explicit one is exact in float32."""
+    if K_PAD >= 16:
+        return tl.dot(weights, q, input_precision="ieee", out_dtype=q.dtype)
+    return tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
 
 
 @triton.jit
@@ -311,7 +325,7 @@ def _mutual_loss_with_grad_kernel(
                     t = tl.where(tile_live, tl.exp(log_t), 0.0)
                     self_term += tl.sum(_p_log_q(t, log_t), axis=1)
                 elif MODE == 3:
-                    t = tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
+                    t = _weighted_targets(weights, q, K_PAD)
                     self_term += tl.sum(_p_log_q(q, log_q), axis=1)
                 else:
                     t = (tl.sum(q, axis=0)[None, :] - q) / (K - 1)
@@ -424,7 +438,8 @@ class Plan:
 def _tile(k_pad: int, num_classes: int, mode: str, acc: torch.dtype) -> tuple[int, int]:
     """(BLOCK_C, num_warps). The largest temporary ([K_PAD, BLOCK_C], or [K_PAD, K_PAD, BLOCK_C]
     for ensemble_logits and weights) stays within _MAX_TILE_BYTES, spread over the warps so that no
-    thread holds more than 16 of its elements: registers, not spills. Tiles grow by 4x from 128
+    thread holds more than _THREAD_ELEMENTS of its elements (up to 8 warps): registers, not
+    spills. Tiles grow by 4x from 128
     classes, so that few sizes are ever compiled."""
     rows = k_pad * (k_pad if MODE_IDS[mode] >= 2 else 1)
     budget = max(_MAX_TILE_BYTES // (rows * acc.itemsize), 16)  # a power of 2, as all terms are
@@ -432,7 +447,7 @@ def _tile(k_pad: int, num_classes: int, mode: str, acc: torch.dtype) -> tuple[in
     while block_c < min(num_classes, budget):
         block_c *= 4
     block_c = min(block_c, budget)
-    return block_c, min(max(rows * block_c // 512, 1), 8)
+    return block_c, min(max(rows * block_c // (32 * _THREAD_ELEMENTS), 1), 8)
 
 
 def plan(
