@@ -72,6 +72,64 @@ def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def render_smoke(records: list[dict]) -> str:
+    """The correctness smoke: per backend and dtype, the largest relative errors against float64
+    over modes and shapes, and every other check with its outcome."""
+    worst: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    lines = ["| check | outcome |", "|---|---|"]
+    for record in records:
+        backend, check = record["check"].split(" ", 1)
+        if check.startswith("accuracy") and "loss_error" in record:
+            cell = worst[(backend, check.rsplit(" ", 1)[1])]
+            for key in ("loss_error", "grad_error"):
+                cell[key] = max(cell.get(key, 0.0), record[key])
+            cell["runs"] = cell.get("runs", 0) + 1
+            cell["failed"] = cell.get("failed", 0) + (not record["ok"])
+        elif not check.startswith("accuracy") or not record.get("ok", True):
+            shown = {k: v for k, v in record.items() if k not in ("check", "seconds", "traceback")}
+            error = shown.pop("error", None)
+            outcome = "ok" if shown.pop("ok", True) else "FAILED"
+            details = ", ".join(f"{k} {_short(v)}" for k, v in shown.items() if k != "kernels")
+            if isinstance(error, str):
+                details = error.splitlines()[0]
+            elif error is not None:
+                details = f"error {error:.1e}"
+            lines.append(f"| {backend} {check} | {outcome}{': ' + details if details else ''} |")
+    table = [
+        "| backend | dtype | cases | failed | largest loss error | largest gradient error |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (backend, dtype), cell in sorted(worst.items()):
+        table.append(
+            f"| {backend} | {dtype} | {cell['runs']} | {cell['failed']} | "
+            f"{cell['loss_error']:.1e} | {cell['grad_error']:.1e} |"
+        )
+    return "\n".join(table) + "\n\n" + "\n".join(lines)
+
+
+def render_tuning(records: list[dict]) -> str:
+    """Triton's tile choices: forward + backward median per shape, in ms."""
+    shapes = list(dict.fromkeys((tuple(r["shape"]), r["dtype"]) for r in records))
+    by_tile: dict[tuple, dict] = defaultdict(dict)
+    for r in records:
+        by_tile[tuple(r["tile"])][(tuple(r["shape"]), r["dtype"])] = r["median_ms"]
+    header = "| tile bytes, elements a thread | " + " | ".join(f"{s} {d}" for s, d in shapes) + " |"
+    lines = [header, "|---" + "|---:" * len(shapes) + "|"]
+    for tile, times in by_tile.items():
+        cells = [f"{times[shape]:.3f}" if shape in times else "" for shape in shapes]
+        lines.append(f"| {tile[0]}, {tile[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else str(value)
+
+
+def load_lines(path: str) -> list[dict]:
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
 def load(path: str) -> dict:
     """A pytest-benchmark JSON file, or the JSON lines of FASTDML_GPU_LOG (one case a line)."""
     with open(path) as file:

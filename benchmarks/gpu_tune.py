@@ -15,10 +15,10 @@ import math
 import sys
 
 import torch
+from fastdml.kernels import mutual_loss as km
 from triton.testing import do_bench
 
 import fastdml
-from fastdml.kernels import mutual_loss as km
 
 CHOICES = [(16384, 16), (16384, 8), (8192, 8), (8192, 4), (4096, 4), (4096, 8), (32768, 16)]
 SHAPES = [

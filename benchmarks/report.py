@@ -7,7 +7,8 @@ From the repository root, after the timing and memory runs (see benchmarks/__ini
 Every number in BENCHMARKS.md comes from the JSON: benchmarks/results/cpu.json (pytest-benchmark:
 times, the copy bandwidth, the machine) and benchmarks/results/memory.json (peak_memory.py). The
 hand-written explanation of a missed target goes in benchmarks/notes.md, which is copied verbatim.
-The GPU section comes from benchmarks/results/gpu.json (benchmarks/gpu.sh) once a GPU run exists,
+The GPU section comes from benchmarks/results/gpu_*.jsonl (benchmarks/gpu.sh) and
+benchmarks/gpu_notes.md, the Triton compile table from benchmarks/results/triton_compile_*.json,
 the cohort trainer's from benchmarks/trainer.md, the distributed cohorts' from
 benchmarks/distributed.md (written by benchmarks/distributed_step.py).
 """
@@ -20,7 +21,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import gpu_report
+from benchmarks import gpu_report, triton_compile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -419,18 +420,54 @@ otherwise idle machine:
 ## GPU
 
 {gpu_section(args.gpu)}
+## Triton kernels compiled for sm_90 and sm_80
+
+{compile_section()}
 {extra_section(args.trainer, "Cohort trainer")}
 {extra_section(args.distributed, "Distributed cohorts")}"""
 
 
 def gpu_section(path: Path) -> str:
+    """The GPU run (benchmarks/gpu.sh's JSON lines, copied to benchmarks/results/): the benchmark
+    tables, the correctness smoke, Triton's tile tuning and the hand-written notes."""
     if not path.exists():
         return (
             "Not measured yet: no GPU run has been made. `bash benchmarks/gpu.sh OUTDIR` on a "
             "CUDA machine builds the kernels, runs the GPU tests and benchmarks, and writes "
-            "`OUTDIR/gpu.json`; copied to `benchmarks/results/gpu.json`, it is rendered here.\n"
+            "`OUTDIR/gpu_core.jsonl`; copied to `benchmarks/results/`, it is rendered here.\n"
         )
-    return gpu_report.render(json.loads(path.read_text())) + "\n"
+    parts = [gpu_report.render(gpu_report.load(str(path)))]
+    smoke, tuning = RESULTS / "gpu_smoke.jsonl", RESULTS / "gpu_tune.jsonl"
+    if smoke.exists():
+        checks = gpu_report.render_smoke(gpu_report.load_lines(smoke))
+        parts += ["### Correctness on the GPU", checks]
+    if tuning.exists():
+        parts += [
+            "### Triton tile choices (forward + backward, ms)",
+            gpu_report.render_tuning(gpu_report.load_lines(tuning)),
+        ]
+    notes = ROOT / "benchmarks" / "gpu_notes.md"
+    if notes.exists():
+        parts.append(notes.read_text().strip())
+    return "\n\n".join(parts) + "\n"
+
+
+def compile_section() -> str:
+    """Registers, spills and shared memory of the Triton specializations, per Triton version."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("triton_compile_*.json"))]
+    if not runs:
+        return "Not measured yet: run `python -m benchmarks.triton_compile --out ...`.\n"
+    counts = ", ".join(
+        f"Triton {run['triton']}: {len(run['compiles'])} compiles in {run['seconds']:.0f} s"
+        for run in runs
+    )
+    return (
+        "Each Triton specialization of the pairwise covering set (`benchmarks/triton_compile.py`) "
+        "compiled for sm_90 and sm_80 without a GPU, as CI does: registers a thread / spill "
+        f"stores (bytes) / shared memory (bytes). {counts} (2 cores).\n\n"
+        + triton_compile.render(runs)
+        + "\n"
+    )
 
 
 def extra_section(path: Path, title: str) -> str:
@@ -446,7 +483,7 @@ def main() -> None:
     parser.add_argument("--memory", type=Path, default=RESULTS / "memory.json")
     parser.add_argument("--notes", type=Path, default=ROOT / "benchmarks" / "notes.md")
     parser.add_argument("--plot", type=Path, default=RESULTS / "time_vs_classes.png")
-    parser.add_argument("--gpu", type=Path, default=RESULTS / "gpu.json")
+    parser.add_argument("--gpu", type=Path, default=RESULTS / "gpu_core.jsonl")
     parser.add_argument("--trainer", type=Path, default=ROOT / "benchmarks" / "trainer.md")
     parser.add_argument("--distributed", type=Path, default=ROOT / "benchmarks" / "distributed.md")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")

@@ -35,9 +35,10 @@ IMPLEMENTATIONS: dict[str, LossRows] = {
 }
 # On CUDA tensors, these take targets unchecked (no host-device sync): out-of-range rows give NaN.
 CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
-# backend="auto" on CUDA tensors: the first available of these. The order is provisional: the GPU
-# benchmark that decides it (benchmarks/gpu.sh) has not been run yet; see BENCHMARKS.md.
-_CUDA_PREFERENCE = ("triton", "cuda")
+# backend="auto" on CUDA tensors, as measured on an H200 (BENCHMARKS.md, GPU): the CUDA C++ op is
+# 1.5 to 2.3x faster than Triton's up to 8192 classes, they tie at 32000, and Triton's is 1.2x
+# faster at 128256 (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
+TRITON_FROM_CLASSES = 65536
 
 
 def _max_peers() -> dict[str, int]:
@@ -91,10 +92,11 @@ def _too_many_peers(backend: str, num_peers: int) -> str | None:
     return None
 
 
-def select(backend: str, device: torch.device, num_peers: int) -> str:
-    """The backend that computes the loss of K peers' tensors on `device`; raises if it cannot."""
+def select(backend: str, device: torch.device, num_peers: int, num_classes: int) -> str:
+    """The backend that computes the loss of K peers' logits over C classes on `device`; raises
+    if it cannot."""
     if backend == "auto":
-        return _auto(device, num_peers)
+        return _auto(device, num_peers, num_classes)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -108,11 +110,11 @@ def select(backend: str, device: torch.device, num_peers: int) -> str:
     return backend
 
 
-def _auto(device: torch.device, num_peers: int) -> str:
+def _auto(device: torch.device, num_peers: int, num_classes: int) -> str:
     if device.type == "cpu":
         fused = ("cpp",)
     elif device.type == "cuda":
-        fused = _CUDA_PREFERENCE
+        fused = ("triton", "cuda") if num_classes >= TRITON_FROM_CLASSES else ("cuda", "triton")
     else:
         return "torch"
     reasons = []

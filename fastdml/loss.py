@@ -92,7 +92,9 @@ def mutual_loss(
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
     )
-    name = backends.select(backend, problem.logits.device, problem.num_peers)
+    name = backends.select(
+        backend, problem.logits.device, problem.num_peers, problem.logits.shape[2]
+    )
     if problem.logits.device.type != "cuda" or name not in backends.CHECKS_TARGETS_IN_KERNEL:
         check_target_values(problem)
     row_scale = _row_scale(problem, reduction)

@@ -158,6 +158,9 @@ def _with_grad_setup_context(ctx, inputs, output):
     # this node, so keeping it on ctx makes no reference cycle.)
     ctx.grad_buffer = output[3]
     ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
+    # size of the logits: autograd would allocate and fill a copy of it in every backward).
+    ctx.set_materialize_grads(False)
 
 
 def _with_grad_backward(forward_op, scale_grad_rows):
@@ -171,6 +174,8 @@ def _with_grad_backward(forward_op, scale_grad_rows):
     """
 
     def backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
+        if grad_loss is None:
+            return (None,) * 10
         logits, target, weights, row_scale = ctx.saved_tensors
         grad, ctx.grad_buffer = ctx.grad_buffer, None
         if grad is None or grad.numel() != logits.numel():

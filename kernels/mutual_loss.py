@@ -30,7 +30,7 @@ MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond
 # Of the largest temporary tile (accumulation dtype), and of it per thread: registers, no spills.
 # FASTDML_TRITON_TILE=BYTES,ELEMENTS overrides them (benchmarks/gpu_tune.py measures choices).
 _MAX_TILE_BYTES, _THREAD_ELEMENTS = map(
-    int, os.environ.get("FASTDML_TRITON_TILE", "16384,16").split(",")
+    int, os.environ.get("FASTDML_TRITON_TILE", "4096,8").split(",")
 )
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes

@@ -18,8 +18,8 @@ def test_backends_of_this_build():
 
 
 def test_auto_uses_the_fused_op_on_cpu():
-    assert backends.select("auto", torch.device("cpu"), 2) == "cpp"
-    assert backends.select("auto", torch.device("meta"), 2) == "torch"
+    assert backends.select("auto", torch.device("cpu"), 2, 10) == "cpp"
+    assert backends.select("auto", torch.device("meta"), 2, 10) == "torch"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA")
@@ -39,7 +39,7 @@ def test_missing_cuda_kernels_are_named():
 def test_backends_need_their_device(monkeypatch, name, message):
     monkeypatch.setitem(backends._NOT_BUILT, name, None)
     with pytest.raises(ValueError, match=message):
-        backends.select(name, torch.device("meta"), 2)
+        backends.select(name, torch.device("meta"), 2, 10)
 
 
 def test_without_triton_its_backend_is_named():
@@ -97,9 +97,17 @@ def _available_backends_after(script: str) -> str:
 
 def test_triton_takes_up_to_its_peer_limit():
     limit = backends.MAX_PEERS["triton"]
-    assert backends.select("triton", torch.device("cpu"), limit) == "triton"
+    assert backends.select("triton", torch.device("cpu"), limit, 10) == "triton"
     with pytest.raises(ValueError, match=f"backend='triton' .* up to {limit} peers, got K = "):
-        backends.select("triton", torch.device("cpu"), limit + 1)
+        backends.select("triton", torch.device("cpu"), limit + 1, 10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no CUDA kernels here: auto falls back to torch
-        assert backends.select("auto", torch.device("cuda"), limit + 1) != "triton"
+        assert backends.select("auto", torch.device("cuda"), limit + 1, 10**6) != "triton"
+
+
+def test_auto_on_cuda_takes_the_measured_faster_op(monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    cuda = torch.device("cuda")
+    assert backends.select("auto", cuda, 2, backends.TRITON_FROM_CLASSES - 1) == "cuda"
+    assert backends.select("auto", cuda, 2, backends.TRITON_FROM_CLASSES) == "triton"
+    assert backends.select("auto", cuda, 17, backends.TRITON_FROM_CLASSES) == "cuda"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import INTERPRETED, on_device, skip_if_unsupported
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdml import MutualLoss, mutual_loss
 from fastdml.arguments import make_problem
@@ -141,6 +142,26 @@ def test_per_row_scale_is_the_upstream_gradient(with_grad_ops):
     args = (*with_grad_arguments(problem, torch.tensor(1.0))[:-1], True)
     expected = forward(*args)[3] * grad_loss[:, :, None]
     torch.testing.assert_close(grad, expected)
+
+
+def test_backward_allocates_no_copy_of_the_logits(with_grad_ops):
+    """The backward hands out the forward's gradient buffer: autograd must not fill a zero tensor
+    the size of the logits for the buffer's own (unused) output gradient."""
+    name, _, _ = with_grad_ops
+    logits = torch.randn(2, 16, 300, requires_grad=True)
+    loss = mutual_loss(logits, torch.randint(0, 300, (16,)), backend=name)
+    large = []
+
+    class RecordLarge(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= logits.numel():
+                large.append(str(func))
+            return out
+
+    with RecordLarge():
+        loss.backward()
+    assert [op for op in large if not op.startswith("aten.detach")] == []
 
 
 @pytest.mark.parametrize("mode", MODES)
