@@ -6,6 +6,9 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cstdint>
+#include <utility>
+
 namespace fastdml {
 
 enum class Mode { Pairwise, Ensemble, EnsembleLogits, Weights };
@@ -77,23 +80,44 @@ inline void check_backward_args(const at::Tensor& grad_ce, const at::Tensor& gra
   check_acc_tensor(logits, stats, "stats", {3, K, R});
 }
 
-// mutual_loss_with_grad: row_scale is one value (0-dim) of the accumulation dtype on the logits'
-// device, read by the kernels there, never on the host.
+// row_scale of mutual_loss_with_grad and scale_grad_rows_: one value (0-dim) or one per peer and
+// row ([K, R], any strides: an expanded or transposed view will do), of the accumulation dtype on
+// the logits' device, read by the kernels there, never on the host. The forward writes
+// s[k, r] * gradient, s = row_scale[k, r] where it is nonzero, else 1 (a zero scale folds nothing
+// in); the backward multiplies row (k, r) by grad_loss[k, r] / s[k, r].
+inline void check_row_scale(const at::Tensor& logits, const at::Tensor& row_scale) {
+  check_same_device(logits, row_scale, "row_scale");
+  const int64_t K = logits.size(0), R = logits.size(1);
+  TORCH_CHECK(row_scale.dim() == 0 || row_scale.sizes() == at::IntArrayRef({K, R}),
+              "fastdml: row_scale must be 0-dim or have shape [", K, ", ", R, "] (one value per "
+              "peer and row), got ", row_scale.sizes());
+  TORCH_CHECK(row_scale.scalar_type() == acc_dtype(logits.scalar_type()),
+              "fastdml: row_scale must be ", acc_dtype(logits.scalar_type()), " for ",
+              logits.scalar_type(), " logits, got ", row_scale.scalar_type());
+}
+
+// The element strides of row_scale over peers and over rows: 0 and 0 for a 0-dim one.
+inline std::pair<int64_t, int64_t> row_scale_strides(const at::Tensor& row_scale) {
+  if (row_scale.dim() == 0) return {0, 0};
+  return {row_scale.stride(0), row_scale.stride(1)};
+}
+
 inline void check_with_grad_args(const at::Tensor& logits, const at::Tensor& target,
                                  const at::Tensor& weights, const at::Tensor& row_scale,
                                  double temperature, double label_smoothing) {
   check_forward_args(logits, target, weights, temperature, label_smoothing);
-  check_acc_tensor(logits, row_scale, "row_scale", {});
+  check_row_scale(logits, row_scale);
 }
 
 // scale_grad_rows_: grad [K, R, C] contiguous, as mutual_loss_with_grad returns it; grad_loss
-// [K, R] and row_scale (0-dim) in its accumulation dtype on its device.
+// [K, R] (any strides) and row_scale (0-dim or [K, R], any strides) in its accumulation dtype on
+// its device.
 inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_loss,
                                   const at::Tensor& row_scale) {
   check_logits_like(grad, "grad");
   TORCH_CHECK(grad.is_contiguous(), "fastdml: grad must be contiguous");
   check_acc_tensor(grad, grad_loss, "grad_loss", {grad.size(0), grad.size(1)});
-  check_acc_tensor(grad, row_scale, "row_scale", {});
+  check_row_scale(grad, row_scale);
 }
 
 }  // namespace fastdml

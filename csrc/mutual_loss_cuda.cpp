@@ -1,7 +1,7 @@
 // CUDA binding of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (schemas in
 // ops.cpp): argument checks shared with the CPU op (mutual_loss.h), the output tensors, and the
 // launches of mutual_loss_cuda_api.cu on the current stream. Nothing here waits for the device:
-// row_scale and the targets are read by the kernels only.
+// row_scale (0-dim, or [K, R] at any strides) and the targets are read by the kernels only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -102,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad
   params.target_stride = target.stride(0);
   params.weights = weights.const_data_ptr();
   params.row_scale = row_scale.const_data_ptr();
+  std::tie(params.row_scale_stride_k, params.row_scale_stride_r) = row_scale_strides(row_scale);
   params.loss = loss.mutable_data_ptr();
   params.ce = ce.mutable_data_ptr();
   params.mimicry = mimicry.mutable_data_ptr();
@@ -143,6 +144,7 @@ void scale_grad_rows_cuda(const at::Tensor& grad, const at::Tensor& grad_loss,
   params.grad_loss_stride_k = grad_loss.stride(0);
   params.grad_loss_stride_r = grad_loss.stride(1);
   params.row_scale = row_scale.const_data_ptr();
+  std::tie(params.row_scale_stride_k, params.row_scale_stride_r) = row_scale_strides(row_scale);
   params.K = grad.size(0);
   params.R = grad.size(1);
   params.C = grad.size(2);

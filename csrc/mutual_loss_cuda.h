@@ -34,7 +34,13 @@ struct MutualLossParams {
   const int64_t* target;  // [R], stride in elements
   int64_t target_stride;
   const void* weights;    // [K, K] contiguous, accumulation dtype; read in mode Weights only
-  const void* row_scale;  // one value of the accumulation dtype, on the device
+  // The gradient's scale, accumulation dtype, on the device: row_scale[k * row_scale_stride_k +
+  // r * row_scale_stride_r] for peer k and row r (both strides 0 for one value, any otherwise).
+  // The forward writes s * gradient there, s being that value, or 1 where it is 0 (a zero scale
+  // folds nothing in).
+  const void* row_scale;
+  int64_t row_scale_stride_k;
+  int64_t row_scale_stride_r;
   void* loss;             // [K, R] contiguous, accumulation dtype
   void* ce;               // [K, R]
   void* mimicry;          // [K, R]
@@ -59,7 +65,12 @@ struct ScaleGradParams {
   const void* grad_loss;  // [K, R], accumulation dtype, any strides (in elements)
   int64_t grad_loss_stride_k;
   int64_t grad_loss_stride_r;
-  const void* row_scale;  // one value of the accumulation dtype, on the device
+  // The scale the forward was given, as in MutualLossParams: row (k, r) is multiplied by
+  // grad_loss[k, r] / s, s = row_scale[k, r] or 1 where that is 0, and left alone where
+  // grad_loss[k, r] == s.
+  const void* row_scale;
+  int64_t row_scale_stride_k;
+  int64_t row_scale_stride_r;
   int64_t K;
   int64_t R;
   int64_t C;

@@ -12,16 +12,20 @@
 // sum exp((z - max) / T)) per peer (and, for ensemble_logits, the same for the others' mean
 // logits), merged across the team by butterfly shuffles and a fixed-order pass over the warps.
 // Pass 2 recomputes q, p and the mimicry target per class, accumulates the loss sums and writes
-// row_scale * gradient. The first `cached_iters` vectors each thread reads in pass 1 are kept in
-// shared memory, so a row that fits is read from memory once; pass 2 reads the rest again, last
-// read first, so that as much of it as possible comes from L2. Vector loads and stores (16 bytes,
-// 8 with 6 or more peers) when every row is aligned, scalar ones otherwise. K is a template
-// argument for 2..8; beyond it, and for float64, a simpler kernel loops over the peers with their
+// s[k, r] * gradient: peer k's scale in row r, row_scale[k, r] (one value, or one per peer and
+// row at any strides), or 1 where that is 0 (a zero scale folds nothing in), read once per row
+// and peer. The first `cached_iters` vectors each thread reads in pass 1 are kept in shared
+// memory, so a row that fits is read from memory once; pass 2 reads the rest again, last read
+// first, so that as much of it as possible comes from L2. Vector loads and stores (16 bytes, 8
+// with 6 or more peers) when every row is aligned, scalar ones otherwise. K is a template argument
+// for 2..8 (two blocks per multiprocessor up to 6 peers, one for 7 and 8, whose registers would
+// spill); beyond it, and for float64, a simpler kernel loops over the peers with their
 // statistics in shared memory. No atomics: every reduction has a fixed order, so results are
 // bit-identical run to run.
 //
-// Backward (one launch): a team per row reads grad_loss and leaves the row alone when it equals
-// row_scale; otherwise it multiplies the row by grad_loss / row_scale.
+// Backward (one launch): a team per row (k, r) reads grad_loss[k, r] and leaves the row alone
+// when it equals s[k, r] (the forward's factor, by the same rule); otherwise it multiplies the row
+// by grad_loss[k, r] / s[k, r].
 
 #pragma once
 
@@ -291,7 +295,8 @@ struct KernelArgs {
   const int64_t* target;
   int64_t target_stride;
   const A* weights;
-  const A* row_scale;
+  const A* row_scale;  // [K, R] at these strides (both 0: one value); see grad_scale
+  int64_t scale_stride_k, scale_stride_r;
   A* loss;
   A* ce;
   A* mimicry;
@@ -336,16 +341,25 @@ __device__ __forceinline__ A log_q_of(A d, A inv_t, const PeerRow<A>& pr) {
   return d * inv_t - pr.lst;
 }
 
-// Gradient coefficients: row_scale * (p - (1 - eps) onehot - eps / C + alpha T (w_k q - t)).
+// Coefficients of the gradient of peer k at one class, before its row's scale s:
+// p - (1 - eps) onehot - eps / C + alpha T (w_k q - t). That of q, alpha T w_k, is per peer
+// (coef_q, from own_weight); these are the same for all.
 template <typename A>
 struct Coefs {
-  A p, q, t, d, label;  // q is per peer times w_k (own_weight)
+  A t, d, label;  // -alpha T, -eps / C, 1 - eps
 };
 
 template <typename A>
 __device__ __forceinline__ Coefs<A> make_coefs(const KernelArgs<A>& a) {
-  const A rs = *a.row_scale;
-  return {rs, rs * a.alpha_t, -(rs * a.alpha_t), -(rs * a.eps_over_c), rs * (A(1) - a.eps)};
+  return {-a.alpha_t, -a.eps_over_c, A(1) - a.eps};
+}
+
+// The factor s of the gradient of peer k in row r: row_scale[k, r], or 1 where it is 0 (a zero
+// scale folds nothing in, and the backward divides by s). Read once per row and peer.
+template <typename A>
+__device__ __forceinline__ A grad_scale(const KernelArgs<A>& a, int64_t k, int64_t r) {
+  const A s = a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r];
+  return s == A(0) ? A(1) : s;
 }
 
 // W[k, j] of the mimicry (the diagonal never counts: it adds KL(q_k || q_k) = 0).
@@ -404,11 +418,12 @@ __device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int
 }
 
 // One class of peer k in pass 2: adds to the loss sums (sums[0]: sum q log q, or the KL for the
-// ensemble modes; sums[1]: sum t log q; sums[2]: sum (z - m)) and returns row_scale * gradient.
+// ensemble modes; sums[1]: sum t log q; sums[2]: sum (z - m)) and returns scale * gradient (scale:
+// grad_scale of the peer and row).
 template <typename A>
 __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q,
-                                        bool is_label, A d, const PeerRow<A>& pr, A q, A t, A lr,
-                                        A* sums) {
+                                        A scale, bool is_label, A d, const PeerRow<A>& pr, A q,
+                                        A t, A lr, A* sums) {
   const A lq = log_q_of(d, a.inv_t, pr);
   switch (a.mode) {
     case LossMode::Pairwise:
@@ -426,10 +441,11 @@ __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const Coefs<A>& 
   if (a.smoothing) sums[2] += d;
   if (!a.compute_grad) return A(0);
   const A p = a.unit_t ? q : acc_exp(d - pr.ls);
-  A g = fma(cf.p, p, fma(coef_q, q, fma(cf.t, t, cf.d)));
-  // The one-hot term in A before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
+  A g = p + fma(coef_q, q, fma(cf.t, t, cf.d));
+  // The one-hot term in A before the scale and the cast to a narrower dtype (p - 1 cancels at
+  // p ~ 1).
   if (is_label) g -= cf.label;
-  return g;
+  return g * scale;
 }
 
 // Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's three sums).
@@ -479,11 +495,11 @@ struct BatchOf {
   static constexpr int value = KT <= 2 ? 2 : 1;
 };
 
-// Calls body(v, x) for the vectors v = v0, v0 + nt, ... < end of the KT rows, x[k] holding row k's
-// vector v; kReverse: from the last one down (pass 2 then first re-reads what pass 1 read last,
-// which is the likeliest to be still in L2).
+// Calls body(v, x) for the vectors v = v0, v0 + nt, ... < end of the KT rows row0 + k * stride
+// (elements), x[k] holding row k's vector v; kReverse: from the last one down (pass 2 then first
+// re-reads what pass 1 read last, which is the likeliest to be still in L2).
 template <int VEC, int KT, bool kStream, bool kReverse, typename S, typename Body>
-__device__ __forceinline__ void for_each_vector(const S* const (&rows)[KT], int64_t v0,
+__device__ __forceinline__ void for_each_vector(const S* row0, int64_t stride, int64_t v0,
                                                 int64_t end, int nt, const Body& body) {
   constexpr int B = BatchOf<KT>::value;
   const int64_t n = end > v0 ? (end - v0 + nt - 1) / nt : 0;
@@ -494,7 +510,9 @@ __device__ __forceinline__ void for_each_vector(const S* const (&rows)[KT], int6
       if (i + b < n) {
         const int64_t v = v0 + (kReverse ? n - 1 - (i + b) : i + b) * nt;
 #pragma unroll
-        for (int k = 0; k < KT; ++k) x[b][k] = load_pack<kStream, S, VEC>(rows[k] + v * VEC);
+        for (int k = 0; k < KT; ++k) {
+          x[b][k] = load_pack<kStream, S, VEC>(row0 + k * stride + v * VEC);
+        }
       }
     }
 #pragma unroll
@@ -507,8 +525,17 @@ __device__ __forceinline__ void for_each_vector(const S* const (&rows)[KT], int6
 // ---------------------------------------------------------------------------------------------
 // Forward, K = KT in 2..8.
 
+// Blocks per multiprocessor the kernel is built for: two (128 registers a thread) up to 6 peers;
+// one beyond, where the values of 7 or 8 peers need 150 to 200 registers (ptxas, sm_90) and two
+// blocks spilled 50 to 700 bytes of them to local memory.
+template <int KT>
+constexpr int blocks_per_sm() {
+  return KT >= 7 ? 1 : 2;
+}
+
 template <typename S, int KT, int VEC>
-__global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelArgs<acc_t<S>> a) {
+__global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
+    mutual_loss_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
   using P = Pack<S, VEC>;
   __shared__ A scratch[kWarps * 3 * KT];
@@ -527,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
   const Coefs<A> cf = make_coefs(a);
   A coef_q[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) coef_q[k] = cf.q * own_weight(a, w, KT, k);
+  for (int k = 0; k < KT; ++k) coef_q[k] = a.alpha_t * own_weight(a, w, KT, k);
 
   const int nt = a.warps_per_team * 32;
   const int slot = threadIdx.x / nt;
@@ -551,11 +578,9 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
       fill_row<S, VEC>(a, r, y == a.ignore_index ? A(0) : A(NAN), tid, nt);
       continue;
     }
-    const S* rows[KT];
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      rows[k] = static_cast<const S*>(a.logits) + k * a.stride_k + r * a.stride_r;
-    }
+    // Peer k's logits at row0 + k * a.stride_k, its gradient at grad0 + k * R * C: a base and a
+    // stride, not KT pointers (registers).
+    const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
 
     // Pass 1: online log-sum-exps.
     LseState<A> lse[KT], lse_u[KT];
@@ -584,12 +609,13 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
         }
       }
     };
-    for_each_vector<VEC, KT, true, false>(rows, tid, v_cached, nt, [&](int64_t v, const P(&x)[KT]) {
+    const auto cache_and_fold = [&](int64_t v, const P(&x)[KT]) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) cache[(v - tid) * KT + k * nt + tid] = x[k];
       fold(v, x);
-    });
-    for_each_vector<VEC, KT, false, false>(rows, v_cached + tid, nv, nt, fold);
+    };
+    for_each_vector<VEC, KT, true, false>(row0, a.stride_k, tid, v_cached, nt, cache_and_fold);
+    for_each_vector<VEC, KT, false, false>(row0, a.stride_k, v_cached + tid, nv, nt, fold);
     team_lse(lse, scratch, a.warps_per_team, a.inv_t, a.unit_t);
     if (a.mode == LossMode::EnsembleLogits) team_lse(lse_u, scratch, a.warps_per_team, A(1), true);
     if constexpr (kRowsInSmem) {
@@ -604,15 +630,15 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
       for (int k = 0; k < KT; ++k) pr[k] = finish_row(lse[k], lse_u[k], a.unit_t);
     }
 
-    // Pass 2: loss sums and the gradient.
+    // Pass 2: loss sums and the gradient, each peer's scaled by its grad_scale.
+    A scale[KT];
+#pragma unroll
+    for (int k = 0; k < KT; ++k) scale[k] = a.compute_grad ? grad_scale(a, k, r) : A(1);
     A sums[3 * KT];
 #pragma unroll
     for (int i = 0; i < 3 * KT; ++i) sums[i] = A(0);
-    S* grad_rows[KT];
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      grad_rows[k] = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
-    }
+    S* const grad0 = a.compute_grad ? static_cast<S*>(a.grad) + r * a.C : nullptr;
+    const int64_t grad_stride = a.R * a.C;
     const auto emit = [&](int64_t v, const P(&x)[KT]) {
       P g[KT];
 #pragma unroll
@@ -629,17 +655,19 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
           A lr = 0;
           const A t = peer_target(
               a, w, KT, k, [&](int j) { return q[j]; }, [&](int j) { return z[j]; }, pr[k], lr);
-          const A gk = class_step(a, cf, coef_q[k], is_label, z[k] - pr[k].m, pr[k], q[k], t, lr,
-                                  sums + 3 * k);
+          const A gk = class_step(a, cf, coef_q[k], scale[k], is_label, z[k] - pr[k].m, pr[k],
+                                  q[k], t, lr, sums + 3 * k);
           from_acc(gk, g[k].v[e]);
         }
       }
       if (a.compute_grad) {
 #pragma unroll
-        for (int k = 0; k < KT; ++k) store_pack<true, S, VEC>(grad_rows[k] + v * VEC, g[k]);
+        for (int k = 0; k < KT; ++k) {
+          store_pack<true, S, VEC>(grad0 + k * grad_stride + v * VEC, g[k]);
+        }
       }
     };
-    for_each_vector<VEC, KT, true, true>(rows, v_cached + tid, nv, nt, emit);
+    for_each_vector<VEC, KT, true, true>(row0, a.stride_k, v_cached + tid, nv, nt, emit);
     for (int64_t v = tid; v < v_cached; v += nt) {
       P x[KT];
 #pragma unroll
@@ -651,7 +679,7 @@ __global__ void __launch_bounds__(kThreads, 2) mutual_loss_kernel(const KernelAr
     if (tid == 0) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        write_outputs(a, w, KT, k, r, pr[k], to_acc(rows[k][y]),
+        write_outputs(a, w, KT, k, r, pr[k], to_acc(row0[k * a.stride_k + y]),
                       [&](int j) { return sums + 3 * j; });
       }
     }
@@ -693,12 +721,14 @@ __device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k,
 }
 
 // Pass 2 of peer k over the classes [c0, c1) of row r, given every peer's statistics prs: writes
-// the gradient there and returns the loss sums, reduced over the block.
+// the gradient there (times the peer's grad_scale) and returns the loss sums, reduced over the
+// block.
 template <typename S, typename A>
 __device__ void block_emit(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q, const S* row0,
                            int K, int k, int64_t r, int64_t y, int64_t c0, int64_t c1,
                            const PeerRow<A>* prs, A* scratch, A (&sums)[3]) {
   const PeerRow<A> pk = prs[k];
+  const A scale = a.compute_grad ? grad_scale(a, k, r) : A(1);
   sums[0] = sums[1] = sums[2] = A(0);
   S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
   for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
@@ -710,7 +740,7 @@ __device__ void block_emit(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q,
     A lr = 0;
     const A t = peer_target(a, a.weights, K, k, get_q, get_z, pk, lr);
     const A q = acc_exp(log_q_of(d, a.inv_t, pk));
-    const A g = class_step(a, cf, coef_q, c == y, d, pk, q, t, lr, sums);
+    const A g = class_step(a, cf, coef_q, scale, c == y, d, pk, q, t, lr, sums);
     if (a.compute_grad) from_acc(g, grad_row[c]);
   }
   team_sum(sums, scratch, kWarps);
@@ -754,7 +784,9 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
   const int K = sm.K;
   const int tid = threadIdx.x;
   const Coefs<A> cf = make_coefs(a);
-  for (int k = tid; k < K; k += kThreads) sm.coef_q[k] = cf.q * own_weight(a, a.weights, K, k);
+  for (int k = tid; k < K; k += kThreads) {
+    sm.coef_q[k] = a.alpha_t * own_weight(a, a.weights, K, k);
+  }
   __syncthreads();
 
   for (int64_t r = blockIdx.x; r < a.R; r += gridDim.x) {
@@ -873,7 +905,7 @@ __global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<a
   const Coefs<A> cf = make_coefs(a);
   for (int k = threadIdx.x; k < K; k += kThreads) {
     sm.prs[k] = merged_row(a, r, k);
-    sm.coef_q[k] = cf.q * own_weight(a, a.weights, K, k);
+    sm.coef_q[k] = a.alpha_t * own_weight(a, a.weights, K, k);
   }
   __syncthreads();
   const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
@@ -918,7 +950,8 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: grad[k, r, :] *= grad_loss[k, r] / row_scale unless they are equal.
+// Backward: grad[k, r, :] *= grad_loss[k, r] / s[k, r] unless they are equal, s[k, r] being the
+// forward's factor (row_scale[k, r], or 1 where it is 0).
 
 template <typename A>
 struct ScaleArgs {
@@ -926,6 +959,7 @@ struct ScaleArgs {
   const A* grad_loss;
   int64_t stride_k, stride_r;
   const A* row_scale;
+  int64_t scale_stride_k, scale_stride_r;
   int64_t K, R, C;
   int team_threads;  // 32 or kThreads
 };
@@ -938,7 +972,6 @@ __global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleAr
   const int slot = threadIdx.x / nt;
   const int tid = threadIdx.x - slot * nt;
   const int teams = kThreads / nt;
-  const A rs = *a.row_scale;
   const int64_t nv = a.C / VEC;
   const int64_t rows = a.K * a.R;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * teams + slot; row < rows;
@@ -946,8 +979,10 @@ __global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleAr
     const int64_t k = row / a.R;
     const int64_t r = row - k * a.R;
     const A g = a.grad_loss[k * a.stride_k + r * a.stride_r];
-    if (g == rs) continue;  // the forward already wrote row_scale * gradient
-    const A factor = g / rs;
+    A s = a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r];
+    if (s == A(0)) s = A(1);  // as grad_scale: a zero scale folded nothing in
+    if (g == s) continue;     // the forward already wrote g * gradient
+    const A factor = g / s;
     S* const p = static_cast<S*>(a.grad) + row * a.C;
 #pragma unroll 4
     for (int64_t v = tid; v < nv; v += nt) {
@@ -971,9 +1006,16 @@ int grid_for(int64_t work_items, const DeviceInfo& device, int blocks_per_sm) {
       std::max<int64_t>(1, std::min<int64_t>(work_items, int64_t(device.num_sms) * blocks_per_sm)));
 }
 
+// A bound on the static shared memory of every kernel here (2.3 KB at most: the fixed-K kernel's
+// scratch, weights and row statistics for K = 8).
+constexpr size_t kStaticSmemBound = 8 * 1024;
+
+// A block whose shared memory, static and dynamic together, passes 48 KB needs the kernel's
+// opt-in (else the launch fails with cudaErrorInvalidValue: 48 KB of dynamic memory alone is too
+// much), so the attribute is set from 48 KB less the static bound.
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  if (bytes + kStaticSmemBound <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(bytes));
 }
@@ -988,6 +1030,8 @@ KernelArgs<A> make_args(const MutualLossParams& p) {
   a.target_stride = p.target_stride;
   a.weights = static_cast<const A*>(p.weights);
   a.row_scale = static_cast<const A*>(p.row_scale);
+  a.scale_stride_k = p.row_scale_stride_k;
+  a.scale_stride_r = p.row_scale_stride_r;
   a.loss = static_cast<A*>(p.loss);
   a.ce = static_cast<A*>(p.ce);
   a.mimicry = static_cast<A*>(p.mimicry);
@@ -1022,10 +1066,11 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
   a.warps_per_team = nv <= 8 * 32 ? 1 : kWarps;
   const int nt = a.warps_per_team * 32;
   const int teams = kThreads / nt;
-  // Shared memory for the cache: what leaves room for two blocks per multiprocessor.
+  // Shared memory for the cache: what leaves room for blocks_per_sm blocks per multiprocessor.
   const int64_t iter_bytes = int64_t(teams) * KT * nt * sizeof(Pack<S, VEC>);
   const int64_t budget = std::max<int64_t>(
-      0, std::min<int64_t>(device.smem_per_block_optin, device.smem_per_sm / 2) - 8 * 1024);
+      0, std::min<int64_t>(device.smem_per_block_optin, device.smem_per_sm / blocks_per_sm<KT>()) -
+             8 * 1024);
   a.cached_iters = static_cast<int>(std::min<int64_t>(ceil_div(nv, nt), budget / iter_bytes));
   const size_t smem = static_cast<size_t>(a.cached_iters * iter_bytes);
   const auto kernel = mutual_loss_kernel<S, KT, VEC>;
@@ -1125,6 +1170,8 @@ cudaError_t launch_scale(const ScaleGradParams& p, const DeviceInfo& device, cud
                  p.grad_loss_stride_k,
                  p.grad_loss_stride_r,
                  static_cast<const A*>(p.row_scale),
+                 p.row_scale_stride_k,
+                 p.row_scale_stride_r,
                  p.K,
                  p.R,
                  p.C,

@@ -4,8 +4,10 @@
 // mutual_loss_forward / mutual_loss_backward (CPU): the forward returns per-row terms and the
 // log-sum-exps; the backward recomputes the probabilities and writes the gradient.
 // mutual_loss_with_grad / scale_grad_rows_ (CUDA): the forward also writes the gradient of
-// row_scale * loss, so the backward only rescales the rows whose upstream gradient is not
-// row_scale, which for reduction "mean" and "sum" is none of them: no second pass over memory.
+// sum s * loss, s[k, r] being row_scale (0-dim, or [K, R] at any strides) where it is nonzero and
+// 1 where it is 0 (a zero scale folds nothing in); scale_grad_rows_ multiplies row (k, r) of that
+// gradient by grad_loss[k, r] / s[k, r], leaving alone the rows where they are equal, which for
+// reduction "mean" and "sum" is all of them: no second pass over memory.
 #include <Python.h>
 #include <torch/library.h>
 
