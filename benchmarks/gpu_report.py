@@ -30,6 +30,8 @@ def render(run: dict) -> str:
         cases[case][info["candidate"]][info["pass"]] = info
     if bandwidth is None:
         raise SystemExit("the run has no copy-bandwidth measurement")
+    present = {name for by_name in cases.values() for name in by_name}
+    baselines = [name for name in BASELINES if name in present]
     lines = [
         f"GPU: {device}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write, measured in "
         f"the same run); times are medians of CUDA-event timings.",
@@ -42,16 +44,16 @@ def render(run: dict) -> str:
             f"### K={k}, N={n}, C={c}, {dtype} (floor {floor_ms:.3f} ms)",
             "",
             "| candidate | forward ms | fwd+bwd ms | % of floor | "
-            + " | ".join(f"vs {b}" for b in BASELINES)
+            + " | ".join(f"vs {b}" for b in baselines)
             + " | peak extra MiB (logits+grad = "
             + f"{floor_bytes / MIB:.0f}) | launches |",
-            "|---" * (6 + len(BASELINES)) + "|",
+            "|---" * (6 + len(baselines)) + "|",
         ]
         for name, passes in by_name.items():
             both = passes.get("forward_backward", {})
             ms = both.get("median_ms")
             ratios = []
-            for baseline in BASELINES:
+            for baseline in baselines:
                 other = by_name.get(baseline, {}).get("forward_backward", {}).get("median_ms")
                 ratios.append(f"{other / ms:.2f}x" if ms and other else "")
             cells = [
