@@ -1,0 +1,1 @@
+"""The CUDA kernels of csrc/ built for the CPU and run on an emulated GPU."""

@@ -1,0 +1,250 @@
+// What nvcc and the CUDA runtime would give the kernels of csrc/*.cu, for g++ on the CPU
+// (tests/test_cuda_emulation.py). Force-included (-include) before every emulated translation unit.
+//
+// A launch runs its blocks one after another; the threads of a block are fibers of one OS thread,
+// switched at every barrier (emulator.cpp), so __syncthreads, __syncwarp and the warp shuffles are
+// exact and deterministic, and a barrier that not every thread reaches is reported, not hung on.
+// The half types and their conversions are the real cuda_fp16.h / cuda_bf16.h host code; the
+// runtime types (dim3, int4, cudaError_t, cudaStream_t) are the toolkit's own.
+//
+// build.py rewrites what is not C++ before compiling: `k<<<grid, block, smem, stream>>>(args)`
+// becomes cuda_emu::launch(...), and `__shared__` / `extern __shared__` declarations become
+// references to the block's emulated shared memory (poisoned with NaN bytes at each block's start,
+// so that a read before any write shows).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <math.h>  // float overloads of fma, exp, log in the global namespace, as in device code
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <source_location>
+#include <tuple>
+#include <type_traits>
+#include <typeindex>
+#include <utility>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __constant__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+// Only for a declaration build.py did not rewrite: one static per kernel instantiation is right
+// while blocks run one at a time, just not poisoned.
+#define __shared__ static
+#define __constant__ static
+
+// The built-in variables, set by the scheduler before it switches to a thread. Read after any
+// barrier (an opaque call), so no compiler keeps another thread's value.
+extern uint3 threadIdx;
+extern uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+constexpr int warpSize = 32;
+
+namespace cuda_emu {
+
+using Site = std::source_location;
+
+// Barriers and the warp exchange of the current thread (emulator.cpp).
+void syncthreads(const Site& site);
+void syncwarp(unsigned mask, const Site& site);
+enum class ShuffleKind : int { Idx, Up, Down, Xor };
+uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t bits, int lane_arg, int width,
+                 const Site& site);
+void threadfence();
+// Fails the kernel if p is not aligned to `bytes` (a power of two: the access's size).
+void check_alignment(const void* p, size_t bytes, const Site& site);
+
+// Shared memory of the running block: the dynamic buffer, and one buffer per __shared__
+// declaration (keyed by its type and place), both poisoned at the block's start.
+void* dynamic_shared_memory();
+void* static_shared_memory(std::type_index type, const char* file, int line, size_t bytes,
+                           size_t align);
+
+template <typename T>
+T* dynamic_shared() {
+  return static_cast<T*>(dynamic_shared_memory());
+}
+
+template <typename T>
+T& block_shared(const char* file, int line) {
+  static_assert(std::is_trivially_default_constructible_v<std::remove_all_extents_t<T>>,
+                "__shared__ variables have no constructors");
+  return *static_cast<T*>(
+      static_shared_memory(std::type_index(typeid(T)), file, line, sizeof(T), alignof(T)));
+}
+
+template <typename T>
+T shuffle_value(ShuffleKind kind, unsigned mask, T value, int lane_arg, int width,
+                const Site& site) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>,
+                "a shuffle moves at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = shuffle(kind, mask, bits, lane_arg, width, site);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// One launch: grid, block, dynamic shared memory and stream, as between <<< and >>>.
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t shared_bytes;
+  cudaStream_t stream;
+  LaunchConfig(dim3 g, dim3 b, size_t smem = 0, cudaStream_t s = nullptr)
+      : grid(g), block(b), shared_bytes(smem), stream(s) {}
+};
+
+// Runs body once per thread of every block (emulator.cpp); a bad configuration sets the error
+// that cudaGetLastError returns, as a real launch does.
+void run_grid(const char* where, const char* kernel, const void* entry, const LaunchConfig& config,
+              void (*body)(void*), void* context);
+
+// What `kernel<<<config>>>(args...)` becomes. The arguments are converted to the kernel's
+// parameter types once, as at a real launch, and every thread gets its own copy.
+template <typename... Params, typename... Args>
+void launch(const char* where, const char* what, const LaunchConfig& config,
+            void (*kernel)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
+  struct Context {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Params>...> params;
+  } context{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+  run_grid(
+      where, what, reinterpret_cast<const void*>(kernel), config,
+      [](void* p) {
+        auto* c = static_cast<Context*>(p);
+        std::apply(c->kernel, c->params);
+      },
+      &context);
+}
+
+void set_function_attribute(const void* entry, cudaFuncAttribute attribute, int value,
+                            cudaError_t& result);
+cudaError_t take_last_error();
+cudaError_t peek_last_error();
+
+}  // namespace cuda_emu
+
+// ---------------------------------------------------------------------------------------------
+// Device intrinsics.
+
+inline void __syncthreads(const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  cuda_emu::syncthreads(site);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu,
+                       const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  cuda_emu::syncwarp(mask, site);
+}
+inline void __threadfence() { cuda_emu::threadfence(); }
+inline void __threadfence_block() { cuda_emu::threadfence(); }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
+              const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  return cuda_emu::shuffle_value(cuda_emu::ShuffleKind::Idx, mask, var, src_lane, width, site);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                 const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  return cuda_emu::shuffle_value(cuda_emu::ShuffleKind::Up, mask, var, static_cast<int>(delta),
+                                 width, site);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                   const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  return cuda_emu::shuffle_value(cuda_emu::ShuffleKind::Down, mask, var, static_cast<int>(delta),
+                                 width, site);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
+                  const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  return cuda_emu::shuffle_value(cuda_emu::ShuffleKind::Xor, mask, var, lane_mask, width, site);
+}
+
+// Cache-hinted loads and stores: plain ones here, but for the check of the alignment the hardware
+// needs (a misaligned vector access faults on a GPU).
+#define CUDA_EMU_LOAD(name)                                                             \
+  template <typename T>                                                                 \
+  T name(const T* p, const cuda_emu::Site& site = cuda_emu::Site::current()) {          \
+    cuda_emu::check_alignment(p, sizeof(T), site);                                      \
+    return *p;                                                                          \
+  }
+#define CUDA_EMU_STORE(name)                                                            \
+  template <typename T>                                                                 \
+  void name(T* p, T v, const cuda_emu::Site& site = cuda_emu::Site::current()) {        \
+    cuda_emu::check_alignment(p, sizeof(T), site);                                      \
+    *p = v;                                                                             \
+  }
+CUDA_EMU_LOAD(__ldg)
+CUDA_EMU_LOAD(__ldcs)
+CUDA_EMU_LOAD(__ldcg)
+CUDA_EMU_LOAD(__ldca)
+CUDA_EMU_LOAD(__ldlu)
+CUDA_EMU_LOAD(__ldcv)
+CUDA_EMU_STORE(__stcs)
+CUDA_EMU_STORE(__stcg)
+CUDA_EMU_STORE(__stwb)
+CUDA_EMU_STORE(__stwt)
+#undef CUDA_EMU_LOAD
+#undef CUDA_EMU_STORE
+
+// Round-to-nearest arithmetic that nvcc never contracts into an fma (build.py compiles with
+// -ffp-contract=off, so plain operators are these).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+
+// The device min and max of the CUDA math API (global namespace, overloaded per type).
+#define CUDA_EMU_MIN_MAX(T)                           \
+  inline T min(T a, T b) { return b < a ? b : a; }  \
+  inline T max(T a, T b) { return a < b ? b : a; }
+CUDA_EMU_MIN_MAX(int)
+CUDA_EMU_MIN_MAX(unsigned int)
+CUDA_EMU_MIN_MAX(long)
+CUDA_EMU_MIN_MAX(unsigned long)
+CUDA_EMU_MIN_MAX(long long)
+CUDA_EMU_MIN_MAX(unsigned long long)
+#undef CUDA_EMU_MIN_MAX
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+inline double min(double a, double b) { return std::fmin(a, b); }
+inline double max(double a, double b) { return std::fmax(a, b); }
+
+// ---------------------------------------------------------------------------------------------
+// Runtime API.
+
+inline cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(); }
+inline cudaError_t cudaPeekAtLastError() { return cuda_emu::peek_last_error(); }
+inline cudaError_t cudaDeviceSynchronize() { return cuda_emu::peek_last_error(); }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cuda_emu::peek_last_error(); }
+
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attribute, int value) {
+  cudaError_t result = cudaSuccess;
+  cuda_emu::set_function_attribute(reinterpret_cast<const void*>(entry), attribute, value, result);
+  return result;
+}

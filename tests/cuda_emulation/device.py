@@ -1,0 +1,272 @@
+"""The emulated CUDA device as tests see it: one launcher call with torch tensors in and out."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+MODES = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
+# The orders a block's threads may run in (emulator.h): a round of every thread at a time, or a
+# warp at a time as far as it goes.
+SCHEDULES = ("forward", "reverse", "shuffled", "warps_forward", "warps_reverse")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """fastdml::gpu::DeviceInfo: what the launchers size their grids and shared memory by."""
+
+    num_sms: int
+    smem_per_sm: int
+    smem_per_block_optin: int
+
+
+H100 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448)
+H200 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448)  # as an H100
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch and what its threads did."""
+
+    kernel: str  # the expression before <<<
+    where: str  # the launching function, with its template arguments
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    dynamic_shared: int
+    static_shared: int
+    block_barriers: int  # __syncthreads episodes over all blocks
+    warp_barriers: int
+    shuffles: int
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def template_args(self) -> dict[str, str]:
+        """The launcher's template arguments, e.g. {"S": "float", "KT": "3", "VEC": "4"}, from the
+        "[with S = float; int KT = 3; ...]" (g++) or "[S = float, KT = 3, ...]" (clang) that ends
+        its pretty name."""
+        bracket = self.where[self.where.rfind("[") :]
+        return dict(re.findall(r"(\w+) = ([^;,\]]+)", bracket))
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    loss: Tensor
+    ce: Tensor
+    mimicry: Tensor
+    grad: Tensor | None
+    launches: list[Launch]
+
+
+class EmulationError(RuntimeError):
+    """A launch failed or a kernel did what a GPU would fault or hang on."""
+
+
+def _row_scale(row_scale: float | Tensor, acc: torch.dtype) -> tuple[Tensor, int, int]:
+    """row_scale as a tensor of the accumulation dtype and its peer and row strides (0 and 0 for
+    one value)."""
+    if isinstance(row_scale, Tensor):
+        assert row_scale.dtype == acc and row_scale.dim() == 2
+        return row_scale, row_scale.stride(0), row_scale.stride(1)
+    return torch.tensor([row_scale], dtype=acc), 0, 0
+
+
+def _extent_bytes(view: Tensor) -> int:
+    """Bytes from the view's first element to one past its last."""
+    last = sum((size - 1) * stride for size, stride in zip(view.shape, view.stride(), strict=True))
+    return (last + 1) * view.element_size()
+
+
+class EmulatedDevice:
+    """The library built by build.py: csrc's launchers on the CPU emulation of a GPU."""
+
+    def __init__(self, library: Path) -> None:
+        self._lib = ctypes.CDLL(str(library))
+        i64, dbl, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
+        self._lib.emu_mutual_loss.argtypes = (
+            [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
+            + [i64, i64, i64, i32, i32, dbl, dbl, dbl, i64, i32]
+            + [i32, i32, i32, i32, ctypes.c_char_p, i64]
+        )
+        self._lib.emu_mutual_loss.restype = i32
+        self._lib.emu_scale_grad_rows.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64]
+        self._lib.emu_scale_grad_rows.argtypes += [i64, i64, i64, i32]
+        self._lib.emu_scale_grad_rows.argtypes += [i32, i32, i32, i32, ctypes.c_char_p, i64]
+        self._lib.emu_scale_grad_rows.restype = i32
+        self._lib.emu_row_scale_per_row.restype = i32
+        self._lib.emu_launches.argtypes = [ctypes.c_char_p, i64]
+        self._lib.emu_launches.restype = i64
+        self._lib.emu_selftest.argtypes = [ctypes.c_char_p, i32, i32, i32, i32, i32, ptr]
+        self._lib.emu_selftest.argtypes += [ctypes.c_char_p, i64]
+        self._lib.emu_selftest.restype = i32
+
+    def mutual_loss_with_grad(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        weights: Tensor,
+        *,
+        row_scale: float | Tensor,
+        mode: str,
+        temperature: float,
+        alpha: float,
+        label_smoothing: float,
+        ignore_index: int,
+        compute_grad: bool = True,
+        device: DeviceInfo = H100,
+        schedule: str = "forward",
+    ) -> ForwardResult:
+        """launch_mutual_loss_with_grad on logits [K, R, C] (unit class stride, any other), with
+        one row_scale or one per peer and row ([K, R], any strides)."""
+        k, rows, classes = logits.shape
+        assert logits.stride(2) == 1 and target.dtype == torch.int64
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        weights = weights.to(acc).contiguous()
+        scale, scale_stride_k, scale_stride_r = _row_scale(row_scale, acc)
+        loss, ce, mimicry = (torch.empty(k, rows, dtype=acc) for _ in range(3))
+        grad = torch.empty(k, rows, classes, dtype=logits.dtype) if compute_grad else None
+        error = ctypes.create_string_buffer(4096)
+        status = self._lib.emu_mutual_loss(
+            logits.data_ptr(),
+            _extent_bytes(logits),
+            logits.stride(0),
+            logits.stride(1),
+            target.data_ptr(),
+            target.stride(0),
+            weights.data_ptr(),
+            scale.data_ptr(),
+            _extent_bytes(scale),
+            scale_stride_k,
+            scale_stride_r,
+            loss.data_ptr(),
+            ce.data_ptr(),
+            mimicry.data_ptr(),
+            grad.data_ptr() if grad is not None else None,
+            k,
+            rows,
+            classes,
+            DTYPES[logits.dtype],
+            MODES[mode],
+            temperature,
+            alpha,
+            label_smoothing,
+            ignore_index,
+            int(compute_grad),
+            device.num_sms,
+            device.smem_per_sm,
+            device.smem_per_block_optin,
+            SCHEDULES.index(schedule),
+            error,
+            len(error),
+        )
+        if status != 0:
+            raise EmulationError(error.value.decode())
+        return ForwardResult(loss, ce, mimicry, grad, self.launches())
+
+    def scale_grad_rows_(
+        self,
+        grad: Tensor,
+        grad_loss: Tensor,
+        *,
+        row_scale: float | Tensor,
+        device: DeviceInfo = H100,
+        schedule: str = "forward",
+    ) -> list[Launch]:
+        """launch_scale_grad_rows on grad [K, R, C] (contiguous, updated in place; its address
+        modulo 256 is kept on the device) with grad_loss [K, R] (any strides) and row_scale as
+        in mutual_loss_with_grad."""
+        assert grad.is_contiguous()
+        k, rows, classes = grad.shape
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        assert grad_loss.dtype == acc and grad_loss.shape == (k, rows)
+        scale, scale_stride_k, scale_stride_r = _row_scale(row_scale, acc)
+        error = ctypes.create_string_buffer(4096)
+        status = self._lib.emu_scale_grad_rows(
+            grad.data_ptr(),
+            grad_loss.data_ptr(),
+            _extent_bytes(grad_loss),
+            grad_loss.stride(0),
+            grad_loss.stride(1),
+            scale.data_ptr(),
+            _extent_bytes(scale),
+            scale_stride_k,
+            scale_stride_r,
+            k,
+            rows,
+            classes,
+            DTYPES[grad.dtype],
+            device.num_sms,
+            device.smem_per_sm,
+            device.smem_per_block_optin,
+            SCHEDULES.index(schedule),
+            error,
+            len(error),
+        )
+        if status != 0:
+            raise EmulationError(error.value.decode())
+        return self.launches()
+
+    @property
+    def row_scale_per_row(self) -> bool:
+        """Whether the kernels take a row_scale per peer and row, not only one value."""
+        return bool(self._lib.emu_row_scale_per_row())
+
+    def selftest(
+        self,
+        name: str,
+        *,
+        kind: int = 0,
+        arg: int = 0,
+        width: int = 32,
+        schedule: str = "forward",
+        smem_per_block_optin: int = 48 * 1024,
+    ) -> list[int]:
+        """Runs a kernel of selftest.cu on blocks of 256 threads; returns what each wrote."""
+        out = (ctypes.c_int * 256)(*([-7] * 256))
+        error = ctypes.create_string_buffer(4096)
+        status = self._lib.emu_selftest(
+            name.encode(),
+            kind,
+            arg,
+            width,
+            SCHEDULES.index(schedule),
+            smem_per_block_optin,
+            out,
+            error,
+            len(error),
+        )
+        if status != 0:
+            raise EmulationError(error.value.decode())
+        return list(out)
+
+    def launches(self) -> list[Launch]:
+        """The launches of the last call."""
+        size = self._lib.emu_launches(None, 0) + 1
+        text = ctypes.create_string_buffer(size)
+        self._lib.emu_launches(text, size)
+        launches = []
+        for line in text.value.decode().splitlines():
+            kernel, where, grid, block, *numbers = line.split("\t")
+            dyn, static, barriers, warp_barriers, shuffles = map(int, numbers)
+            launches.append(
+                Launch(
+                    kernel,
+                    where,
+                    tuple(map(int, grid.split())),
+                    tuple(map(int, block.split())),
+                    dyn,
+                    static,
+                    barriers,
+                    warp_barriers,
+                    shuffles,
+                )
+            )
+        return launches

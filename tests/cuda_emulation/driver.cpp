@@ -1,0 +1,266 @@
+// The C entry points that tests/test_cuda_emulation.py calls through ctypes: one call of
+// launch_mutual_loss_with_grad or launch_scale_grad_rows (csrc/mutual_loss_cuda.h) on the emulated
+// device, as the CUDA binding makes it. Every buffer is first copied to "device memory" with guard
+// bytes on both sides and the caller's address modulo 256 (so vector alignment is the caller's);
+// after the launch the driver checks that no kernel wrote outside its outputs or into its inputs.
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include "emulator.h"
+#include "mutual_loss_cuda.h"
+
+namespace {
+
+using fastdml::gpu::DeviceInfo;
+using fastdml::gpu::DType;
+using fastdml::gpu::LossMode;
+
+constexpr size_t kGuardBytes = 4096;  // a multiple of 256
+constexpr unsigned char kGuard = 0xa5;
+constexpr unsigned char kUnwritten = 0x5a;  // 1.5e16 as float: an output never written shows
+constexpr unsigned char kPoison = 0xff;     // NaN: scratch read before it is written shows
+
+// A caller's buffer on the emulated device.
+class DeviceBuffer {
+ public:
+  // A copy of `bytes` bytes at `host` (when not null; else `fill` bytes), placed at `host`'s
+  // address modulo 256.
+  DeviceBuffer(const char* name, const void* host, size_t bytes, unsigned char fill)
+      : name_(name), host_(host), bytes_(bytes) {
+    const size_t offset = reinterpret_cast<uintptr_t>(host) % 256;
+    storage_.reset(new unsigned char[bytes + 2 * kGuardBytes + offset + 256]);
+    const auto address = reinterpret_cast<uintptr_t>(storage_.get());
+    start_ = storage_.get() + (256 - address % 256) % 256;
+    data_ = start_ + kGuardBytes + offset;
+    std::memset(start_, kGuard, kGuardBytes + offset);
+    std::memset(data_ + bytes, kGuard, kGuardBytes);
+    if (host != nullptr) {
+      std::memcpy(data_, host, bytes);
+    } else {
+      std::memset(data_, fill, bytes);
+    }
+  }
+
+  void* data() const { return bytes_ > 0 ? data_ : nullptr; }
+
+  // Why the kernels' use of it was wrong, or "" if it was not.
+  std::string check(bool read_only) const {
+    for (unsigned char* p = start_; p < data_; ++p) {
+      if (*p != kGuard) return std::string("a kernel wrote before the start of ") + name_;
+    }
+    for (size_t i = 0; i < kGuardBytes; ++i) {
+      if (data_[bytes_ + i] != kGuard) {
+        return std::string("a kernel wrote past the end of ") + name_;
+      }
+    }
+    if (read_only && host_ != nullptr && std::memcmp(data_, host_, bytes_) != 0) {
+      return std::string("a kernel wrote into its input ") + name_;
+    }
+    return "";
+  }
+
+  void copy_to(void* host) const {
+    if (host != nullptr) std::memcpy(host, data_, bytes_);
+  }
+
+ private:
+  const char* name_;
+  const void* host_;
+  size_t bytes_;
+  std::unique_ptr<unsigned char[]> storage_;
+  unsigned char* start_;
+  unsigned char* data_;
+};
+
+size_t dtype_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return 4;
+    case DType::Float64: return 8;
+    case DType::Float16:
+    case DType::BFloat16: return 2;
+  }
+  return 0;
+}
+
+size_t acc_bytes(DType dtype) { return dtype == DType::Float64 ? 8 : 4; }
+
+// Whether the launchers take a row_scale per peer and row (fields added after the first version).
+template <typename Params>
+constexpr bool kHasRowScaleStrides = requires(Params p) { p.row_scale_stride_k; };
+
+// Points the kernels at the gradient's scale: one value (strides 0) or [K, R] at these strides
+// where the params have row_scale strides; false where they take one value only.
+template <typename Params>
+bool set_row_scale(Params& params, const void* row_scale, int64_t stride_k, int64_t stride_r) {
+  params.row_scale = row_scale;
+  if constexpr (kHasRowScaleStrides<Params>) {
+    params.row_scale_stride_k = stride_k;
+    params.row_scale_stride_r = stride_r;
+    return true;
+  } else {
+    return stride_k == 0 && stride_r == 0;
+  }
+}
+
+int report(char* out, int64_t size, const std::string& message) {
+  if (size > 0) std::snprintf(out, static_cast<size_t>(size), "%s", message.c_str());
+  return 1;
+}
+
+// What went wrong in the launches (a launcher's return value, the last error, a kernel error).
+std::string launch_problem(cudaError_t launched) {
+  const cudaError_t last = cudaGetLastError();
+  std::ostringstream out;
+  if (launched != cudaSuccess) out << "the launcher returned CUDA error " << int(launched) << ". ";
+  if (last != cudaSuccess) out << "cudaGetLastError: CUDA error " << int(last) << ". ";
+  if (!cuda_emu::kernel_error().empty()) out << cuda_emu::kernel_error();
+  return out.str();
+}
+
+}  // namespace
+
+extern "C" {
+
+// Whether the kernels take the gradient's scale per peer and row (row_scale strides), not only
+// one value.
+int emu_row_scale_per_row() {
+  return kHasRowScaleStrides<fastdml::gpu::MutualLossParams> ? 1 : 0;
+}
+
+// launch_mutual_loss_with_grad on a device with `num_sms` multiprocessors and these shared memory
+// sizes. logits: `logits_bytes` bytes from `logits` hold the [K, R, C] view (unit class stride,
+// peer and row strides in elements); row_scale: `row_scale_bytes` bytes hold it, at these strides
+// (0 and 0: one value). Outputs: loss, ce, mimicry [K, R] of the accumulation dtype, grad
+// [K, R, C] contiguous of the logits dtype (null unless compute_grad). Returns 0, or 1 with a
+// message in `error`.
+int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, int64_t stride_r,
+                    const int64_t* target, int64_t target_stride, const void* weights,
+                    const void* row_scale, int64_t row_scale_bytes, int64_t row_scale_stride_k,
+                    int64_t row_scale_stride_r, void* loss, void* ce, void* mimicry, void* grad,
+                    int64_t K, int64_t R, int64_t C, int dtype, int mode, double temperature,
+                    double alpha, double label_smoothing, int64_t ignore_index, int compute_grad,
+                    int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
+                    char* error, int64_t error_size) {
+  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
+  cuda_emu::reset();
+  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
+                      static_cast<cuda_emu::Schedule>(schedule));
+  const auto type = static_cast<DType>(dtype);
+  const size_t acc = acc_bytes(type);
+  const size_t rows = static_cast<size_t>(K * R);
+  DeviceBuffer d_logits("logits", logits, static_cast<size_t>(logits_bytes), 0);
+  DeviceBuffer d_target("target", target,
+                        static_cast<size_t>(R > 0 ? (R - 1) * target_stride + 1 : 0) * 8, 0);
+  DeviceBuffer d_weights("weights", weights, static_cast<size_t>(K * K) * acc, 0);
+  DeviceBuffer d_row_scale("row_scale", row_scale, static_cast<size_t>(row_scale_bytes), 0);
+  DeviceBuffer d_loss("loss", nullptr, rows * acc, kUnwritten);
+  DeviceBuffer d_ce("ce", nullptr, rows * acc, kUnwritten);
+  DeviceBuffer d_mimicry("mimicry", nullptr, rows * acc, kUnwritten);
+  DeviceBuffer d_grad("grad", nullptr, compute_grad ? rows * C * dtype_bytes(type) : 0,
+                      kUnwritten);
+
+  fastdml::gpu::MutualLossParams params{};
+  params.logits = d_logits.data();
+  params.stride_k = stride_k;
+  params.stride_r = stride_r;
+  params.target = static_cast<const int64_t*>(d_target.data());
+  params.target_stride = target_stride;
+  params.weights = d_weights.data();
+  if (!set_row_scale(params, d_row_scale.data(), row_scale_stride_k, row_scale_stride_r)) {
+    return report(error, error_size, "these kernels take one row_scale value, not one per row");
+  }
+  params.loss = d_loss.data();
+  params.ce = d_ce.data();
+  params.mimicry = d_mimicry.data();
+  params.grad = compute_grad ? d_grad.data() : nullptr;
+  params.K = K;
+  params.R = R;
+  params.C = C;
+  params.dtype = type;
+  params.mode = static_cast<LossMode>(mode);
+  params.temperature = temperature;
+  params.alpha = alpha;
+  params.label_smoothing = label_smoothing;
+  params.ignore_index = ignore_index;
+  params.compute_grad = compute_grad != 0;
+  const int64_t workspace_bytes = fastdml::gpu::mutual_loss_workspace_bytes(params, device);
+  DeviceBuffer d_workspace("workspace", nullptr, static_cast<size_t>(workspace_bytes), kPoison);
+  params.workspace = d_workspace.data();
+
+  const cudaError_t launched = fastdml::gpu::launch_mutual_loss_with_grad(params, device, nullptr);
+  std::string problem = launch_problem(launched);
+  for (const auto& [buffer, read_only] :
+       {std::pair{&d_logits, true}, {&d_target, true}, {&d_weights, true}, {&d_row_scale, true},
+        {&d_loss, false}, {&d_ce, false}, {&d_mimicry, false}, {&d_grad, false},
+        {&d_workspace, false}}) {
+    if (problem.empty()) problem = buffer->check(read_only);
+  }
+  if (!problem.empty()) return report(error, error_size, problem);
+  d_loss.copy_to(loss);
+  d_ce.copy_to(ce);
+  d_mimicry.copy_to(mimicry);
+  if (compute_grad) d_grad.copy_to(grad);
+  return 0;
+}
+
+// launch_scale_grad_rows on grad [K, R, C] (contiguous, updated in place) with grad_loss [K, R]
+// (strides in elements; `grad_loss_bytes` bytes from `grad_loss` hold it) and row_scale as above.
+// Returns as above.
+int emu_scale_grad_rows(void* grad, const void* grad_loss, int64_t grad_loss_bytes,
+                        int64_t grad_loss_stride_k, int64_t grad_loss_stride_r,
+                        const void* row_scale, int64_t row_scale_bytes, int64_t row_scale_stride_k,
+                        int64_t row_scale_stride_r, int64_t K, int64_t R, int64_t C, int dtype,
+                        int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
+                        char* error, int64_t error_size) {
+  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
+  cuda_emu::reset();
+  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
+                      static_cast<cuda_emu::Schedule>(schedule));
+  const auto type = static_cast<DType>(dtype);
+  DeviceBuffer d_grad("grad", grad, static_cast<size_t>(K * R * C) * dtype_bytes(type), 0);
+  DeviceBuffer d_grad_loss("grad_loss", grad_loss, static_cast<size_t>(grad_loss_bytes), 0);
+  DeviceBuffer d_row_scale("row_scale", row_scale, static_cast<size_t>(row_scale_bytes), 0);
+  fastdml::gpu::ScaleGradParams params{};
+  params.grad = d_grad.data();
+  params.grad_loss = d_grad_loss.data();
+  params.grad_loss_stride_k = grad_loss_stride_k;
+  params.grad_loss_stride_r = grad_loss_stride_r;
+  if (!set_row_scale(params, d_row_scale.data(), row_scale_stride_k, row_scale_stride_r)) {
+    return report(error, error_size, "these kernels take one row_scale value, not one per row");
+  }
+  params.K = K;
+  params.R = R;
+  params.C = C;
+  params.dtype = type;
+  const cudaError_t launched = fastdml::gpu::launch_scale_grad_rows(params, device, nullptr);
+  std::string problem = launch_problem(launched);
+  for (const auto& [buffer, read_only] :
+       {std::pair{&d_grad, false}, {&d_grad_loss, true}, {&d_row_scale, true}}) {
+    if (problem.empty()) problem = buffer->check(read_only);
+  }
+  if (!problem.empty()) return report(error, error_size, problem);
+  d_grad.copy_to(grad);
+  return 0;
+}
+
+// The launches of the last call, one line each: kernel, launcher, grid (x y z), block (x y z),
+// dynamic and static shared bytes, __syncthreads, __syncwarp and shuffle episodes; tab-separated.
+// Returns the length of the whole text (written up to `size` - 1 bytes).
+int64_t emu_launches(char* out, int64_t size) {
+  std::ostringstream text;
+  for (const cuda_emu::LaunchRecord& r : cuda_emu::launches()) {
+    text << r.kernel << '\t' << r.where << '\t' << r.grid.x << ' ' << r.grid.y << ' ' << r.grid.z
+         << '\t' << r.block.x << ' ' << r.block.y << ' ' << r.block.z << '\t'
+         << r.dynamic_shared_bytes << '\t' << r.static_shared_bytes << '\t' << r.block_barriers
+         << '\t' << r.warp_barriers << '\t' << r.shuffles << '\n';
+  }
+  const std::string s = text.str();
+  if (size > 0) std::snprintf(out, static_cast<size_t>(size), "%s", s.c_str());
+  return static_cast<int64_t>(s.size());
+}
+
+}  // extern "C"

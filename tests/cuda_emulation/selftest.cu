@@ -1,0 +1,153 @@
+// Kernels that check the emulator itself, not fastdml (test_cuda_emulation.py::test_emulator_*):
+// the shuffles against the hardware's lane arithmetic, and that a kernel a GPU would hang on,
+// give undefined results for, or refuse to launch is reported. Built like csrc/*.cu, so the
+// rewrite of launches and shared memory is exercised too.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "emulator.h"
+
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// out[t] = the shuffle's result in thread t, whose value is 100 * t.
+__global__ void shuffle_kernel(int* out, int kind, int arg, int width) {
+  const int v = 100 * static_cast<int>(threadIdx.x);
+  int r = 0;
+  switch (kind) {
+    case 0: r = __shfl_sync(kFullMask, v, arg, width); break;
+    case 1: r = __shfl_up_sync(kFullMask, v, static_cast<unsigned>(arg), width); break;
+    case 2: r = __shfl_down_sync(kFullMask, v, static_cast<unsigned>(arg), width); break;
+    default: r = __shfl_xor_sync(kFullMask, v, arg, width); break;
+  }
+  out[threadIdx.x] = r;
+}
+
+// A double through a butterfly sum, as the kernels reduce: every lane ends with the total.
+__global__ void butterfly_kernel(int* out) {
+  double v = threadIdx.x + 0.5;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  out[threadIdx.x] = static_cast<int>(v * 2);
+}
+
+// Reverses the block through dynamic shared memory.
+__global__ void reverse_kernel(int* out) {
+  extern __shared__ int buffer[];
+  buffer[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = buffer[blockDim.x - 1 - threadIdx.x];
+}
+
+// Thread 0 writes, the others read: right only with the barrier.
+__global__ void publish_kernel(int* out, bool barrier) {
+  __shared__ int value;
+  if (threadIdx.x == 0) value = 42;
+  if (barrier) __syncthreads();
+  out[threadIdx.x] = value;
+}
+
+__global__ void divergent_barrier_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Half of each warp leaves before a full-mask shuffle.
+__global__ void exited_lane_kernel(int* out) {
+  if (threadIdx.x % 32 >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(kFullMask, 1, 1);
+}
+
+// Thread 0 waits in __syncwarp for lanes that wait in __syncthreads for it.
+__global__ void deadlock_kernel(int* out) {
+  if (threadIdx.x == 0) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// 1 KiB of static shared memory besides the launch's dynamic size (at least 1 KiB): what the
+// launch rules count. out[t] = 1000 * (255 - t) + t.
+__global__ void static_and_dynamic_smem_kernel(int* out) {
+  __shared__ int words[256];
+  extern __shared__ int buffer[];
+  words[threadIdx.x] = 1000 * static_cast<int>(threadIdx.x);
+  buffer[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = words[blockDim.x - 1 - threadIdx.x] + buffer[threadIdx.x];
+}
+
+// A 16-byte load from an address 4 bytes past a 16-byte boundary.
+__global__ void misaligned_load_kernel(int* out) {
+  __shared__ int4 words[2];
+  const int4 v = __ldcs(reinterpret_cast<const int4*>(reinterpret_cast<const int*>(words) + 1));
+  out[threadIdx.x] = v.x;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Runs self-test `name` with 256 threads (one block) into out[256], on a device whose blocks may
+// have `smem_per_block_optin` bytes of shared memory; returns 0, or 1 with the error (launch or
+// kernel) in `error`. "static_and_dynamic_smem": `arg` bytes of dynamic shared memory, after
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kind) if kind >= 0.
+int emu_selftest(const char* name, int kind, int arg, int width, int schedule,
+                 int smem_per_block_optin, int* out, char* error, int64_t error_size) {
+  cuda_emu::reset();
+  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
+                      static_cast<cuda_emu::Schedule>(schedule));
+  const std::string test = name;
+  constexpr int kThreads = 256;
+  if (test == "shuffle") {
+    shuffle_kernel<<<1, kThreads>>>(out, kind, arg, width);
+  } else if (test == "butterfly") {
+    butterfly_kernel<<<1, kThreads>>>(out);
+  } else if (test == "reverse") {
+    reverse_kernel<<<1, kThreads, kThreads * sizeof(int)>>>(out);
+  } else if (test == "too_much_dynamic_smem") {
+    reverse_kernel<<<1, kThreads, 64 * 1024>>>(out);  // over 48 KiB without the attribute
+  } else if (test == "empty_grid") {
+    reverse_kernel<<<0, kThreads, kThreads * sizeof(int)>>>(out);
+  } else if (test == "publish") {
+    publish_kernel<<<1, kThreads>>>(out, arg != 0);
+  } else if (test == "divergent_barrier") {
+    divergent_barrier_kernel<<<1, kThreads>>>(out);
+  } else if (test == "exited_lane") {
+    exited_lane_kernel<<<1, kThreads>>>(out);
+  } else if (test == "deadlock") {
+    deadlock_kernel<<<1, kThreads>>>(out);
+  } else if (test == "misaligned_load") {
+    misaligned_load_kernel<<<1, kThreads>>>(out);
+  } else if (test == "static_and_dynamic_smem") {
+    if (kind >= 0) {
+      const cudaError_t set = cudaFuncSetAttribute(
+          static_and_dynamic_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kind);
+      if (set != cudaSuccess) {
+        std::snprintf(error, static_cast<size_t>(error_size),
+                      "cudaFuncSetAttribute: CUDA error %d", int(set));
+        return 1;
+      }
+    }
+    static_and_dynamic_smem_kernel<<<2, kThreads, static_cast<size_t>(arg)>>>(out);
+  } else {
+    std::snprintf(error, static_cast<size_t>(error_size), "no self-test %s", name);
+    return 1;
+  }
+  const cudaError_t last = cudaGetLastError();
+  if (last == cudaSuccess) return 0;
+  std::snprintf(error, static_cast<size_t>(error_size), "CUDA error %d: %s", int(last),
+                cuda_emu::kernel_error().c_str());
+  return 1;
+}
+
+}  // extern "C"

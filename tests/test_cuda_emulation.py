@@ -1,0 +1,697 @@
+"""The CUDA kernels (csrc/*.cu) run on the CPU, checked against the float64 reference.
+
+CI has no GPU, so the .cu sources themselves run here: built by the host C++ compiler with a shim
+(tests/cuda_emulation/) in which the threads of a block are fibers, __syncthreads and the warp
+shuffles are exact barriers and exchanges, and every launch goes through the real launchers. The
+cases reach every path the launchers pick: each mode and dtype, K = 2..10 (the fixed-K kernel for
+2..8, the any-K kernel beyond and for float64), a warp or the whole block per row, vector and
+scalar loads, rows that fit the shared-memory cache, fit it in part or get none, the split of few
+long rows across blocks, teams that go on to further rows, ignored and out-of-range targets, and
+the backward's row scaling. Each case also asserts the path it took (from the launches), so that
+a changed threshold cannot leave a path silently untested. Every launch is held to a GPU's rules
+for shared memory (static and dynamic together past 48 KiB only where the launcher opted in), and
+the shapes that ask for exactly 48 KiB of dynamic shared memory are among the cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from cuda_emulation.build import build, unavailable_reason
+from cuda_emulation.device import (
+    H100,
+    H200,
+    SCHEDULES,
+    DeviceInfo,
+    EmulatedDevice,
+    EmulationError,
+    ForwardResult,
+    Launch,
+)
+from torch import Tensor
+
+from fastdml.arguments import make_problem
+from fastdml.reference import mutual_loss_rows
+
+UNAVAILABLE = unavailable_reason()
+pytestmark = pytest.mark.skipif(
+    UNAVAILABLE is not None, reason=f"the CUDA emulation cannot be built: {UNAVAILABLE}"
+)
+
+MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+IGNORE = -100
+OPTIONS = {"temperature": 2.0, "alpha": 0.8, "label_smoothing": 0.1}
+ROW_SCALE = 0.37  # what the forward multiplies its gradient by (1 / n_valid for "mean")
+
+# Tolerances against float64, measured (the largest error seen is a fifth of them or less, but
+# for the rounding to float16 / bfloat16, which is at its bound) and explained. The kernels
+# compute in float32 (float64 for float64 logits) from the same, already rounded, logits as the
+# reference: the loss terms carry a few rounding errors of that precision, relative to their size
+# (or to the entropies they are differences of, for the mimicry).
+ROW_TOLERANCE = {torch.float64: (2e-14, 2e-14)} | dict.fromkeys(
+    (torch.float32, torch.float16, torch.bfloat16), (5e-6, 5e-6)
+)
+# The gradient: the same in its precision of computation, plus its rounding to the logits dtype
+# (at most half an ulp: 2^-11 relative for float16, 2^-8 for bfloat16).
+_GRAD_COMPUTE = {torch.float64: (1e-14, 1e-14), torch.float32: (1e-6, 5e-7)}
+GRAD_TOLERANCE = {
+    dtype: (
+        _GRAD_COMPUTE[acc][0] + (torch.finfo(dtype).eps / 2 if dtype != acc else 0.0),
+        _GRAD_COMPUTE[acc][1],
+    )
+    for dtype, acc in [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ]
+}
+
+# Devices that are not an H100. The launchers keep the cache to half a multiprocessor's shared
+# memory less 8 KiB (for static shared memory): SMALL_SMEM's holds one 16 KiB step of it,
+# NO_SMEM's none. ONE_SM's grids are at most 32 blocks (8 for the any-K kernel), so that teams go
+# on to further rows (the grid-stride loops) with a few dozen rows.
+SMALL_SMEM = DeviceInfo(num_sms=132, smem_per_sm=48 * 1024, smem_per_block_optin=48 * 1024)
+NO_SMEM = DeviceInfo(num_sms=132, smem_per_sm=16 * 1024, smem_per_block_optin=48 * 1024)
+ONE_SM = DeviceInfo(1, H100.smem_per_sm, H100.smem_per_block_optin)
+
+
+@pytest.fixture(scope="session")
+def gpu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> EmulatedDevice:
+    """The emulation library, built once into pytest's cache (keyed by all its sources)."""
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("cuda_emulation") if cache is not None else tmp_path_factory.mktemp("cuda")
+    return EmulatedDevice(build(Path(root)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors gain nothing from torch's thread pool, and on a 2-core machine its idle
+    workers spinning between ops take the core that the (single-threaded) emulator runs on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A problem shape and layout, and the path the launchers must take for it.
+
+    `vector`, `team` and `cache` are what the fixed-K kernel must use (float32, float16 and
+    bfloat16 with K <= 8); float64 and K > 8 take the any-K kernel, and few long rows the split.
+    """
+
+    name: str
+    peers: int
+    rows: int
+    classes: int
+    layout: str = "contiguous"  # or "interleaved" ([R, K, C] storage), "padded", "offset"
+    device: DeviceInfo = H100
+    vector: bool = True
+    team: str = "warp"  # a warp per row, or the whole "block"
+    cache: str = "all"  # the row is kept in shared memory: "all" of it, "part", or "none"
+    dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)  # those worth the time
+    options: dict[str, float] = field(default_factory=lambda: dict(OPTIONS))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FIXED_K_DTYPES = (torch.float32, torch.bfloat16)  # a 4- and a 2-byte one, for the longer cases
+
+PATHS = [
+    Case("warp-vector", 3, 12, 72),
+    Case("warp-vector-interleaved", 4, 10, 48, layout="interleaved"),
+    Case("warp-scalar-odd-classes", 2, 10, 37, vector=False),
+    Case("warp-scalar-padded-rows", 7, 9, 64, layout="padded", vector=False),
+    Case("warp-scalar-misaligned", 5, 9, 64, layout="offset", vector=False),
+    Case("block-vector", 3, 3, 2304, team="block"),
+    Case("block-vector-8-peers", 8, 2, 2080, team="block"),
+    Case("block-scalar", 6, 3, 1001, vector=False, team="block"),
+    Case("cache-part-warp", 4, 10, 512, device=SMALL_SMEM, cache="part"),
+    Case("cache-part-block", 2, 2, 6144, device=SMALL_SMEM, team="block", cache="part"),
+    Case("cache-none", 4, 10, 512, device=NO_SMEM, cache="none"),
+    Case("any-k-long-rows", 9, 3, 3000),
+    Case("split", 3, 3, 12289),
+    Case("split-10-peers", 10, 2, 8192),
+    # 264 rows for 32 blocks of 8 warps; 40 rows for 32 blocks; 20 rows for 8 blocks.
+    Case("grid-stride-warp", 6, 264, 24, device=ONE_SM, dtypes=FIXED_K_DTYPES),
+    Case("grid-stride-block", 5, 40, 2304, device=ONE_SM, team="block", dtypes=FIXED_K_DTYPES),
+    Case("grid-stride-any-k", 9, 20, 40, device=ONE_SM, dtypes=(torch.float32, torch.float64)),
+]
+PATH_CASES = {case.name: case for case in PATHS}
+
+
+def split_expected(case: Case) -> bool:
+    """The launchers split the classes of rows fewer than the multiprocessors, of >= 2 * 4096."""
+    return case.rows < case.device.num_sms and case.classes >= 2 * 4096
+
+
+def make_logits(case: Case, dtype: torch.dtype) -> Tensor:
+    """Logits [K, R, C] of `dtype` laid out as the case says, unit class stride."""
+    k, r, c = case.peers, case.rows, case.classes
+
+    def values(*shape: int) -> Tensor:
+        return (3 * torch.randn(*shape)).to(dtype)
+
+    if case.layout == "contiguous":
+        return values(k, r, c)
+    if case.layout == "interleaved":  # peer stride C, row stride K * C
+        return values(r, k, c).transpose(0, 1)
+    if case.layout == "padded":  # odd row stride: rows not aligned for vectors
+        return values(k, r, c + 1)[..., :c]
+    if case.layout == "offset":  # the first element one element past an aligned address
+        return values(k * r * c + 1)[1:].view(k, r, c)
+    raise ValueError(case.layout)
+
+
+def make_target(case: Case) -> Tensor:
+    """Random classes, but first the last class, an ignored row, out-of-range targets (above and
+    below) and class 0. The interleaved case reads every other element (target stride 2)."""
+    r, c = case.rows, case.classes
+    stride = 2 if case.layout == "interleaved" else 1
+    target = torch.randint(0, c, (r * stride,))[::stride]
+    pattern = [c - 1, IGNORE, c, 0, -1]
+    target[: min(r, len(pattern))] = torch.tensor(pattern[:r])
+    return target
+
+
+def make_inputs(case: Case, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, target and peer weights: non-negative, with zeros, and a diagonal that counts for
+    nothing (KL(q_k || q_k) = 0)."""
+    weights = torch.rand(case.peers, case.peers, dtype=torch.float64)
+    weights = torch.where(weights < 0.2, 0.0, weights)
+    return make_logits(case, dtype), make_target(case), weights
+
+
+def gradient_scale(row_scale: float | Tensor) -> Tensor:
+    """What the forward multiplies the gradient of a row by: row_scale, or 1 where that is 0
+    (0-dim for one value, else [K, R])."""
+    row_scale = torch.as_tensor(row_scale, dtype=torch.float64)
+    return torch.where(row_scale == 0, 1.0, row_scale)
+
+
+def make_row_scale(peers: int, rows: int, dtype: torch.dtype) -> Tensor:
+    """One scale per peer and row, [K, R] with strides (1, K), one of them 0."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    row_scale = (0.1 + torch.rand(rows, peers, dtype=acc)).t()
+    row_scale[-1, 0] = 0
+    return row_scale
+
+
+def reference(
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor,
+    mode: str,
+    options: dict[str, float],
+    row_scale: float | Tensor = ROW_SCALE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss, ce, mimicry [K, R] and the scaled gradient [K, R, C] in float64, NaN in the rows of
+    out-of-range targets (which the GPU kernels flag instead of checking)."""
+    classes = logits.shape[2]
+    invalid = (target != IGNORE) & ((target < 0) | (target >= classes))
+    z = logits.detach().to(torch.float64).requires_grad_()
+    problem = make_problem(
+        z,
+        torch.where(invalid, IGNORE, target),
+        temperature=options["temperature"],
+        alpha=options["alpha"],
+        mode="pairwise" if mode == "weights" else mode,
+        peer_weights=weights if mode == "weights" else None,
+        label_smoothing=options["label_smoothing"],
+        ignore_index=IGNORE,
+    )
+    ce, mimicry = mutual_loss_rows(problem)
+    loss = ce + options["alpha"] * options["temperature"] ** 2 * mimicry
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    rows = [torch.where(invalid, nan, x.detach()) for x in (loss, ce, mimicry)]
+    return (*rows, torch.where(invalid[:, None], nan, gradient_scale(row_scale)[..., None] * grad))
+
+
+def run_forward(
+    gpu: EmulatedDevice,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    mode: str,
+    options: dict[str, float] = OPTIONS,
+    row_scale: float | Tensor = ROW_SCALE,
+    **kwargs,
+) -> ForwardResult:
+    logits, target, weights = inputs
+    return gpu.mutual_loss_with_grad(
+        logits,
+        target,
+        weights,
+        row_scale=row_scale,
+        mode=mode,
+        ignore_index=IGNORE,
+        **options,
+        **kwargs,
+    )
+
+
+def assert_matches_reference(
+    got: ForwardResult,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    mode: str,
+    options: dict[str, float] = OPTIONS,
+    row_scale: float | Tensor = ROW_SCALE,
+) -> None:
+    dtype = inputs[0].dtype
+    *rows, grad = reference(*inputs, mode, options, row_scale)
+    rtol, atol = ROW_TOLERANCE[dtype]
+    outputs = {"loss": got.loss, "ce": got.ce, "mimicry": got.mimicry}
+    for (name, value), want in zip(outputs.items(), rows, strict=True):
+        torch.testing.assert_close(
+            value.double(),
+            want,
+            rtol=rtol,
+            atol=atol,
+            equal_nan=True,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+    if got.grad is not None:
+        rtol, atol = GRAD_TOLERANCE[dtype]
+        torch.testing.assert_close(
+            got.grad.double(),
+            grad,
+            rtol=rtol,
+            atol=atol,
+            equal_nan=True,
+            msg=lambda m: f"grad: {m}",
+        )
+
+
+def assert_path(launches: list[Launch], case: Case, dtype: torch.dtype) -> None:
+    """The launches took the path the case is there to cover."""
+    if split_expected(case):
+        assert len(launches) == 3, f"expected the split (3 launches), got {launches}"
+        assert launches[0].blocks > case.rows, "the split gives a row several blocks"
+        return
+    assert len(launches) == 1, launches
+    (launch,) = launches
+    args = launch.template_args
+    if dtype == torch.float64 or case.peers > 8:
+        assert "KT" not in args, f"expected the any-K kernel, got {launch.where}"
+        return
+    assert args.get("KT") == str(case.peers), f"expected the fixed-K kernel, got {launch.where}"
+    vec = int(args["VEC"])
+    assert (vec > 1) == case.vector, f"expected vector loads: {case.vector}, got VEC = {vec}"
+    # A warp per row synchronizes the block once (for the peer weights), a block per row at
+    # every reduction.
+    team = "warp" if launch.block_barriers == launch.blocks else "block"
+    assert team == case.team, f"expected a {case.team} per row, got {launch}"
+    teams = 256 // 32 if team == "warp" else 1
+    row_bytes = teams * case.peers * case.classes * torch.finfo(dtype).bits // 8
+    if launch.dynamic_shared == 0:
+        cache = "none"
+    else:
+        cache = "all" if launch.dynamic_shared >= row_bytes else "part"
+    assert cache == case.cache, f"expected cache {case.cache}, got {launch.dynamic_shared} bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward.
+
+
+@pytest.mark.parametrize("peers", range(2, 11))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_dtypes_peers(gpu: EmulatedDevice, mode: str, dtype: torch.dtype, peers: int):
+    """Every mode, dtype and number of peers on short rows (a warp per row, or the any-K kernel)."""
+    case = Case(f"{peers}-peers", peers, 10, 72)
+    inputs = make_inputs(case, dtype)
+    got = run_forward(gpu, inputs, mode)
+    assert_path(got.launches, case, dtype)
+    assert_matches_reference(got, inputs, mode)
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [pytest.param(case, dtype, id=f"{case}-{dtype}") for case in PATHS for dtype in case.dtypes],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_paths(gpu: EmulatedDevice, mode: str, case: Case, dtype: torch.dtype):
+    """Each path of the launchers: team, loads, shared-memory cache, any-K kernel, split, and
+    teams that go on to further rows."""
+    inputs = make_inputs(case, dtype)
+    got = run_forward(gpu, inputs, mode, device=case.device)
+    assert_path(got.launches, case, dtype)
+    assert_matches_reference(got, inputs, mode)
+
+
+OPTION_SETS = [
+    pytest.param({"temperature": 1.0, "alpha": 0.5, "label_smoothing": 0.0}, id="T1-no-smoothing"),
+    pytest.param({"temperature": 4.0, "alpha": 0.0, "label_smoothing": 0.3}, id="T4-alpha0"),
+    pytest.param({"temperature": 0.5, "alpha": 2.0, "label_smoothing": 1.0}, id="T0.5-smoothing1"),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("peers", [3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_options(
+    gpu: EmulatedDevice, mode: str, dtype: torch.dtype, peers: int, options: dict[str, float]
+):
+    """T = 1 (one log-sum-exp per peer, p = q), no label smoothing, no mimicry, sharp targets."""
+    inputs = make_inputs(Case(f"{peers}-peers", peers, 10, 72), dtype)
+    got = run_forward(gpu, inputs, mode, options)
+    assert_matches_reference(got, inputs, mode, options)
+
+
+SPECIAL_CASES = [  # 6 rows: the targets of make_target, and row 5 with a random one
+    Case("warp", 3, 6, 40),
+    Case("block", 3, 6, 2304, team="block"),
+    Case("any-k", 9, 6, 40),
+    Case("split", 3, 6, 8192),
+]
+
+
+@pytest.mark.parametrize("case", SPECIAL_CASES, ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_and_nan_logits(
+    gpu: EmulatedDevice, mode: str, dtype: torch.dtype, smoothing: float, case: Case
+):
+    """-inf logits (masked classes: q = 0 there, and an infinite loss with label smoothing) and a
+    NaN logit (it reaches that row's loss terms, never masked to a number)."""
+    inputs = make_inputs(case, dtype)
+    logits = inputs[0]
+    logits[:, 0, 5:9] = float("-inf")  # every peer (the target, C - 1, stays finite)
+    logits[1, 3, 7] = float("-inf")  # one peer only
+    logits[2, 5, 11] = float("nan")
+    options = OPTIONS | {"label_smoothing": smoothing}
+    got = run_forward(gpu, inputs, mode, options, device=case.device)
+    assert_path(got.launches, case, dtype)
+    assert_matches_reference(got, inputs, mode, options)
+
+
+SCHEDULED = ["warp-scalar-padded-rows", "block-vector-8-peers", "cache-part-block", "split"]
+SCHEDULED += ["any-k-long-rows", "grid-stride-warp", "grid-stride-block", "grid-stride-any-k"]
+
+
+@pytest.mark.parametrize("name", SCHEDULED)
+@pytest.mark.parametrize("schedule", SCHEDULES[1:])
+def test_schedule_independent(gpu: EmulatedDevice, schedule: str, name: str):
+    """Results are bit for bit the same whatever order a block's threads run in between barriers:
+    no missing barrier, no race on shared memory, a fixed reduction order."""
+    case = PATH_CASES[name]
+    inputs = make_inputs(case, torch.float32)
+    first, second = (
+        run_forward(gpu, inputs, "ensemble_logits", device=case.device, schedule=order)
+        for order in ("forward", schedule)
+    )
+    for a, b in zip(
+        (first.loss, first.ce, first.mimicry, first.grad),
+        (second.loss, second.ce, second.mimicry, second.grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["warp-vector", "block-vector", "any-k-long-rows", "split"])
+def test_without_grad(gpu: EmulatedDevice, name: str):
+    """compute_grad = False: the same loss terms, and no gradient written (the driver hands the
+    kernels a null gradient pointer, and checks that nothing was written around any buffer)."""
+    case = PATH_CASES[name]
+    inputs = make_inputs(case, torch.float32)
+    got = run_forward(gpu, inputs, "pairwise", device=case.device, compute_grad=False)
+    assert got.grad is None
+    assert_matches_reference(got, inputs, "pairwise")
+
+
+@pytest.mark.parametrize(
+    "name", ["warp-vector", "block-vector-8-peers", "any-k-long-rows", "split"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_row_scale_per_row(gpu: EmulatedDevice, dtype: torch.dtype, name: str):
+    """A scale per peer and row (strided; 0 counts as 1): the forward writes each row's gradient
+    times its own scale."""
+    if not gpu.row_scale_per_row:
+        pytest.skip("these kernels take one row_scale value")
+    case = PATH_CASES[name]
+    inputs = make_inputs(case, dtype)
+    row_scale = make_row_scale(case.peers, case.rows, dtype)
+    got = run_forward(gpu, inputs, "ensemble_logits", row_scale=row_scale, device=case.device)
+    assert_path(got.launches, case, dtype)
+    assert_matches_reference(got, inputs, "ensemble_logits", row_scale=row_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory at the 48 KiB a kernel may have without opting in.
+
+SMEM_WITHOUT_OPT_IN = 48 * 1024
+HALF = (torch.float16, torch.bfloat16)
+
+# Shapes for which the launchers give a block 48 KiB of dynamic shared memory or a little less
+# (K = 5's 47.5 KiB): within the 48 KiB a kernel may have without opting in (with
+# cudaFuncAttributeMaxDynamicSharedMemorySize), but not with the kernel's static shared memory
+# (0.1 to 2.3 KiB) added, so a GPU refuses the launch (cudaErrorInvalidValue) unless the launcher
+# opted in. The fixed-K kernel's row cache is whole steps of 256 * K * (bytes a load) bytes: 48 KiB
+# where steps * K * (bytes a load) = 192. Found by sweeping C for K = 2..8 and each dtype (none
+# for K = 7), the fewest classes of each kind of team and loads (float16 and bfloat16 alike).
+# The any-K kernel's K * 36 bytes (K * 72 for float64) pass 48 KiB less its static 96 (192) from
+# K = 1363 (681). A warp per row: 8 rows, one block; a block per row: 2 rows, fewer than 8192
+# classes (not split).
+H200Case = partial(Case, device=H200)
+SMEM_48K_CASES = [
+    (H200Case("k2-warp-vector", 2, 8, 1288), torch.float16),
+    (H200Case("k2-warp-vector", 2, 8, 644), torch.float32),
+    (H200Case("k2-block-vector", 2, 2, 5124, team="block"), torch.float32),
+    (H200Case("k2-block-scalar", 2, 2, 5889, vector=False, team="block"), torch.float32),
+    (H200Case("k3-warp-vector", 3, 8, 776), torch.bfloat16),
+    (H200Case("k3-warp-vector", 3, 8, 388), torch.float32),
+    (H200Case("k3-block-vector", 3, 2, 6152, team="block"), torch.float16),
+    (H200Case("k3-block-scalar", 3, 2, 3841, vector=False, team="block"), torch.float32),
+    (H200Case("k4-warp-vector", 4, 8, 520), torch.float16),
+    (H200Case("k4-warp-vector", 4, 8, 260), torch.float32),
+    (H200Case("k4-block-scalar", 4, 2, 5889, vector=False, team="block"), torch.bfloat16),
+    (H200Case("k5-block-scalar", 5, 2, 4609, vector=False, team="block"), torch.float16),
+    (H200Case("k6-warp-vector", 6, 8, 388), torch.bfloat16),
+    (H200Case("k6-warp-scalar", 6, 8, 225, vector=False), torch.float32),
+    (H200Case("k6-block-scalar", 6, 2, 3841, vector=False, team="block"), torch.float16),
+    (H200Case("k8-warp-vector", 8, 8, 260), torch.float16),
+    (H200Case("k8-warp-scalar", 8, 8, 161, vector=False), torch.float32),
+    (H200Case("k8-block-vector", 8, 2, 1026, team="block"), torch.float32),
+    (H200Case("k8-block-scalar", 8, 2, 2817, vector=False, team="block"), torch.bfloat16),
+    (H200Case("any-k", 681, 1, 2), torch.float64),
+]
+
+
+def assert_past_48k(launches: list[Launch]) -> None:
+    """The launch is one the 48 KiB rule is about: the case still tests what it is there for."""
+    (launch,) = launches
+    total = launch.dynamic_shared + launch.static_shared
+    assert launch.dynamic_shared <= SMEM_WITHOUT_OPT_IN < total, (
+        f"expected at most 48 KiB of dynamic shared memory and more with the static, got {launch}"
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_shared_memory_48k_on_h200(gpu: EmulatedDevice, dtype: torch.dtype):
+    """What failed on an H200 (cudaErrorInvalidValue at launch): K = 3, R = 64, C = 1000 in
+    float16 or bfloat16 cache the rows in exactly 48 KiB of dynamic shared memory, and with the
+    kernel's static shared memory that is more than a kernel may have without opting in to it, so
+    the launcher must set cudaFuncAttributeMaxDynamicSharedMemorySize."""
+    case = Case("h200-48k", 3, 64, 1000, device=H200)
+    inputs = make_inputs(case, dtype)
+    got = run_forward(gpu, inputs, "pairwise", device=H200)
+    assert_path(got.launches, case, dtype)
+    assert_past_48k(got.launches)
+    assert_matches_reference(got, inputs, "pairwise")
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"), [pytest.param(c, d, id=f"{c}-{c.classes}-{d}") for c, d in SMEM_48K_CASES]
+)
+def test_shared_memory_48k_shapes(gpu: EmulatedDevice, case: Case, dtype: torch.dtype):
+    """Every kind of launch whose dynamic shared memory fits in 48 KiB but not with the static
+    (SMEM_48K_CASES), on an H200: the launchers opt in, and the results are right."""
+    inputs = make_inputs(case, dtype)
+    got = run_forward(gpu, inputs, "pairwise", device=H200)
+    assert_path(got.launches, case, dtype)
+    assert_past_48k(got.launches)
+    assert_matches_reference(got, inputs, "pairwise")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward.
+
+
+@dataclass(frozen=True)
+class ScaleCase:
+    name: str
+    peers: int
+    rows: int
+    classes: int
+    offset: int = 0  # elements from a 256-byte aligned address to the gradient
+    vector: bool = True
+    team: str = "warp"
+    device: DeviceInfo = H100
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SCALE_CASES = [
+    ScaleCase("warp-vector", 3, 10, 64),
+    ScaleCase("warp-scalar", 3, 10, 37, vector=False),
+    ScaleCase("warp-scalar-misaligned", 3, 6, 64, offset=1, vector=False),
+    ScaleCase("block-vector", 2, 3, 8200, team="block"),
+    ScaleCase("block-scalar", 2, 3, 1031, vector=False, team="block"),
+    ScaleCase("grid-stride", 3, 100, 16, device=ONE_SM),  # 300 rows for 32 blocks of 8 warps
+]
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-scale", "scale-per-row"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad_rows(gpu: EmulatedDevice, dtype: torch.dtype, case: ScaleCase, per_row: bool):
+    """The backward scales row (k, r) by grad_loss[k, r] / s[k, r], and leaves it bit for bit
+    alone where they are equal (the forward already wrote s * gradient): s is row_scale (one
+    value, or one per peer and row), or 1 where that is 0."""
+    if per_row and not gpu.row_scale_per_row:
+        pytest.skip("these kernels take one row_scale value")
+    k, r, c = case.peers, case.rows, case.classes
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    storage = torch.randn(k * r * c + 256).to(dtype)
+    aligned = (-storage.data_ptr() // storage.element_size()) % (256 // storage.element_size())
+    grad = storage[aligned + case.offset :][: k * r * c].view(k, r, c)
+    row_scale = make_row_scale(k, r, dtype) if per_row else ROW_SCALE
+    scale = gradient_scale(row_scale).to(acc).expand(k, r)
+    grad_loss = torch.rand(r, k, dtype=acc).t()  # [K, R] with strides (1, K)
+    for i, j in [(0, slice(None)), (1, 1), (-1, 0)]:  # rows the forward's scale is right for
+        grad_loss[i, j] = scale[i, j]
+    before = grad.clone()
+    launches = gpu.scale_grad_rows_(grad, grad_loss, row_scale=row_scale, device=case.device)
+
+    # The factor in the accumulation dtype, the product rounded to the gradient's dtype.
+    want = before.double() * (grad_loss.double() / scale.double())[..., None]
+    finfo = torch.finfo(dtype)
+    torch.testing.assert_close(grad.double(), want, rtol=2 * finfo.eps, atol=finfo.tiny)
+    same = (grad_loss == scale)[:, :, None].expand_as(grad)
+    assert torch.equal(grad[same], before[same]), "rows with grad_loss == s must not change"
+
+    (launch,) = launches
+    vector = not launch.kernel.replace(" ", "").endswith(",1>")
+    assert vector == case.vector, f"expected vector loads: {case.vector}, got {launch}"
+    teams = 256 // 32 if case.team == "warp" else 1
+    blocks = min(-(-k * r // teams), 32 * case.device.num_sms)
+    assert launch.blocks == blocks, f"expected a {case.team} per row, got {launch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator itself (tests/cuda_emulation/selftest.cu).
+
+SHUFFLES = {"idx": 0, "up": 1, "down": 2, "xor": 3}
+
+
+def hardware_shuffle_source(kind: str, lane: int, arg: int, width: int) -> int:
+    """The lane whose value `lane` gets, as the CUDA programming guide describes __shfl*_sync:
+    segments of `width` lanes; a source outside the lane's segment leaves it its own value, but
+    xor may read from an earlier segment."""
+    start = lane // width * width
+    if kind == "idx":
+        return start + arg % width
+    if kind == "up":
+        return lane - arg if lane - start >= arg else lane
+    if kind == "down":
+        return lane + arg if lane - start + arg < width else lane
+    source = lane ^ arg
+    return source if source < start + width else lane
+
+
+@pytest.mark.parametrize("arg", [0, 1, 3, 16, 31])
+@pytest.mark.parametrize("width", [32, 16, 4])
+@pytest.mark.parametrize("kind", SHUFFLES)
+def test_emulator_shuffles_as_hardware(gpu: EmulatedDevice, kind: str, width: int, arg: int):
+    out = gpu.selftest("shuffle", kind=SHUFFLES[kind], arg=arg, width=width)
+    want = [
+        100 * (t // 32 * 32 + hardware_shuffle_source(kind, t % 32, arg, width)) for t in range(256)
+    ]
+    assert out == want
+
+
+def test_emulator_butterfly_and_shared_memory(gpu: EmulatedDevice):
+    warp_sums = [sum(2 * t + 1 for t in range(w * 32, w * 32 + 32)) for w in range(8)]
+    assert gpu.selftest("butterfly") == [warp_sums[t // 32] for t in range(256)]
+    for schedule in ("forward", "reverse", "shuffled"):
+        assert gpu.selftest("reverse", schedule=schedule) == list(range(255, -1, -1))
+        assert gpu.selftest("publish", arg=1, schedule=schedule) == [42] * 256
+
+
+def test_emulator_schedules_expose_a_missing_barrier(gpu: EmulatedDevice):
+    """Thread 0 writes shared memory that the others read with no barrier between: run first it
+    looks right, run last the others read the poison (NaN bytes) the block's memory starts with."""
+    assert gpu.selftest("publish", arg=0, schedule="forward") == [42] * 256
+    assert gpu.selftest("publish", arg=0, schedule="reverse") == [42] + [-1] * 255
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("divergent_barrier", "different __syncthreads"),
+        ("exited_lane", "exits while lane"),
+        ("deadlock", "deadlock"),
+        ("misaligned_load", "misaligned address"),
+        ("too_much_dynamic_smem", "CUDA error 1:"),  # cudaErrorInvalidValue
+        ("empty_grid", "CUDA error 9:"),  # cudaErrorInvalidConfiguration
+    ],
+)
+def test_emulator_reports_what_a_gpu_would_hang_on_or_refuse(
+    gpu: EmulatedDevice, name: str, message: str
+):
+    with pytest.raises(EmulationError, match=message):
+        gpu.selftest(name)
+
+
+KIB = 1024
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "attribute", "optin", "refusal"),
+    [
+        pytest.param(47 * KIB, -1, H200.smem_per_block_optin, None, id="48k-in-all"),
+        pytest.param(47 * KIB + 1, -1, H200.smem_per_block_optin, "without", id="past-48k"),
+        pytest.param(48 * KIB, -1, H200.smem_per_block_optin, "without", id="48k-dynamic"),
+        pytest.param(48 * KIB, 48 * KIB, H200.smem_per_block_optin, None, id="opted-in"),
+        pytest.param(
+            48 * KIB,
+            48 * KIB - 1,
+            H200.smem_per_block_optin,
+            "than the kernel's",
+            id="opted-in-short",
+        ),
+        pytest.param(63 * KIB, 63 * KIB, 64 * KIB, None, id="optin-in-all"),
+        pytest.param(63 * KIB + 1, 63 * KIB + 1, 64 * KIB, "smem_per_block_optin", id="past-optin"),
+        pytest.param(KIB, 64 * KIB, 64 * KIB, "smem_per_block_optin", id="attribute-past-optin"),
+    ],
+)
+def test_emulator_shared_memory_launch_rules(
+    gpu: EmulatedDevice, dynamic: int, attribute: int, optin: int, refusal: str | None
+):
+    """A launch counts the kernel's static shared memory (1 KiB here) with the dynamic, as a GPU
+    does: over 48 KiB together it needs cudaFuncAttributeMaxDynamicSharedMemorySize of at least
+    the dynamic size (attribute -1: not set), and never more than smem_per_block_optin, nor may
+    the attribute with the static size be more; else cudaErrorInvalidValue."""
+    run = partial(
+        gpu.selftest,
+        "static_and_dynamic_smem",
+        kind=attribute,
+        arg=dynamic,
+        smem_per_block_optin=optin,
+    )
+    if refusal is None:
+        assert run() == [1000 * (255 - t) + t for t in range(256)]
+    else:
+        with pytest.raises(EmulationError, match=f"CUDA error 1: .*refused.*{refusal}"):
+            run()
