@@ -42,13 +42,14 @@ TRITON_FROM_CLASSES = 65536
 
 
 def _max_peers() -> dict[str, int]:
-    """The most peers a backend's kernels take: Triton's tiles hold K x K x classes temporaries.
-    (The CUDA op takes up to 1024 and checks it in C++.)"""
-    if ops.TRITON_ERROR is not None:
-        return {}
-    from fastdml.kernels.mutual_loss import MAX_PEERS as triton_max_peers
+    """The most peers a backend's kernels take: Triton's tiles hold K x K x classes temporaries;
+    the CUDA op keeps per-peer statistics in shared memory (its C++ checks the same 1024)."""
+    limits = {"cuda": 1024}
+    if ops.TRITON_ERROR is None:
+        from fastdml.kernels.mutual_loss import MAX_PEERS as triton_max_peers
 
-    return {"triton": triton_max_peers}
+        limits["triton"] = triton_max_peers
+    return limits
 
 
 MAX_PEERS = _max_peers()

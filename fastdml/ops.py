@@ -176,9 +176,14 @@ def _with_grad_backward(forward_op, scale_grad_rows):
     def backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
         if grad_loss is None:
             return (None,) * 10
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused GPU ops of fastdml have no double backward (create_graph=True); "
+                "use backend='torch' for higher-order gradients"
+            )
         logits, target, weights, row_scale = ctx.saved_tensors
         grad, ctx.grad_buffer = ctx.grad_buffer, None
-        if grad is None or grad.numel() != logits.numel():
+        if grad is None or grad.shape != logits.shape:
             row_scale = grad_loss
             grad = forward_op(logits, target, weights, row_scale, *ctx.options, True)[3]
         scale_grad_rows(grad, grad_loss, row_scale)

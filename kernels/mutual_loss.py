@@ -32,6 +32,11 @@ MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond
 _MAX_TILE_BYTES, _THREAD_ELEMENTS = map(
     int, os.environ.get("FASTDML_TRITON_TILE", "4096,8").split(",")
 )
+if any(n < 1 or n & (n - 1) for n in (_MAX_TILE_BYTES, _THREAD_ELEMENTS)):
+    raise ValueError(
+        "FASTDML_TRITON_TILE must be two powers of 2, BYTES,ELEMENTS (tile bytes, elements a "
+        f"thread), got {_MAX_TILE_BYTES},{_THREAD_ELEMENTS}"
+    )
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
 _SCALE_BLOCK = 1024
@@ -166,11 +171,13 @@ def _rescale(m_part, m):
     return tl.exp(m_part - tl.where(m == float("-inf"), 0.0, m)[None, :])
 
 
-# Integers that only bound loops and masks are not specialized (each value, or its divisibility
-# by 16, would compile another kernel); the logits' strides are, for aligned vector loads.
+# Integers that only bound loops are not specialized (each value, or its divisibility by 16,
+# would compile another kernel). The number of classes and the logits' strides are: a C divisible
+# by 16 lets the compiler prove the masks and addresses of a vector of classes aligned, and emit
+# 16-byte loads and stores instead of one per element.
 @triton.jit(
     do_not_specialize=[
-        "R", "C", "stride_scale_k", "stride_scale_r", "chunk", "splits", "ignore_index", "K",
+        "R", "stride_scale_k", "stride_scale_r", "chunk", "splits", "ignore_index", "K",
     ]
 )  # fmt: skip
 def _mutual_loss_with_grad_kernel(
@@ -223,7 +230,7 @@ def _mutual_loss_with_grad_kernel(
     """
     r = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
-    c_lo = part * chunk
+    c_lo = tl.multiple_of(part * chunk, BLOCK_C)  # chunks are whole tiles
     c_hi = tl.minimum(c_lo + chunk, C)
     peers = tl.arange(0, K_PAD)
     cols = tl.arange(0, BLOCK_C)
@@ -377,7 +384,7 @@ def _merge_partial_sums(
     return tl.sum(tl.load(sums_ptr + offsets, mask=live, other=0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["R", "C", "stride_gk", "stride_gr", "stride_sk", "stride_sr"])
+@triton.jit(do_not_specialize=["R", "stride_gk", "stride_gr", "stride_sk", "stride_sr"])
 def _scale_grad_rows_kernel(
     grad_ptr,
     grad_loss_ptr,

@@ -105,9 +105,11 @@ def test_triton_takes_up_to_its_peer_limit():
         assert backends.select("auto", torch.device("cuda"), limit + 1, 10**6) != "triton"
 
 
+@pytest.mark.filterwarnings("ignore:fastdml falls back")
 def test_auto_on_cuda_takes_the_measured_faster_op(monkeypatch):
     monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
     cuda = torch.device("cuda")
     assert backends.select("auto", cuda, 2, backends.TRITON_FROM_CLASSES - 1) == "cuda"
     assert backends.select("auto", cuda, 2, backends.TRITON_FROM_CLASSES) == "triton"
     assert backends.select("auto", cuda, 17, backends.TRITON_FROM_CLASSES) == "cuda"
+    assert backends.select("auto", cuda, 1025, 10) == "torch"

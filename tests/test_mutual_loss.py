@@ -278,3 +278,11 @@ def test_float16_gradient_under_loss_scaling(backend, reduction, scale):
     assert int(((ours.grad == 0) & (expected != 0)).sum()) == 0
     error = (ours.grad.double() - expected.double()).abs().sum() / expected.double().abs().sum()
     assert error < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_batch_backward(backend, dtype):
+    skip_if_unsupported(backend, dtype)
+    logits = torch.randn(2, 0, 5).to(dtype).requires_grad_()
+    mutual_loss(logits, torch.zeros(0, dtype=torch.long), backend=backend).backward()
+    assert logits.grad.shape == logits.shape

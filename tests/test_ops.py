@@ -144,6 +144,15 @@ def test_per_row_scale_is_the_upstream_gradient(with_grad_ops):
     torch.testing.assert_close(grad, expected)
 
 
+def test_no_double_backward_is_an_error(with_grad_ops):
+    """A gradient that silently had no graph would drop the loss's part of a second derivative."""
+    name, _, _ = with_grad_ops
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    loss = mutual_loss(logits, torch.randint(0, 7, (4,)), backend=name)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
 def test_backward_allocates_no_copy_of_the_logits(with_grad_ops):
     """The backward hands out the forward's gradient buffer: autograd must not fill a zero tensor
     the size of the logits for the buffer's own (unused) output gradient."""
