@@ -1,6 +1,6 @@
 """Markdown tables of a GPU benchmark run (benchmarks/test_gpu.py's JSON), for BENCHMARKS.md.
 
-    python -m benchmarks.gpu_report OUT/gpu.json > OUT/gpu.md   (or OUT/gpu_core.jsonl)
+    python -m benchmarks.gpu_report OUT/gpu_core.jsonl > OUT/gpu.md   (or a pytest-benchmark JSON)
 
 Per shape and dtype: each candidate's median forward and forward + backward time (CUDA events),
 the fraction of the bandwidth floor its forward + backward reaches, its speed-up over each baseline,

@@ -2,7 +2,8 @@
 
 Run by benchmarks/gpu.sh (skipped without a CUDA GPU):
 
-    python -m pytest benchmarks/test_gpu.py --benchmark-enable --benchmark-json=OUT/gpu.json
+    FASTDML_GPU_SHAPES=core FASTDML_GPU_LOG=OUT/gpu_core.jsonl \
+        python -m pytest benchmarks/test_gpu.py --benchmark-enable
 
 Each candidate is checked against the float64 reference on the benchmark input first. Times are
 medians of CUDA-event timings (`triton.testing.do_bench`), stored as ``extra_info["median_ms"]``;
