@@ -446,8 +446,7 @@ def _tile(k_pad: int, num_classes: int, mode: str, acc: torch.dtype) -> tuple[in
     """(BLOCK_C, num_warps). The largest temporary ([K_PAD, BLOCK_C], or [K_PAD, K_PAD, BLOCK_C]
     for ensemble_logits and weights) stays within _MAX_TILE_BYTES, spread over the warps so that no
     thread holds more than _THREAD_ELEMENTS of its elements (up to 8 warps): registers, not
-    spills. Tiles grow by 4x from 128
-    classes, so that few sizes are ever compiled."""
+    spills. Tiles grow by 4x from 128 classes, so that few sizes are ever compiled."""
     rows = k_pad * (k_pad if MODE_IDS[mode] >= 2 else 1)
     budget = max(_MAX_TILE_BYTES // (rows * acc.itemsize), 16)  # a power of 2, as all terms are
     block_c = 128
@@ -638,6 +637,6 @@ def mutual_loss_with_grad(
 def scale_grad_rows_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> None:
     if grad.shape[0] * grad.shape[1] > 0:
         launch, arguments = scale_launch(grad, grad_loss, row_scale)
-        wrap_triton(_scale_grad_rows_kernel)[launch.grid[:1]](
+        wrap_triton(_scale_grad_rows_kernel)[launch.grid](
             *arguments, num_warps=launch.num_warps, **launch.constexprs
         )
