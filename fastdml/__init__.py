@@ -12,6 +12,8 @@ from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserE
 from fastdml.loss import MutualLoss, MutualLossOutput, mutual_loss
 from fastdml.models import build_model
 from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer
+from fastdml.stacked import stack_peers
+from fastdml.stacked_cohort import StackedCohort
 from fastdml.trainer import Trainer
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "LRSchedule",
     "MutualLoss",
     "MutualLossOutput",
+    "StackedCohort",
     "StepOutput",
     "Trainer",
     "UserError",
@@ -34,5 +37,6 @@ __all__ = [
     "load_dataset",
     "make_optimizer",
     "mutual_loss",
+    "stack_peers",
 ]
 __version__ = "0.1.0"

@@ -104,6 +104,12 @@ def _run_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
     run.add_argument("--precision", help=f"fp32, bf16 or fp16 (CUDA) ({d.precision})")
     run.add_argument("--device", help=f"cpu, cuda, cuda:1, ... ({d.device})")
     run.add_argument("--compile", action="store_const", const=True, help="torch.compile the peers")
+    run.add_argument(
+        "--stacked",
+        action="store_const",
+        const=True,
+        help="run the peers (of one architecture) as one batched model",
+    )
     if train:
         run.add_argument("--seed", type=int, help=f"({d.seed})")
     run.add_argument(

@@ -142,14 +142,11 @@ class Cohort:
         for k in frozen:
             self.peers[k].requires_grad_(False).eval()
 
-        trained = [self.peers[k] for k in self.trainable]
-        self.optimizer = make_optimizer(
-            optimizer, trained, options=options, peer_options=peer_options
-        )
-        self.scheduler = make_scheduler(self.optimizer, lr_schedule) if lr_schedule else None
-        self.clip_norm = _per_peer(clip_norm, len(trained), "clip_norm")
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self._compile = compile
+        self.optimizer = self._make_optimizer(optimizer, options, peer_options)
+        self.scheduler = make_scheduler(self.optimizer, lr_schedule) if lr_schedule else None
+        self.clip_norm = _per_peer(clip_norm, len(self.trainable), "clip_norm")
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self._forwards: list[Callable[[Tensor], Tensor]] = [self._compiled(p) for p in self.peers]
 
     writes_records = True  # one process of a distributed cohort writes records, shows progress
@@ -157,6 +154,15 @@ class Cohort:
     @property
     def num_peers(self) -> int:
         return len(self.peers)
+
+    def _make_optimizer(
+        self,
+        optimizer: str | OptimizerFactory,
+        options: Mapping[str, Any] | None,
+        peer_options: Sequence[Mapping[str, Any]] | None,
+    ) -> torch.optim.Optimizer:
+        trained = [self.peers[k] for k in self.trainable]
+        return make_optimizer(optimizer, trained, options=options, peer_options=peer_options)
 
     def _compiled(self, module: nn.Module) -> Callable[[Tensor], Tensor]:
         """`module`, or its `torch.compile` when the cohort compiles its peers."""
@@ -186,10 +192,10 @@ class Cohort:
         return [self._forward(k, x, grad) for k in range(self.num_peers)]
 
     def _loss(
-        self, logits: Sequence[Tensor], target: Tensor
+        self, logits: Tensor | Sequence[Tensor], target: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The cohort's loss, each peer's [K] cross-entropy and mimicry, and the stacked logits
-        (detached)."""
+        (detached). `logits`: each peer's, or all of them stacked [K, N, C, ...]."""
         c = self.criterion
         if len(logits) == 1:  # no stacking: each autograd node costs a lone peer's step time
             counted = (target != c.ignore_index).sum().clamp(min=1)  # 0 rows: a loss of 0
@@ -205,9 +211,7 @@ class Cohort:
             )
             ce_out = ce.detach().reshape(1)
             return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)
-        if len({z.dtype for z in logits}) > 1:  # heterogeneous peers under autocast
-            logits = [z.float() for z in logits]
-        z = torch.stack(list(logits))
+        z = stack_logits(logits)
         out = mutual_loss(
             z,
             target,
@@ -293,7 +297,7 @@ class Cohort:
                 x = x.to(self.device, non_blocking=True)
                 target = target.to(self.device, non_blocking=True)
                 logits = self._logits(x, grad=False)
-                logp = torch.stack([z.float() for z in logits]).log_softmax(2)  # [K, N, C, ...]
+                logp = stack_logits(logits).float().log_softmax(2)  # [K, N, C, ...]
                 ensemble = logp.index_select(0, trained).logsumexp(0, keepdim=True)
                 logp = torch.cat([logp, ensemble - math.log(len(self.trainable))])
                 valid = target != ignore
@@ -372,6 +376,16 @@ class Cohort:
         trainer = Trainer(self, train_data, eval_data, **options)
         trainer.run()
         return trainer
+
+
+def stack_logits(logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """[K, N, C, ...]: a stacked cohort's logits as they are, a list of each peer's stacked (in
+    float32 when their dtypes differ, as heterogeneous peers' may under autocast)."""
+    if isinstance(logits, Tensor):
+        return logits
+    if len({z.dtype for z in logits}) > 1:
+        logits = [z.float() for z in logits]
+    return torch.stack(list(logits))
 
 
 def _check_criterion(criterion: MutualLoss | None, num_peers: int) -> MutualLoss:

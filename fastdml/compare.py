@@ -82,6 +82,11 @@ def compare(
         raise ConfigError("compare needs at least one seed")
     if "distill" in modes and teacher is None:
         raise ConfigError("mode 'distill' needs a teacher: give --teacher ARCH")
+    if "distill" in modes and config.stacked:
+        raise ConfigError(
+            "mode 'distill' learns from a frozen teacher, which a stacked cohort cannot hold: "
+            "leave out --stacked or the distill mode"
+        )
     if config.teacher is not None:
         raise ConfigError("compare trains the peers alone; pass the teacher apart, to distill")
     if teacher is not None and not teacher["frozen"]:

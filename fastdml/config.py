@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = (
     "compile",
     "data_dir",
     "timeout",
+    "stacked",
 )
 
 
@@ -80,6 +81,7 @@ class RunConfig:
     precision: str = "fp32"
     device: str = "auto"
     compile: bool = False
+    stacked: bool = False  # the peers as one batched model (one architecture, none frozen)
     seed: int = 0
     checkpoint_every: int | None = None
     num_workers: int = 0
@@ -234,7 +236,7 @@ def _check(config: RunConfig) -> None:
         raise ConfigError(f"milestones must be a list of epochs, got {config.milestones!r}")
     for milestone in config.milestones:
         _expect("each milestone", milestone, int, "an epoch number")
-    for name in ("nesterov", "compile", "tensorboard", "resume"):
+    for name in ("nesterov", "compile", "stacked", "tensorboard", "resume"):
         _expect(name, getattr(config, name), bool, "true or false")
     for name in ("device", "out"):
         _expect(name, getattr(config, name), str, "a string")

@@ -37,10 +37,17 @@ class MLP(nn.Module):
 
 class CNN1d(nn.Module):
     """The 1-D convolutional baseline of the MNIST-1D paper (Greydanus, 2020): three strided
-    convolutions and a linear classifier. Takes [N, L] or [N, channels, L]."""
+    convolutions and a linear classifier; with `batch_norm`, a batch norm after each
+    convolution. Takes [N, L] or [N, channels, L]."""
 
     def __init__(
-        self, length: int, num_classes: int, *, in_channels: int = 1, channels: int = 25
+        self,
+        length: int,
+        num_classes: int,
+        *,
+        in_channels: int = 1,
+        channels: int = 25,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
@@ -50,6 +57,8 @@ class CNN1d(nn.Module):
                 nn.Conv1d(channels, channels, 3, stride=2, padding=1),
             ]
         )
+        norm = nn.BatchNorm1d if batch_norm else nn.Identity
+        self.norms = nn.ModuleList([norm(channels) for _ in self.convs])
         for conv in self.convs:
             length = (length + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
         self.linear = nn.Linear(channels * length, num_classes)
@@ -57,8 +66,8 @@ class CNN1d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        for conv in self.convs:
-            x = F.relu(conv(x))
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = F.relu(norm(conv(x)))
         return self.linear(x.flatten(1))
 
 

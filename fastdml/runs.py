@@ -26,6 +26,7 @@ from fastdml.errors import CheckpointError, ConfigError
 from fastdml.loss import MutualLoss
 from fastdml.models import build_model
 from fastdml.optim import LRSchedule
+from fastdml.stacked_cohort import StackedCohort
 from fastdml.trainer import CHECKPOINT, Trainer
 
 
@@ -149,7 +150,9 @@ def _distribution(
                 "replicas and exchange_every are for a distributed job: launch fastdml train "
                 "with torchrun (see the README)"
             )
-        return Cohort, {}
+        return StackedCohort if config.stacked else Cohort, {}
+    if config.stacked:
+        raise ConfigError("stacked peers run in one process: leave out --stacked under torchrun")
     if config.num_workers == 0 and not isinstance(data.train, TensorDataset):
         raise ConfigError(
             f"under torchrun, {config.dataset} (read from disk, with random augmentations) needs "
