@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 namespace fastdml {
@@ -20,6 +21,16 @@ inline Mode parse_mode(c10::string_view mode) {
   if (mode == "weights") return Mode::Weights;
   TORCH_CHECK(false, "fastdml: unknown mode '", mode,
               "' (expected pairwise, ensemble, ensemble_logits or weights)");
+}
+
+enum class Reduction { Mean, Sum, None };
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "mean") return Reduction::Mean;
+  if (reduction == "sum") return Reduction::Sum;
+  if (reduction == "none") return Reduction::None;
+  TORCH_CHECK(false, "fastdml: unknown reduction '", reduction,
+                    "' (expected mean, sum or none)");
 }
 
 // Losses, statistics and gradients are accumulated in float64 for float64 logits, else float32.
@@ -51,9 +62,9 @@ inline void check_logits_like(const at::Tensor& t, const char* name) {
               "fastdml: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
-inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
-                               const at::Tensor& weights, double temperature,
-                               double label_smoothing) {
+// The logits, the target and the scalar options every loss op takes.
+inline void check_loss_args(const at::Tensor& logits, const at::Tensor& target,
+                            double temperature, double label_smoothing) {
   check_logits_like(logits, "logits");
   const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
   TORCH_CHECK(K >= 2, "fastdml: mutual learning needs at least 2 peers, got K = ", K);
@@ -63,21 +74,16 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
               target.scalar_type());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == R, "fastdml: target must have shape [", R,
               "], got ", target.sizes());
-  check_acc_tensor(logits, weights, "weights", {K, K});
   TORCH_CHECK(temperature > 0, "fastdml: temperature must be positive, got ", temperature);
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
               "fastdml: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
-inline void check_backward_args(const at::Tensor& grad_ce, const at::Tensor& grad_mimicry,
-                                const at::Tensor& logits, const at::Tensor& target,
-                                const at::Tensor& weights, const at::Tensor& stats,
-                                double temperature, double label_smoothing) {
-  check_forward_args(logits, target, weights, temperature, label_smoothing);
-  const int64_t K = logits.size(0), R = logits.size(1);
-  check_acc_tensor(logits, grad_ce, "grad_ce", {K, R});
-  check_acc_tensor(logits, grad_mimicry, "grad_mimicry", {K, R});
-  check_acc_tensor(logits, stats, "stats", {3, K, R});
+inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& weights, double temperature,
+                               double label_smoothing) {
+  check_loss_args(logits, target, temperature, label_smoothing);
+  check_acc_tensor(logits, weights, "weights", {logits.size(0), logits.size(0)});
 }
 
 // row_scale of mutual_loss_with_grad and scale_grad_rows_: one value (0-dim) or one per peer and
@@ -85,14 +91,15 @@ inline void check_backward_args(const at::Tensor& grad_ce, const at::Tensor& gra
 // the logits' device, read by the kernels there, never on the host. The forward writes
 // s[k, r] * gradient, s = row_scale[k, r] where it is nonzero, else 1 (a zero scale folds nothing
 // in); the backward multiplies row (k, r) by grad_loss[k, r] / s[k, r].
-inline void check_row_scale(const at::Tensor& logits, const at::Tensor& row_scale) {
-  check_same_device(logits, row_scale, "row_scale");
+inline void check_row_scale(const at::Tensor& logits, const at::Tensor& row_scale,
+                            const char* name = "row_scale") {
+  check_same_device(logits, row_scale, name);
   const int64_t K = logits.size(0), R = logits.size(1);
   TORCH_CHECK(row_scale.dim() == 0 || row_scale.sizes() == at::IntArrayRef({K, R}),
-              "fastdml: row_scale must be 0-dim or have shape [", K, ", ", R, "] (one value per "
+              "fastdml: ", name, " must be 0-dim or have shape [", K, ", ", R, "] (one value per "
               "peer and row), got ", row_scale.sizes());
   TORCH_CHECK(row_scale.scalar_type() == acc_dtype(logits.scalar_type()),
-              "fastdml: row_scale must be ", acc_dtype(logits.scalar_type()), " for ",
+              "fastdml: ", name, " must be ", acc_dtype(logits.scalar_type()), " for ",
               logits.scalar_type(), " logits, got ", row_scale.scalar_type());
 }
 
@@ -109,6 +116,26 @@ inline void check_with_grad_args(const at::Tensor& logits, const at::Tensor& tar
   check_row_scale(logits, row_scale);
 }
 
+// fused_mutual_loss: weights [K, K] in mode "weights" (unread, and may be absent, in the
+// others); grad_scale absent, 0-dim or [K, R] (any strides), like row_scale.
+inline void check_fused_args(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weights,
+                             const std::optional<at::Tensor>& grad_scale, Mode mode,
+                             double temperature, double alpha, double label_smoothing,
+                             Reduction reduction) {
+  check_loss_args(logits, target, temperature, label_smoothing);
+  if (mode == Mode::Weights) {
+    TORCH_CHECK(weights.has_value(), "fastdml: mode 'weights' needs the [K, K] weights");
+    check_acc_tensor(logits, *weights, "weights", {logits.size(0), logits.size(0)});
+  }
+  TORCH_CHECK(alpha >= 0, "fastdml: alpha must be >= 0, got ", alpha);
+  if (grad_scale.has_value()) {
+    check_row_scale(logits, *grad_scale, "grad_scale");
+    TORCH_CHECK(reduction == Reduction::None || grad_scale->dim() == 0,
+                      "fastdml: grad_scale must be 0-dim for a reduced loss");
+  }
+}
+
 // scale_grad_rows_: grad [K, R, C] contiguous, as mutual_loss_with_grad returns it; grad_loss
 // [K, R] (any strides) and row_scale (0-dim or [K, R], any strides) in its accumulation dtype on
 // its device.
@@ -118,6 +145,19 @@ inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad
   TORCH_CHECK(grad.is_contiguous(), "fastdml: grad must be contiguous");
   check_acc_tensor(grad, grad_loss, "grad_loss", {grad.size(0), grad.size(1)});
   check_row_scale(grad, row_scale);
+}
+
+// scale_grad_: grad [K, R, C] contiguous; grad_loss 0-dim or [K, R] (any strides) in its
+// accumulation dtype on its device.
+inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_logits_like(grad, "grad");
+  TORCH_CHECK(grad.is_contiguous(), "fastdml: grad must be contiguous");
+  check_same_device(grad, grad_loss, "grad_loss");
+  TORCH_CHECK(grad_loss.dim() == 0 ||
+                  grad_loss.sizes() == at::IntArrayRef({grad.size(0), grad.size(1)}),
+              "fastdml: grad_loss must be 0-dim or [K, R], got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == acc_dtype(grad.scalar_type()), "fastdml: grad_loss must be ",
+              acc_dtype(grad.scalar_type()), ", got ", grad_loss.scalar_type());
 }
 
 }  // namespace fastdml

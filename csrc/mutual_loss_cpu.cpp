@@ -1,4 +1,9 @@
-// CPU kernels of fastdml::mutual_loss_forward / mutual_loss_backward (DESIGN.md sections 1-3).
+// CPU kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (DESIGN.md sections 1-3).
+//
+// The loss reads each row twice and writes its gradient once: pass 1 finds the log-sum-exps, pass 2
+// computes the loss terms and the gradient of the reduced loss, so the backward only rescales it
+// when the upstream gradient is not 1. The targets are checked, and counted for reduction "mean",
+// in one pass before any row is computed; the reduction over rows has a fixed order.
 //
 // Rows are independent and split across threads; per-row results never depend on the split, and
 // every reduction within a row has a fixed order, so outputs are bit-identical run to run.
@@ -309,23 +314,6 @@ struct Problem {
   int64_t idx(int64_t k, int64_t r) const { return k * R + r; }  // index into [K, R] tensors
 };
 
-template <typename scalar_t, typename T>
-Problem<scalar_t, T> make_problem(const at::Tensor& logits, const at::Tensor& target,
-                                  const at::Tensor& weights, Mode mode, double temperature,
-                                  double label_smoothing, int64_t ignore_index) {
-  return {logits.const_data_ptr<scalar_t>(),
-          target.const_data_ptr<int64_t>(),
-          weights.const_data_ptr<T>(),
-          logits.size(0),
-          logits.size(1),
-          logits.size(2),
-          mode,
-          static_cast<T>(1.0 / temperature),
-          temperature == 1.0,
-          static_cast<T>(label_smoothing),
-          ignore_index};
-}
-
 template <typename T>
 struct Workspace {
   // About 1024 values per buffer keeps a chunk's working set in L1 for any K.
@@ -416,13 +404,26 @@ void fold_chunk(const T* x, int64_t n, T inv_T, T& m, double& s, double* s_T) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Loss and gradient of one row
 
+// Where the per-row results go. The gradient of row (k, r) is scaled by scale.at(k, r).
+template <typename scalar_t, typename T>
+struct RowOut {
+  T* ce;          // [K, R]
+  T* mimicry;     // [K, R]
+  scalar_t* grad;  // [K, R, C], or null when no gradient is asked for
+};
+
+// The factor of each row's gradient: `uniform` (1 / counted rows for reduction "mean", else 1)
+// times grad_scale[k, r] when one was given (0-dim: strides 0).
 template <typename T>
-struct ForwardOut {
-  T* ce;       // [K, R]
-  T* mimicry;  // [K, R]
-  T* stats;    // [3, K, R]: lse, lse of z/T, lse of the ensemble_logits target
+struct GradScale {
+  const T* values;  // null: none given
+  int64_t stride_k, stride_r;
+  T uniform;
+  T at(int64_t k, int64_t r) const {
+    return values == nullptr ? uniform : uniform * values[k * stride_k + r * stride_r];
+  }
 };
 
 // Per-peer scalars of the row being processed. Sums over chunks are kept in double: in the
@@ -443,16 +444,42 @@ struct PeerState {
   std::vector<double> s, s_T, s_u, sum_d, h, y, kl;
 };
 
+// One chunk's gradient for peer k: g = g_ce (p - (1 - eps) onehot - eps / C)
+// + (g_mim / T) (w_k q - t), with q, t and log q (overwritten by p when T != 1) in the workspace.
+template <typename scalar_t, typename T>
+void chunk_gradient(const Problem<scalar_t, T>& pb, Workspace<T>& ws, int64_t k, int64_t label,
+                    int64_t c0, int64_t n, T lse, T g_ce, T g_mim_T, scalar_t* dst) {
+  const T* q = ws.row(ws.b, k);
+  const T* p = q;
+  if (!pb.unit_T) {
+    exp_affine(ws.x[k], n, T(1), lse, ws.row(ws.a, k));
+    p = ws.row(ws.a, k);
+  }
+  T* g;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    g = dst;
+  } else {
+    g = ws.row(ws.u, k);
+  }
+  gradient(p, q, ws.row(ws.t, k), n, g_ce, g_mim_T * own_weight(pb, k), -g_mim_T,
+           -g_ce * pb.eps / static_cast<T>(pb.C), g);
+  // The one-hot term, in T before any cast to a narrower dtype (p - 1 cancels at p ~ 1).
+  if (label >= c0 && label < c0 + n) g[label - c0] -= g_ce * (T(1) - pb.eps);
+  if constexpr (!std::is_same_v<scalar_t, T>) from_float(g, n, dst);
+}
+
+// Pass 1 finds each peer's maxima and sums of exp; pass 2 recomputes q, the targets and the
+// loss sums, and writes the gradient: two reads of the row and one write.
 template <int KT, typename scalar_t, typename T>
-void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerState<T>& st,
-                 const ForwardOut<T>& out) {
+void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerState<T>& st,
+              const RowOut<scalar_t, T>& out, const GradScale<T>& scale, T weight_T2) {
   const int64_t K = KT > 0 ? KT : pb.K;
-  const int64_t C = pb.C, R = pb.R, width = ws.width;
+  const int64_t C = pb.C, width = ws.width;
   const int64_t label = pb.target[r];
   if (label == pb.ignore_index) {
     for (int64_t k = 0; k < K; ++k) {
       out.ce[pb.idx(k, r)] = out.mimicry[pb.idx(k, r)] = T(0);
-      for (int64_t i = 0; i < 3; ++i) out.stats[i * K * R + pb.idx(k, r)] = T(0);
+      if (out.grad != nullptr) std::fill_n(out.grad + pb.idx(k, r) * C, C, scalar_t(0));
     }
     return;
   }
@@ -482,7 +509,7 @@ void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, Pe
   const auto& log_s_T = st.s_T;
   const auto& log_s_u = st.s_u;
 
-  // Pass 2: log q (ws.a), q (ws.b), the targets (ws.t) and the sums.
+  // Pass 2: log q (ws.a), q (ws.b), the targets (ws.t), the sums and the gradient.
   for (int64_t c0 = 0; c0 < C; c0 += width) {
     const int64_t n = std::min(width, C - c0);
     ws.load_chunk(pb, r, c0, n);
@@ -492,7 +519,7 @@ void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, Pe
     }
     peer_targets<KT>(pb, ws, n);
     for (int64_t k = 0; k < K; ++k) {
-      const T* t = ws.row(ws.t, k);
+      T* t = ws.row(ws.t, k);
       const T* log_q = ws.row(ws.a, k);
       switch (pb.mode) {
         case Mode::Pairwise:
@@ -504,8 +531,16 @@ void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, Pe
           break;
         case Mode::EnsembleLogits:
           st.kl[k] += kl_div_logits(t, st.m_u[k], static_cast<T>(log_s_u[k]), log_q, n);
+          // The target distribution itself, for the gradient.
+          exp_affine(t, n, T(1), static_cast<T>(st.m_u[k] + log_s_u[k]), t);
           break;
       }
+    }
+    if (out.grad == nullptr) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      const T g_ce = scale.at(k, r);
+      chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]), g_ce,
+                     g_ce * weight_T2 * pb.inv_T, out.grad + pb.idx(k, r) * C + c0);
     }
   }
 
@@ -524,72 +559,6 @@ void forward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, Pe
       for (int64_t j = 0; j < K; ++j) mimicry += peer_weight(pb, k, j) * st.h[j];
     }
     out.mimicry[i] = static_cast<T>(mimicry);
-
-    out.stats[i] = static_cast<T>(m + log_s[k]);
-    out.stats[K * R + i] = static_cast<T>(static_cast<T>(st.m[k] * pb.inv_T) + log_s_T[k]);
-    out.stats[2 * K * R + i] = logit_target ? static_cast<T>(st.m_u[k] + log_s_u[k]) : T(0);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward
-
-template <typename T>
-struct BackwardIn {
-  const T* grad_ce;       // [K, R]
-  const T* grad_mimicry;  // [K, R]
-  const T* stats;         // [3, K, R]
-};
-
-template <int KT, typename scalar_t, typename T>
-void backward_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws,
-                  const BackwardIn<T>& in, scalar_t* grad) {
-  const int64_t K = KT > 0 ? KT : pb.K;
-  const int64_t C = pb.C, R = pb.R, width = ws.width;
-  const int64_t label = pb.target[r];
-  if (label == pb.ignore_index) {
-    for (int64_t k = 0; k < K; ++k) {
-      std::fill_n(grad + (k * R + r) * C, C, scalar_t(0));
-    }
-    return;
-  }
-  const T eps = pb.eps, inv_T = pb.inv_T;
-  const T* lse = in.stats;              // of z
-  const T* lse_T = in.stats + K * R;    // of z / T
-  const T* lse_u = in.stats + 2 * K * R;  // of the ensemble_logits target's logits
-
-  for (int64_t c0 = 0; c0 < C; c0 += width) {
-    const int64_t n = std::min(width, C - c0);
-    ws.load_chunk(pb, r, c0, n);
-    // p (ws.a, unless T = 1) and q (ws.b) from the saved log-sum-exps.
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t i = pb.idx(k, r);
-      exp_affine(ws.x[k], n, inv_T, lse_T[i], ws.row(ws.b, k));
-      if (!pb.unit_T) exp_affine(ws.x[k], n, T(1), lse[i], ws.row(ws.a, k));
-    }
-    peer_targets<KT>(pb, ws, n);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t i = pb.idx(k, r);
-      T* t = ws.row(ws.t, k);
-      if (pb.mode == Mode::EnsembleLogits) exp_affine(t, n, T(1), lse_u[i], t);
-      const T* q = ws.row(ws.b, k);
-      const T* p = pb.unit_T ? q : ws.row(ws.a, k);
-
-      // g = g_ce (p - (1 - eps) onehot - eps / C) + (g_mim / T) (w_k q - t)
-      const T g_ce = in.grad_ce[i], g_mim_T = in.grad_mimicry[i] * inv_T;
-      scalar_t* dst = grad + (k * R + r) * C + c0;
-      T* g;
-      if constexpr (std::is_same_v<scalar_t, T>) {
-        g = dst;
-      } else {
-        g = ws.row(ws.u, k);
-      }
-      gradient(p, q, t, n, g_ce, g_mim_T * own_weight(pb, k), -g_mim_T,
-               -g_ce * eps / static_cast<T>(C), g);
-      // The one-hot term, in T before any cast to a narrower dtype (p - 1 cancels at p ~ 1).
-      if (label >= c0 && label < c0 + n) g[label - c0] -= g_ce * (T(1) - eps);
-      if constexpr (!std::is_same_v<scalar_t, T>) from_float(g, n, dst);
-    }
   }
 }
 
@@ -631,98 +600,142 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+// One pass over the targets: each in [0, C) or ignore_index (else a ValueError); returns how
+// many rows count.
+int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const int64_t* y = target.const_data_ptr<int64_t>();
+  int64_t valid = 0;
   for (int64_t r = 0; r < target.numel(); ++r) {
-    TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < C), "fastdml: target ", y[r],
-                " at row ", r, " is outside [0, ", C, ") and is not ignore_index (",
-                ignore_index, ")");
+    if (y[r] == ignore_index) continue;
+    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < C, "target values must be in [0, ", C,
+                      ") or equal ignore_index=", ignore_index, ", found ", y[r], " (row ", r,
+                      ")");
+    ++valid;
+  }
+  return valid;
+}
+
+// Sums [K, R] per-row terms over the rows in a fixed order, times `factor`, into [K].
+template <typename T>
+void sum_rows(const T* rows, int64_t K, int64_t R, double factor, T* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    double sum = 0;
+    for (int64_t r = 0; r < R; ++r) sum += rows[k * R + r];
+    out[k] = static_cast<T>(sum * factor);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mutual_loss_forward_cpu(
-    const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& weights_in,
-    c10::string_view mode_name, double temperature, double label_smoothing,
-    int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu(
+    const at::Tensor& logits_in, const at::Tensor& target_in,
+    const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,
+    c10::string_view mode_name, double temperature, double alpha, double label_smoothing,
+    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad) {
   const Mode mode = parse_mode(mode_name);
-  check_forward_args(logits_in, target_in, weights_in, temperature, label_smoothing);
+  const Reduction reduction = parse_reduction(reduction_name);
+  check_fused_args(logits_in, target_in, weights_in, grad_scale, mode, temperature, alpha,
+                   label_smoothing, reduction);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
   const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
-  check_targets(target, C, ignore_index);
+  const int64_t valid = count_valid_targets(target, C, ignore_index);
+  const at::Tensor weights = mode == Mode::Weights ? weights_in->contiguous() : at::Tensor();
 
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
-  at::Tensor ce = at::empty({K, R}, opts);
-  at::Tensor mimicry = at::empty({K, R}, opts);
-  at::Tensor stats = at::empty({3, K, R}, opts);
+  // Per-row cross-entropy and mimicry: the outputs of reduction "none".
+  at::Tensor ce_rows = at::empty({K, R}, opts);
+  at::Tensor mimicry_rows = at::empty({K, R}, opts);
+  at::Tensor grad = at::empty(compute_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
+  if (compute_grad) advise_huge_pages(grad);
+  at::Tensor loss, ce, mimicry;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "mutual_loss_forward_cpu", [&] {
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_mutual_loss_cpu", [&] {
         using T = at::opmath_type<scalar_t>;
-        const auto pb = make_problem<scalar_t, T>(logits, target, weights, mode, temperature,
-                                                  label_smoothing, ignore_index);
-        const ForwardOut<T> out{ce.mutable_data_ptr<T>(), mimicry.mutable_data_ptr<T>(),
-                                stats.mutable_data_ptr<T>()};
+        const Problem<scalar_t, T> pb{logits.const_data_ptr<scalar_t>(),
+                                      target.const_data_ptr<int64_t>(),
+                                      weights.defined() ? weights.const_data_ptr<T>() : nullptr,
+                                      K,
+                                      R,
+                                      C,
+                                      mode,
+                                      static_cast<T>(1.0 / temperature),
+                                      temperature == 1.0,
+                                      static_cast<T>(label_smoothing),
+                                      ignore_index};
+        // "mean": each peer's mean over the counted rows (none counted: a loss of 0).
+        const double row_weight =
+            reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(valid, 1))
+                                         : 1.0;
+        GradScale<T> scale{nullptr, 0, 0, static_cast<T>(row_weight)};
+        if (grad_scale.has_value()) {
+          scale.values = grad_scale->const_data_ptr<T>();
+          if (grad_scale->dim() == 2) {
+            scale.stride_k = grad_scale->stride(0);
+            scale.stride_r = grad_scale->stride(1);
+          }
+        }
+        const RowOut<scalar_t, T> out{ce_rows.mutable_data_ptr<T>(),
+                                      mimicry_rows.mutable_data_ptr<T>(),
+                                      compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr};
+        const T weight_T2 = static_cast<T>(alpha * temperature * temperature);
         dispatch_peers(K, [&](auto kt) {
           at::parallel_for(0, R, row_grain(K, C), [&](int64_t begin, int64_t end) {
             Workspace<T> ws(K, C);
             PeerState<T> st(K);
             for (int64_t r = begin; r < end; ++r) {
-              forward_row<decltype(kt)::value>(pb, r, ws, st, out);
+              loss_row<decltype(kt)::value>(pb, r, ws, st, out, scale, weight_T2);
             }
           });
         });
+        if (reduction == Reduction::None) {
+          ce = ce_rows;
+          mimicry = mimicry_rows;
+          loss = at::empty({K, R}, opts);
+          T* dst = loss.mutable_data_ptr<T>();
+          for (int64_t i = 0; i < K * R; ++i) dst[i] = out.ce[i] + weight_T2 * out.mimicry[i];
+          return;
+        }
+        ce = at::empty({K}, opts);
+        mimicry = at::empty({K}, opts);
+        loss = at::empty({}, opts);
+        T* ce_k = ce.mutable_data_ptr<T>();
+        T* mimicry_k = mimicry.mutable_data_ptr<T>();
+        sum_rows(out.ce, K, R, row_weight, ce_k);
+        sum_rows(out.mimicry, K, R, row_weight, mimicry_k);
+        double total = 0;
+        for (int64_t k = 0; k < K; ++k) total += ce_k[k] + weight_T2 * mimicry_k[k];
+        *loss.mutable_data_ptr<T>() = static_cast<T>(total);
       });
-  return {ce, mimicry, stats};
+  return {loss, ce, mimicry, grad};
 }
 
-at::Tensor mutual_loss_backward_cpu(const at::Tensor& grad_ce_in,
-                                    const at::Tensor& grad_mimicry_in,
-                                    const at::Tensor& logits_in, const at::Tensor& target_in,
-                                    const at::Tensor& weights_in, const at::Tensor& stats_in,
-                                    c10::string_view mode_name, double temperature,
-                                    double label_smoothing, int64_t ignore_index) {
-  const Mode mode = parse_mode(mode_name);
-  check_backward_args(grad_ce_in, grad_mimicry_in, logits_in, target_in, weights_in, stats_in,
-                      temperature, label_smoothing);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
-  const at::Tensor stats = stats_in.contiguous();
-  const at::Tensor grad_ce = grad_ce_in.contiguous();
-  const at::Tensor grad_mimicry = grad_mimicry_in.contiguous();
-  const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
-  check_targets(target, C, ignore_index);
-
-  at::Tensor grad = at::empty({K, R, C}, logits.options());
-  advise_huge_pages(grad);
-
+// grad *= grad_loss, row by row ([K, R]) or as a whole (0-dim), leaving alone what is scaled by
+// 1: the backward of "mean" and "sum" under loss.backward() reads the gradient not at all.
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_scale_grad_args(grad, grad_loss);
+  const int64_t K = grad.size(0), R = grad.size(1), C = grad.size(2);
+  const auto [stride_k, stride_r] = row_scale_strides(grad_loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "mutual_loss_backward_cpu", [&] {
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cpu", [&] {
         using T = at::opmath_type<scalar_t>;
-        const auto pb = make_problem<scalar_t, T>(logits, target, weights, mode, temperature,
-                                                  label_smoothing, ignore_index);
-        const BackwardIn<T> in{grad_ce.const_data_ptr<T>(), grad_mimicry.const_data_ptr<T>(),
-                               stats.const_data_ptr<T>()};
-        scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-        dispatch_peers(K, [&](auto kt) {
-          at::parallel_for(0, R, row_grain(K, C), [&](int64_t begin, int64_t end) {
-            Workspace<T> ws(K, C);
-            for (int64_t r = begin; r < end; ++r) {
-              backward_row<decltype(kt)::value>(pb, r, ws, in, out);
-            }
-          });
+        const T* factor = grad_loss.const_data_ptr<T>();
+        scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, K * R, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const T f = factor[(i / R) * stride_k + (i % R) * stride_r];
+            if (f == T(1)) continue;
+            scalar_t* row = g + i * C;
+            for (int64_t c = 0; c < C; ++c) row[c] = static_cast<scalar_t>(f * row[c]);
+          }
         });
       });
-  return grad;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdml, CPU, m) {
-  m.impl("mutual_loss_forward", &mutual_loss_forward_cpu);
-  m.impl("mutual_loss_backward", &mutual_loss_backward_cpu);
+  m.impl("fused_mutual_loss", &fused_mutual_loss_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
 }
 
 }  // namespace fastdml

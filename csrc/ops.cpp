@@ -1,8 +1,11 @@
 // Op schemas of the fastdml namespace, defined once for all backends; the kernels register
 // themselves per device with TORCH_LIBRARY_IMPL (mutual_loss_cpu.cpp, mutual_loss_cuda.cpp).
 //
-// mutual_loss_forward / mutual_loss_backward (CPU): the forward returns per-row terms and the
-// log-sum-exps; the backward recomputes the probabilities and writes the gradient.
+// fused_mutual_loss / scale_grad_ (CPU): the loss reduced as asked ("mean" and "sum": a 0-dim loss
+// and [K] components; "none": [K, R] each) and, when compute_grad, the gradient of
+// sum(grad_scale * loss) (grad_scale absent: 1), whose backward (mutual_loss_autograd.cpp) is
+// scale_grad_ by the upstream gradient, a no-op where that is 1. weights are read in mode
+// "weights" only.
 // mutual_loss_with_grad / scale_grad_rows_ (CUDA): the forward also writes the gradient of
 // sum s * loss, s[k, r] being row_scale (0-dim, or [K, R] at any strides) where it is nonzero and
 // 1 where it is 0 (a zero scale folds nothing in); scale_grad_rows_ multiplies row (k, r) of that
@@ -22,13 +25,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fastdml, m) {
   m.def(
-      "mutual_loss_forward(Tensor logits, Tensor target, Tensor weights, str mode, "
-      "float temperature, float label_smoothing, int ignore_index) "
-      "-> (Tensor ce, Tensor mimicry, Tensor stats)");
-  m.def(
-      "mutual_loss_backward(Tensor grad_ce, Tensor grad_mimicry, Tensor logits, Tensor target, "
-      "Tensor weights, Tensor stats, str mode, float temperature, float label_smoothing, "
-      "int ignore_index) -> Tensor");
+      "fused_mutual_loss(Tensor logits, Tensor target, Tensor? weights, Tensor? grad_scale, "
+      "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "
+      "str reduction, bool compute_grad) -> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
   m.def(
       "mutual_loss_with_grad(Tensor logits, Tensor target, Tensor weights, Tensor row_scale, "
       "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "

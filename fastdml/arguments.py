@@ -30,7 +30,7 @@ class MutualLossProblem:
 
     logits: Tensor  # [K, R, C], any floating dtype of FLOAT_DTYPES, any strides
     target: Tensor  # [R] int64
-    weights: Tensor  # [K, K] in the accumulation dtype; W[k, j] weighs KL(q_j || q_k)
+    peer_weights: Tensor | None  # [K, K] in the accumulation dtype, given in mode "weights" only
     mode: str  # one of MODES, or "weights" when peer_weights were given
     temperature: float
     alpha: float
@@ -41,6 +41,16 @@ class MutualLossProblem:
     @property
     def num_peers(self) -> int:
         return self.logits.shape[0]
+
+    @property
+    def weights(self) -> Tensor:
+        """W[k, j], the weight of KL(q_j || q_k) in peer k's mimicry: the peer_weights, or the
+        uniform (1 - I) / (K - 1) of the other modes (which the fused ops never read)."""
+        if self.peer_weights is not None:
+            return self.peer_weights
+        k, logits = self.num_peers, self.logits
+        eye = torch.eye(k, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        return (1 - eye) / (k - 1)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,12 +98,13 @@ def _stack_peers(logits: Logits) -> Tensor:
                 "stacked logits must have shape [K, N, C] or [K, N, C, d1, ...] (K peers), "
                 f"got shape {tuple(logits.shape)}; pass a list of K tensors [N, C] to stack peers"
             )
-        num_peers, first = logits.shape[0], logits[0]
+        num_peers, dtype, peer_dims = logits.shape[0], logits.dtype, logits.dim() - 1
     elif isinstance(logits, (list, tuple)):
         for k, peer in enumerate(logits):
             if not isinstance(peer, Tensor):
                 raise TypeError(f"logits[{k}] must be a Tensor, got {type(peer).__name__}")
         num_peers, first = len(logits), logits[0] if logits else None
+        dtype, peer_dims = (first.dtype, first.dim()) if logits else (None, 0)
     else:
         raise TypeError(
             "logits must be a Tensor [K, N, C] or a list/tuple of K Tensors [N, C], "
@@ -101,14 +112,14 @@ def _stack_peers(logits: Logits) -> Tensor:
         )
     if num_peers < 2:
         raise ValueError(f"mutual learning needs at least 2 peers, got {num_peers}")
-    if first.dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"logits must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
-            f"got {first.dtype}"
+            f"logits must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), got {dtype}"
         )
-    if first.dim() < 2:
+    if peer_dims < 2:
         raise ValueError(
-            f"each peer's logits must be [N, C] or [N, C, d1, ...], got shape {tuple(first.shape)}"
+            "each peer's logits must be [N, C] or [N, C, d1, ...], "
+            f"got shape {tuple(logits[0].shape)}"
         )
     if isinstance(logits, Tensor):
         return logits
@@ -169,17 +180,6 @@ def check_peer_weights(weights: Tensor, num_peers: int) -> None:
         raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")
 
 
-def _mimicry_weights(
-    peer_weights: PeerWeights | None, mode: str, k: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, str]:
-    if peer_weights is None:
-        uniform = (1 - torch.eye(k, dtype=dtype, device=device)) / (k - 1)
-        return uniform, mode
-    weights = torch.as_tensor(peer_weights, dtype=dtype, device=device).detach()
-    check_peer_weights(weights, k)
-    return weights, "weights"
-
-
 def make_problem(
     logits: Logits,
     target: Tensor,
@@ -197,13 +197,16 @@ def make_problem(
     k, num_classes = stacked.shape[0], stacked.shape[2]
     if stacked.dim() > 3:  # [K, N, C, d1, ...] -> [K, N * d1 * ..., C]
         stacked = stacked.movedim(2, -1).reshape(k, -1, num_classes)
-    weights, mode = _mimicry_weights(
-        peer_weights, mode, k, accumulation_dtype(stacked.dtype), stacked.device
-    )
+    weights = None
+    if peer_weights is not None:
+        dtype = accumulation_dtype(stacked.dtype)
+        weights = torch.as_tensor(peer_weights, dtype=dtype, device=stacked.device).detach()
+        check_peer_weights(weights, k)
+        mode = "weights"
     return MutualLossProblem(
         logits=stacked,
-        target=target.reshape(-1),
-        weights=weights,
+        target=target if target.dim() == 1 else target.reshape(-1),
+        peer_weights=weights,
         mode=mode,
         temperature=float(temperature),
         alpha=float(alpha),

@@ -10,8 +10,11 @@ import torch
 from torch import Tensor
 
 from fastdml import ops, reference
-from fastdml.arguments import MutualLossProblem
+from fastdml.arguments import MutualLossProblem, accumulation_dtype
 
+# (problem, reduction) -> the loss and each peer's cross-entropy and mimicry, reduced as asked:
+# "mean" and "sum" give a 0-dim loss and [K] terms, "none" [K, R] each.
+Loss = Callable[[MutualLossProblem, str], tuple[Tensor, Tensor, Tensor]]
 # (problem, row_scale) -> per-row loss, cross-entropy and mimicry, each [K, R]. row_scale is the
 # weight every row gets in the reduced loss; the GPU kernels fold it into the gradient they write.
 LossRows = Callable[[MutualLossProblem, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -27,14 +30,40 @@ def _from_terms(terms: Callable[[MutualLossProblem], tuple[Tensor, Tensor]]) -> 
     return loss_rows
 
 
-IMPLEMENTATIONS: dict[str, LossRows] = {
-    "torch": _from_terms(reference.mutual_loss_rows),
-    "cpp": _from_terms(ops.mutual_loss_rows),
-    "triton": ops.triton_loss_rows,
-    "cuda": ops.cuda_loss_rows,
+def _row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
+    """The weight of each row in a peer's reduced loss: 1 / (non-ignored rows) for "mean"."""
+    dtype = accumulation_dtype(problem.logits.dtype)
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=problem.logits.device)
+    valid = (problem.target != problem.ignore_index).sum()
+    return valid.clamp(min=1).to(dtype).reciprocal()
+
+
+def _reduced(rows: LossRows) -> Loss:
+    """For backends that give per-row terms: the rows weighed by row_scale and summed, so the
+    gradient reaching each row is exactly row_scale, which the GPU kernels rely on."""
+
+    def loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+        row_scale = _row_scale(problem, reduction)
+        loss, ce, mimicry = rows(problem, row_scale)
+        if reduction == "none":
+            return loss, ce.detach(), mimicry.detach()
+        ce, mimicry = (terms.detach().sum(-1) * row_scale for terms in (ce, mimicry))
+        return (loss.sum(-1) * row_scale).sum(), ce, mimicry
+
+    return loss
+
+
+IMPLEMENTATIONS: dict[str, Loss] = {
+    "torch": _reduced(_from_terms(reference.mutual_loss_rows)),
+    "cpp": ops.fused_loss,
+    "triton": _reduced(ops.triton_loss_rows),
+    "cuda": _reduced(ops.cuda_loss_rows),
 }
 # On CUDA tensors, these take targets unchecked (no host-device sync): out-of-range rows give NaN.
 CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
+# The CPU op range-checks the targets itself, in one pass before its kernel (a ValueError).
+RAISES_ON_BAD_TARGETS = ("cpp",)
 # backend="auto" on CUDA tensors, as measured on an H200 (BENCHMARKS.md, GPU): the CUDA C++ op is
 # 1.5 to 2.3x faster than Triton's up to 8192 classes, they tie at 32000, and Triton's is 1.2x
 # faster at 128256 (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
@@ -55,6 +84,13 @@ def _max_peers() -> dict[str, int]:
 MAX_PEERS = _max_peers()
 _NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "triton": ops.TRITON_ERROR, "cuda": ops.CUDA_ERROR}
 _warned_fallback: set[str] = set()
+
+
+def needs_target_check(backend: str, device: torch.device) -> bool:
+    """Whether the targets' range must be checked before `backend` computes on `device`."""
+    if backend in RAISES_ON_BAD_TARGETS:
+        return False
+    return device.type != "cuda" or backend not in CHECKS_TARGETS_IN_KERNEL
 
 
 def unavailable_reason(backend: str) -> str | None:

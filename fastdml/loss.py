@@ -10,9 +10,7 @@ from torch import Tensor, nn
 from fastdml import backends
 from fastdml.arguments import (
     Logits,
-    MutualLossProblem,
     PeerWeights,
-    accumulation_dtype,
     check_options,
     check_peer_weights,
     check_target_values,
@@ -82,6 +80,35 @@ def mutual_loss(
         reduction=reduction,
         backend=backend,
     )
+    return _checked_mutual_loss(
+        logits,
+        target,
+        temperature,
+        alpha,
+        mode,
+        peer_weights,
+        label_smoothing,
+        ignore_index,
+        reduction,
+        return_components,
+        backend,
+    )
+
+
+def _checked_mutual_loss(
+    logits: Logits,
+    target: Tensor,
+    temperature: float,
+    alpha: float,
+    mode: str,
+    peer_weights: PeerWeights | None,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    return_components: bool,
+    backend: str,
+) -> Tensor | MutualLossOutput:
+    """`mutual_loss` once its options are checked: what a call costs beyond the kernels."""
     problem = make_problem(
         logits,
         target,
@@ -92,39 +119,17 @@ def mutual_loss(
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
     )
-    name = backends.select(
-        backend, problem.logits.device, problem.num_peers, problem.logits.shape[2]
-    )
-    if problem.logits.device.type != "cuda" or name not in backends.CHECKS_TARGETS_IN_KERNEL:
+    device = problem.logits.device
+    name = backends.select(backend, device, problem.num_peers, problem.logits.shape[2])
+    if backends.needs_target_check(name, device):
         check_target_values(problem)
-    row_scale = _row_scale(problem, reduction)
-    loss, ce, mimicry = backends.IMPLEMENTATIONS[name](problem, row_scale)
-    loss = _reduce(loss, problem, reduction, row_scale)
-    if reduction != "none":
-        loss = loss.sum()  # over the peers
+    loss, ce, mimicry = backends.IMPLEMENTATIONS[name](problem, reduction)
+    if reduction == "none":
+        shape = (problem.num_peers, *problem.row_shape)
+        loss, ce, mimicry = (terms.view(shape) for terms in (loss, ce, mimicry))
     if not return_components:
         return loss
-    ce, mimicry = (_reduce(rows.detach(), problem, reduction, row_scale) for rows in (ce, mimicry))
     return MutualLossOutput(loss, ce, mimicry)
-
-
-def _row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
-    """The weight of each row in a peer's reduced loss: 1 / (non-ignored rows) for "mean"."""
-    dtype = accumulation_dtype(problem.logits.dtype)
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=problem.logits.device)
-    valid = (problem.target != problem.ignore_index).sum()
-    return valid.clamp(min=1).to(dtype).reciprocal()
-
-
-def _reduce(rows: Tensor, problem: MutualLossProblem, reduction: str, row_scale: Tensor) -> Tensor:
-    """Per-peer, per-row terms [K, R] to [K] (rows weighed by row_scale), [K, N, ...] for "none".
-
-    The gradient reaching each row is then exactly row_scale, which the GPU kernels rely on.
-    """
-    if reduction == "none":
-        return rows.view(problem.num_peers, *problem.row_shape)
-    return rows.sum(-1) * row_scale
 
 
 class MutualLoss(nn.Module):
@@ -171,18 +176,18 @@ class MutualLoss(nn.Module):
         self.register_buffer("peer_weights", weights, persistent=False)
 
     def forward(self, logits: Logits, target: Tensor) -> Tensor | MutualLossOutput:
-        return mutual_loss(
+        return _checked_mutual_loss(
             logits,
             target,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            mode=self.mode,
-            peer_weights=self.peer_weights,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            return_components=self.return_components,
-            backend=self.backend,
+            self.temperature,
+            self.alpha,
+            self.mode,
+            self.peer_weights,
+            self.label_smoothing,
+            self.ignore_index,
+            self.reduction,
+            self.return_components,
+            self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -2,9 +2,9 @@
 
 The C++ schemas and kernels live in csrc/, the Triton ones in kernels/ (`fastdml.kernels`).
 
-- CPU (`mutual_loss_forward` / `mutual_loss_backward`): the forward returns each peer's per-row
-  cross-entropy and mimicry plus the log-sum-exps, so the backward recomputes the probabilities in
-  one pass over the logits and writes the gradient once.
+- CPU (`fused_mutual_loss` / `scale_grad_`): one call checks the targets, computes the loss
+  reduced as asked and writes its gradient; its autograd is C++ (csrc/mutual_loss_autograd.cpp),
+  whose backward rescales that gradient only where the upstream gradient is not 1.
 - GPU (`mutual_loss_with_grad` / `scale_grad_rows_`, CUDA C++; `triton_` + the same names, Triton):
   the forward also writes the gradient of `row_scale * loss`, so the backward, which rescales only
   rows whose upstream gradient is not `row_scale`, costs nothing for reductions "mean" and "sum".
@@ -61,29 +61,44 @@ def _cuda_kernels_error() -> str | None:
 CUDA_ERROR = _cuda_kernels_error()
 
 
-def forward_arguments(problem: MutualLossProblem) -> tuple:
-    """The arguments of `fastdml::mutual_loss_forward` for `problem`, in schema order."""
-    return (
-        problem.logits,
-        problem.target,
-        problem.weights,
-        problem.mode,
-        problem.temperature,
-        problem.label_smoothing,
-        problem.ignore_index,
-    )
-
-
-def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:
-    """Per-peer, per-row cross-entropy and mimicry KL, each [K, R], from the CPU op."""
-    ce, mimicry, _ = torch.ops.fastdml.mutual_loss_forward(*forward_arguments(problem))
-    return ce, mimicry
-
-
 # float16 gradients are computed in the backward, with the upstream gradient folded in before the
 # cast: the forward's gradient of row_scale * loss, rescaled later, would flush to zero where a loss
 # scale (GradScaler's) should have kept it. float32 and bfloat16 have the exponent range to rescale.
 RECOMPUTE_GRAD_DTYPES = (torch.float16,)
+
+
+def fused_arguments(
+    problem: MutualLossProblem,
+    reduction: str,
+    grad_scale: Tensor | None = None,
+    compute_grad: bool = True,
+) -> tuple:
+    """The arguments of `fastdml::fused_mutual_loss` for `problem`, in schema order."""
+    return (
+        problem.logits,
+        problem.target,
+        problem.peer_weights,
+        grad_scale,
+        problem.mode,
+        problem.temperature,
+        problem.alpha,
+        problem.label_smoothing,
+        problem.ignore_index,
+        reduction,
+        compute_grad,
+    )
+
+
+def fused_loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss and each peer's cross-entropy and mimicry, reduced as asked, from the CPU op."""
+    logits = problem.logits
+    compute_grad = (
+        logits.requires_grad
+        and torch.is_grad_enabled()
+        and logits.dtype not in RECOMPUTE_GRAD_DTYPES
+    )
+    arguments = fused_arguments(problem, reduction, compute_grad=compute_grad)
+    return torch.ops.fastdml.fused_mutual_loss(*arguments)[:3]
 
 
 def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
@@ -117,29 +132,14 @@ def triton_loss_rows(
     return op(*with_grad_arguments(problem, row_scale))[:3]
 
 
-def _forward_fake(logits, target, weights, mode, temperature, label_smoothing, ignore_index):
+def _fused_fake(logits, target, weights, grad_scale, *options):
+    *_, reduction, compute_grad = options
     k, rows, _ = logits.shape
-    ce = logits.new_empty((k, rows), dtype=accumulation_dtype(logits.dtype))
-    return ce, torch.empty_like(ce), ce.new_empty((3, k, rows))
-
-
-def _backward_fake(grad_ce, grad_mimicry, logits, *args):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
-def _setup_context(ctx, inputs, output):
-    logits, target, weights, *options = inputs
-    ctx.save_for_backward(logits, target, weights, output[2])
-    ctx.options = options
-    ctx.mark_non_differentiable(output[2])
-
-
-def _backward(ctx, grad_ce, grad_mimicry, _grad_stats):
-    logits, target, weights, stats = ctx.saved_tensors
-    grad_logits = torch.ops.fastdml.mutual_loss_backward(
-        grad_ce, grad_mimicry, logits, target, weights, stats, *ctx.options
-    )
-    return grad_logits, None, None, None, None, None, None
+    acc = accumulation_dtype(logits.dtype)
+    per_peer = logits.new_empty((k, rows) if reduction == "none" else (k,), dtype=acc)
+    loss = per_peer if reduction == "none" else logits.new_empty((), dtype=acc)
+    grad = logits.new_empty(logits.shape if compute_grad else (0,))
+    return torch.empty_like(loss), per_peer, torch.empty_like(per_peer), grad
 
 
 def _with_grad_fake(logits, target, weights, row_scale, *options):
@@ -193,11 +193,8 @@ def _with_grad_backward(forward_op, scale_grad_rows):
 
 
 if EXTENSION_ERROR is None:
-    torch.library.register_fake("fastdml::mutual_loss_forward", _forward_fake)
-    torch.library.register_fake("fastdml::mutual_loss_backward", _backward_fake)
-    torch.library.register_autograd(
-        "fastdml::mutual_loss_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_fake("fastdml::fused_mutual_loss", _fused_fake)
+    torch.library.register_fake("fastdml::scale_grad_", lambda grad, grad_loss: None)
     torch.library.register_fake("fastdml::mutual_loss_with_grad", _with_grad_fake)
     torch.library.register_fake("fastdml::scale_grad_rows_", lambda grad, *_: None)
     torch.library.register_autograd(

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdml import MutualLoss, mutual_loss
 from fastdml.arguments import make_problem
-from fastdml.ops import forward_arguments, with_grad_arguments
+from fastdml.ops import fused_arguments, with_grad_arguments
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 
@@ -41,6 +41,9 @@ WITH_GRAD_OPS = [  # (device, the op family's name prefix)
 
 
 WITH_GRAD_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+# The CPU op's autograd is C++: opcheck's AOT-dispatch test too hands every output, the gradient
+# buffer included, to the caller; the compile tests below cover AOT.
+FUSED_CHECKS = WITH_GRAD_CHECKS
 
 
 @pytest.fixture(params=WITH_GRAD_OPS)
@@ -53,24 +56,104 @@ def with_grad_ops(request):
     return name, forward, getattr(ops, f"{prefix}scale_grad_rows_")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_forward(mode, dtype):
-    args = forward_arguments(op_args(mode=mode, dtype=dtype))
-    args[0].requires_grad_()
-    torch.library.opcheck(torch.ops.fastdml.mutual_loss_forward.default, args)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck_backward(mode):
-    args = forward_arguments(op_args(mode=mode))
-    logits, target, weights, *options = args
-    _, _, stats = torch.ops.fastdml.mutual_loss_forward(*args)
-    grad_ce, grad_mimicry = torch.rand(2, *logits.shape[:2], dtype=logits.dtype)
+def test_opcheck_fused(mode, dtype, reduction):
+    problem = op_args(mode=mode, dtype=dtype)
+    problem.logits.requires_grad_()
     torch.library.opcheck(
-        torch.ops.fastdml.mutual_loss_backward.default,
-        (grad_ce, grad_mimicry, logits, target, weights, stats, *options),
+        torch.ops.fastdml.fused_mutual_loss.default,
+        fused_arguments(problem, reduction, compute_grad=dtype != torch.float16),
+        test_utils=FUSED_CHECKS,
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_fused_with_grad_scale(reduction):
+    problem = op_args(mode="weights", dtype=torch.float32)
+    k, rows, _ = problem.logits.shape
+    grad_scale = torch.rand(rows, k).t() if reduction == "none" else torch.tensor(0.5)
+    problem.logits.requires_grad_()
+    args = fused_arguments(problem, reduction, grad_scale)
+    torch.library.opcheck(
+        torch.ops.fastdml.fused_mutual_loss.default, args, test_utils=FUSED_CHECKS
+    )
+    grad = torch.ops.fastdml.fused_mutual_loss(*args)[3].detach()
+    torch.library.opcheck(torch.ops.fastdml.scale_grad_.default, (grad, grad_scale))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_gradient_is_that_of_its_loss(reduction):
+    """The gradient the CPU op writes is that of the loss it returns, times grad_scale."""
+    problem = op_args(mode="ensemble_logits")
+    k, rows, _ = problem.logits.shape
+    grad_scale = torch.rand(k, rows, dtype=torch.float64) if reduction == "none" else None
+    loss, *_, grad = torch.ops.fastdml.fused_mutual_loss(
+        *fused_arguments(problem, reduction, grad_scale)
+    )
+    expected = torch.ones_like(loss) if grad_scale is None else grad_scale
+    logits = problem.logits.clone().requires_grad_()
+    rows_loss = mutual_loss(
+        logits,
+        problem.target,
+        temperature=2.0,
+        alpha=0.5,
+        mode="ensemble_logits",
+        label_smoothing=0.1,
+        reduction=reduction,
+        backend="torch",
+    )
+    torch.testing.assert_close(loss, rows_loss.detach())
+    (want,) = torch.autograd.grad(rows_loss, logits, expected)
+    torch.testing.assert_close(grad, want)
+
+
+def test_scale_grad_skips_what_is_scaled_by_one():
+    grad = torch.randn(2, 3, 5)
+    grad_loss = torch.ones(2, 3)
+    grad_loss[1, 0], grad_loss[0, 2] = 3.0, float("nan")
+    expected = grad.clone()
+    expected[1, 0] *= 3
+    expected[0, 2] = float("nan")
+    torch.ops.fastdml.scale_grad_(grad, grad_loss)
+    torch.testing.assert_close(grad, expected, equal_nan=True)
+    torch.ops.fastdml.scale_grad_(grad, torch.tensor(2.0))
+    torch.testing.assert_close(grad, 2 * expected, equal_nan=True)
+
+
+def test_cpu_op_checks_targets_before_its_kernel():
+    problem = op_args(dtype=torch.float32)
+    problem.target[4] = 11
+    with pytest.raises(ValueError, match=r"\[0, 11\).*found 11 \(row 4\)"):
+        torch.ops.fastdml.fused_mutual_loss(*fused_arguments(problem, "mean"))
+
+
+class CountOps(TorchDispatchMode):
+    """The ATen and custom ops dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", ["function", "module"])
+def test_cpu_loss_dispatches_two_ops(form):
+    """Forward and backward of the fused CPU loss: the op and the rescale, nothing else."""
+    criterion = MutualLoss() if form == "module" else mutual_loss
+    logits = torch.randn(2, 128, 100, requires_grad=True)
+    target = torch.randint(0, 100, (128,))
+    with CountOps() as counted:
+        criterion(logits, target).backward()
+    assert [op for op in counted.ops if "fastdml" in op] == [
+        "fastdml.fused_mutual_loss.default",
+        "fastdml.scale_grad_.default",
+    ]
+    assert len(counted.ops) <= 4, counted.ops
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

@@ -1,0 +1,124 @@
+// Autograd of fastdml::fused_mutual_loss, in C++ so that a training step's loss costs the
+// dispatcher and the autograd engine their usual few microseconds and no Python.
+//
+// The forward already wrote the gradient of its (reduced) loss, so the backward hands that buffer
+// to autograd, rescaled by the upstream gradient only where it is not 1. Where the forward wrote
+// none (float16 logits, whose gradient must take the upstream gradient before its cast, or a
+// second backward through a retained graph, which finds the buffer handed out already), the
+// backward computes it again with the upstream gradient as grad_scale.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fastdml {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+using FusedSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    c10::string_view, double, double, double, int64_t, c10::string_view, bool);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_mutual_loss(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weights,
+    const std::optional<Tensor>& grad_scale, c10::string_view mode, double temperature,
+    double alpha, double label_smoothing, int64_t ignore_index, c10::string_view reduction,
+    bool compute_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastdml::fused_mutual_loss", "")
+                             .typed<FusedSignature>();
+  return op.call(logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
+                 ignore_index, reduction, compute_grad);
+}
+
+void scale_grad_(Tensor& grad, const Tensor& grad_loss) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastdml::scale_grad_", "")
+                             .typed<void(Tensor&, const Tensor&)>();
+  op.call(grad, grad_loss);
+}
+
+std::optional<Tensor> optional_tensor(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
+                               const std::optional<Tensor>& weights,
+                               const std::optional<Tensor>& grad_scale, c10::string_view mode,
+                               double temperature, double alpha, double label_smoothing,
+                               int64_t ignore_index, c10::string_view reduction,
+                               bool compute_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, ce, mimicry, grad] =
+        fused_mutual_loss(logits, target, weights, grad_scale, mode, temperature, alpha,
+                          label_smoothing, ignore_index, reduction, compute_grad);
+    ctx->save_for_backward({logits, target, weights.value_or(Tensor())});
+    // The gradient buffer belongs to the op (the caller's logits are never written): the first
+    // backward rescales it in place and hands it to autograd, so it stays out of
+    // save_for_backward's version checks. A buffer scaled by a grad_scale is not the loss's.
+    ctx->saved_data["grad"] = grad_scale.has_value() ? Tensor() : grad;
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->mark_non_differentiable({ce, mimicry, grad});
+    // No zero-filled gradients for the outputs nothing differentiates (one is the size of the
+    // logits).
+    ctx->set_materialize_grads(false);
+    return {loss, ce, mimicry, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(11);
+    const Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return grads;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "the fused ops of fastdml have no double backward (create_graph=True); use "
+                "backend='torch' for higher-order gradients");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& logits = saved[0];
+    Tensor grad = ctx->saved_data["grad"].toTensor();
+    ctx->saved_data["grad"] = Tensor();
+    if (!grad.defined() || grad.sizes() != logits.sizes()) {
+      grad = std::get<3>(fused_mutual_loss(
+          logits, saved[1], optional_tensor(saved[2]), grad_loss,
+          ctx->saved_data["mode"].toStringRef(), ctx->saved_data["temperature"].toDouble(),
+          ctx->saved_data["alpha"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
+          ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
+          true));
+    } else {
+      scale_grad_(grad, grad_loss);
+    }
+    grads[0] = grad;
+    return grads;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_mutual_loss_autograd(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weights,
+    const std::optional<Tensor>& grad_scale, c10::string_view mode, double temperature,
+    double alpha, double label_smoothing, int64_t ignore_index, c10::string_view reduction,
+    bool compute_grad) {
+  auto out = FusedMutualLoss::apply(logits, target, weights, grad_scale, mode, temperature,
+                                    alpha, label_smoothing, ignore_index, reduction,
+                                    compute_grad);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdml, Autograd, m) {
+  m.impl("fused_mutual_loss", &fused_mutual_loss_autograd);
+}
+
+}  // namespace fastdml
