@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -60,6 +61,35 @@ IMPLEMENTATIONS: dict[str, Loss] = {
     "triton": _reduced(ops.triton_loss_rows),
     "cuda": _reduced(ops.cuda_loss_rows),
 }
+
+
+def loss_rows_and_grad(
+    backend: str, problem: MutualLossProblem, grad_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss, cross-entropy and mimicry [K, R] and, outside autograd, the gradient of
+    ``sum(grad_scale * loss)`` with respect to the logits: for callers that run their own
+    backward, such as the fused linear loss, chunk by chunk.
+
+    grad_scale is 0-dim or [K, R] (any strides) in the accumulation dtype and nonzero (the GPU
+    ops read a zero as 1). The targets must be checked already where the backend does not.
+    """
+    if backend == "cpp":
+        return torch.ops.fastdml.fused_mutual_loss(
+            *ops.fused_arguments(problem, "none", grad_scale)
+        )
+    if backend in ("cuda", "triton"):
+        prefix = "triton_" if backend == "triton" else ""
+        op = getattr(torch.ops.fastdml, f"{prefix}mutual_loss_with_grad")
+        return op(*ops.with_grad_arguments(problem, grad_scale)[:-1], True)
+    logits = problem.logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, ce, mimicry = _from_terms(reference.mutual_loss_rows)(
+            dataclasses.replace(problem, logits=logits), grad_scale
+        )
+        (grad,) = torch.autograd.grad(loss, logits, grad_scale.expand_as(loss))
+    return loss.detach(), ce.detach(), mimicry.detach(), grad
+
+
 # On CUDA tensors, these take targets unchecked (no host-device sync): out-of-range rows give NaN.
 CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
 # The CPU op range-checks the targets itself, in one pass before its kernel (a ValueError).
