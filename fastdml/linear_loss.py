@@ -1,0 +1,543 @@
+"""The fused linear mutual loss: K peers' output layers and their mutual loss in one chunked op.
+
+The logits of a large vocabulary (K peers x N tokens x V classes, and as much again of gradient)
+are never held whole: rows are taken a chunk at a time, each chunk's K logit blocks are formed by
+matmul, the fused mutual-loss op of the device computes their loss rows and logit gradient, and
+that gradient goes straight into the gradients of the hidden states, weights and biases. So the
+extra memory is that of one chunk, O(K * chunk * V), plus the parameters' gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastdml import backends, ops
+from fastdml.arguments import (
+    FLOAT_DTYPES,
+    MutualLossProblem,
+    PeerWeights,
+    accumulation_dtype,
+    check_options,
+    check_peer_weights,
+    check_target_values,
+    make_problem,
+)
+from fastdml.loss import MutualLossOutput
+
+Peers = Tensor | Sequence[Tensor]
+Biases = Tensor | Sequence[Tensor | None] | None
+
+# What one chunk's logits may take: a GPU has room for large chunks, whose matmuls run at full
+# speed; on a CPU a few tens of MiB keep the matmuls as fast while the chunk stays near the caches.
+GPU_CHUNK_BYTES = 256 << 20
+CPU_CHUNK_BYTES = 32 << 20
+
+
+def default_chunk_size(
+    num_peers: int, num_classes: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Rows per chunk so that the chunk's K logit blocks fill GPU_CHUNK_BYTES on CUDA and
+    CPU_CHUNK_BYTES elsewhere (the chunk's logit gradient takes as much again); at least one row,
+    a multiple of 64 rows from 64 up (whole matmul tiles)."""
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = budget // (num_peers * num_classes * dtype.itemsize)
+    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The call's constants: the loss options, and how the flat tensors split into peers."""
+
+    mode: str
+    temperature: float
+    alpha: float
+    label_smoothing: float
+    ignore_index: int
+    reduction: str
+    backend: str
+    chunk_size: int
+    num_peers: int
+    grad_enabled: bool
+    counts: tuple[int, int, int]  # tensors given for hidden, weight, bias: 1 when stacked, else K
+
+    def split(self, tensors: Sequence[Tensor | None]) -> list[list[Tensor | None]]:
+        """Per-peer hidden, weight and bias (a stacked tensor as its K views; no bias: None)."""
+        groups, start = [], 0
+        for count in self.counts:
+            group = tensors[start : start + count]
+            start += count
+            if count == 0:
+                groups.append([None] * self.num_peers)
+            elif count == 1:
+                groups.append(list(group[0].unbind(0)))
+            else:
+                groups.append(list(group))
+        return groups
+
+
+def _grad_buffers(
+    settings: _Settings, tensors: Sequence[Tensor | None], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """Gradients for the inputs that need them: hidden rows are written chunk by chunk, weights
+    accumulated in their dtype, biases in the accumulation dtype (cast by `_finished`)."""
+    buffers: list[Tensor | None] = []
+    hidden_count, weight_count, _ = settings.counts
+    for index, (tensor, need) in enumerate(zip(tensors, needs, strict=True)):
+        if not need or tensor is None:
+            buffers.append(None)
+        elif index < hidden_count:
+            buffers.append(torch.empty_like(tensor))
+        elif index < hidden_count + weight_count:
+            buffers.append(torch.zeros_like(tensor))
+        else:
+            buffers.append(torch.zeros_like(tensor, dtype=accumulation_dtype(tensor.dtype)))
+    return buffers
+
+
+def _finished(
+    settings: _Settings, tensors: Sequence[Tensor | None], grads: list[Tensor | None]
+) -> list[Tensor | None]:
+    """The gradients in their inputs' dtypes (the biases' were accumulated wider)."""
+    start = sum(settings.counts[:2])
+    return grads[:start] + [
+        None if grad is None else grad.to(tensor.dtype)
+        for tensor, grad in zip(tensors[start:], grads[start:], strict=True)
+    ]
+
+
+def _zero_unscaled_rows(backend: str, grad: Tensor, grad_scale: Tensor) -> None:
+    """The GPU ops read a zero grad_scale as 1 (their forward must not lose a gradient that the
+    backward rescales); here a zero means no gradient, so their rescale op zeroes those rows."""
+    if backend == "cuda":
+        torch.ops.fastdml.scale_grad_rows_(grad, grad_scale, grad_scale)
+    elif backend == "triton":
+        torch.ops.fastdml.triton_scale_grad_rows_(grad, grad_scale, grad_scale)
+
+
+def _chunked_pass(
+    settings: _Settings,
+    target: Tensor,
+    peer_weights: Tensor | None,
+    tensors: Sequence[Tensor | None],
+    grad_scale: Tensor | None,
+    grads: list[Tensor | None],
+    upstream: bool = False,
+) -> Tensor:
+    """Loss, cross-entropy and mimicry of every peer, [3, K] summed over rows (reduction "none":
+    [3, K, N]), and, where grad_scale is given, the gradient of ``sum(grad_scale * loss)``
+    accumulated into `grads` (grad_scale 0-dim, or [K, N] for reduction "none"; `upstream`: it
+    holds the upstream gradient, which may be 0)."""
+    hidden, weight, bias = settings.split(tensors)
+    grad_hidden, grad_weight, grad_bias = settings.split(grads)
+    k, (n, _), num_classes = settings.num_peers, hidden[0].shape, weight[0].shape[0]
+    dtype = hidden[0].dtype
+    acc = accumulation_dtype(dtype)
+    per_row = settings.reduction == "none"
+    terms = hidden[0].new_zeros((3, k, n) if per_row else (3, k), dtype=acc)
+    for start in range(0, n, settings.chunk_size):
+        rows = slice(start, min(start + settings.chunk_size, n))
+        logits = hidden[0].new_empty((k, rows.stop - start, num_classes))
+        for peer in range(k):
+            if bias[peer] is None:
+                torch.mm(hidden[peer][rows], weight[peer].t(), out=logits[peer])
+            else:
+                torch.addmm(bias[peer], hidden[peer][rows], weight[peer].t(), out=logits[peer])
+        problem = MutualLossProblem(
+            logits=logits,
+            target=target[rows],
+            peer_weights=peer_weights,
+            mode=settings.mode,
+            temperature=settings.temperature,
+            alpha=settings.alpha,
+            label_smoothing=settings.label_smoothing,
+            ignore_index=settings.ignore_index,
+            row_shape=(rows.stop - start,),
+        )
+        if grad_scale is None:
+            chunk_terms = backends.IMPLEMENTATIONS[settings.backend](problem, "none")
+        else:
+            scale = grad_scale[:, rows] if grad_scale.dim() else grad_scale
+            *chunk_terms, grad = backends.loss_rows_and_grad(settings.backend, problem, scale)
+            if upstream:
+                _zero_unscaled_rows(settings.backend, grad, scale)
+            for peer in range(k):
+                if grad_hidden[peer] is not None:
+                    torch.mm(grad[peer], weight[peer], out=grad_hidden[peer][rows])
+                if grad_weight[peer] is not None:
+                    grad_weight[peer].addmm_(grad[peer].t(), hidden[peer][rows])
+                if grad_bias[peer] is not None:
+                    grad_bias[peer].add_(grad[peer].sum(0, dtype=acc))
+        chunk_terms = torch.stack(chunk_terms)
+        if per_row:
+            terms[:, :, rows] = chunk_terms
+        else:
+            terms += chunk_terms.sum(-1)
+    return terms
+
+
+class _FusedLinearMutualLoss(torch.autograd.Function):
+    """Forward: the loss and, for reductions "mean" and "sum", every gradient, scaled by the
+    reduction's row weight; backward: those gradients times the upstream gradient. Where the
+    forward kept none (reduction "none", float16, a second backward through a retained graph) the
+    backward runs the chunks again with the upstream gradient folded into the op's scale."""
+
+    @staticmethod
+    def forward(ctx, settings, target, peer_weights, row_scale, *tensors):
+        needs = ctx.needs_input_grad[4:]
+        in_forward = (
+            settings.grad_enabled
+            and any(needs)
+            and settings.reduction != "none"
+            and tensors[0].dtype not in ops.RECOMPUTE_GRAD_DTYPES
+        )
+        grads = _grad_buffers(settings, tensors, needs) if in_forward else []
+        terms = _chunked_pass(
+            settings, target, peer_weights, tensors, row_scale if in_forward else None, grads
+        )
+        ctx.settings = settings
+        ctx.grads = _finished(settings, tensors, grads) if in_forward else None
+        ctx.save_for_backward(target, peer_weights, row_scale, *tensors)
+        ctx.set_materialize_grads(False)
+        loss, ce, mimicry = terms if settings.reduction == "none" else terms * row_scale
+        if settings.reduction != "none":
+            loss = loss.sum()
+        ctx.mark_non_differentiable(ce, mimicry)
+        return loss, ce, mimicry
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_mimicry):
+        target, peer_weights, row_scale, *tensors = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * (4 + len(tensors))
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            settings = ctx.settings
+            needs = ctx.needs_input_grad[4:]
+            grads = _grad_buffers(settings, tensors, needs)
+            scale = grad_loss if settings.reduction == "none" else grad_loss * row_scale
+            _chunked_pass(settings, target, peer_weights, tensors, scale, grads, upstream=True)
+            grads = _finished(settings, tensors, grads)
+        elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss != 1:
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        return (None, None, None, None, *grads)
+
+
+def _peer_list(name: str, value: Peers, dims: str) -> tuple[list[Tensor], bool]:
+    """The K per-peer tensors of an argument and whether it came stacked."""
+    per_peer = dims.count(",") + 1
+    if isinstance(value, Tensor):
+        if value.dim() != per_peer + 1:
+            raise ValueError(
+                f"{name} must be a list of K tensors [{dims}] or one stacked tensor [K, {dims}], "
+                f"got a tensor of shape {tuple(value.shape)}"
+            )
+        return list(value.unbind(0)), True
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of K tensors [{dims}] or a tensor [K, {dims}], "
+            f"got {type(value).__name__}"
+        )
+    for k, peer in enumerate(value):
+        if not isinstance(peer, Tensor):
+            raise TypeError(f"{name}[{k}] must be a Tensor, got {type(peer).__name__}")
+        if peer.dim() != per_peer:
+            raise ValueError(f"{name}[{k}] must have shape [{dims}], got shape {tuple(peer.shape)}")
+    return list(value), False
+
+
+def _peer_biases(bias: Biases, weights: list[Tensor]) -> list[Tensor | None]:
+    """The K per-peer biases [V] (or None) of a list, or of a stacked tensor [K, V]."""
+    if isinstance(bias, Tensor):
+        if bias.dim() != 2:
+            raise ValueError(
+                "bias must be None, a list of K tensors [V] or a stacked tensor [K, V], "
+                f"got a tensor of shape {tuple(bias.shape)}"
+            )
+        biases = list(bias.unbind(0))
+    elif isinstance(bias, (list, tuple)):
+        biases = list(bias)
+    else:
+        raise TypeError(
+            "bias must be None, a list of K tensors [V] or a tensor [K, V], "
+            f"got {type(bias).__name__}"
+        )
+    if len(biases) != len(weights):
+        raise ValueError(f"bias must hold K = {len(weights)} peers, got {len(biases)}")
+    num_classes = weights[0].shape[0]
+    for k, peer_bias in enumerate(biases):
+        if peer_bias is None:
+            continue
+        if not isinstance(peer_bias, Tensor):
+            raise TypeError(f"bias[{k}] must be a Tensor or None, got {type(peer_bias).__name__}")
+        if tuple(peer_bias.shape) != (num_classes,):
+            raise ValueError(
+                f"bias[{k}] must have shape [V] = [{num_classes}], got {tuple(peer_bias.shape)}"
+            )
+    return biases
+
+
+def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int, int]:
+    """Shapes, dtypes and devices of the layers; returns (K, N, V)."""
+    hiddens, _ = _peer_list("hidden", hidden, "N, H")
+    weights, _ = _peer_list("weight", weight, "V, H")
+    if len(hiddens) != len(weights):
+        raise ValueError(
+            f"hidden and weight must hold the same number of peers K, got {len(hiddens)} "
+            f"hidden states and {len(weights)} weights"
+        )
+    if not hiddens:
+        raise ValueError("mutual learning needs at least 2 peers, got 0")
+    tensors = hiddens + weights
+    if bias is not None:
+        tensors += [b for b in _peer_biases(bias, weights) if b is not None]
+    first = hiddens[0]
+    if first.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"hidden must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
+            f"got {first.dtype}"
+        )
+    for tensor in tensors:
+        for what in ("dtype", "device"):
+            if getattr(tensor, what) != getattr(first, what):
+                raise ValueError(
+                    f"every hidden state, weight and bias must share {what}: hidden[0] has "
+                    f"{getattr(first, what)}, another has {getattr(tensor, what)}"
+                )
+    for k, (h, w) in enumerate(zip(hiddens, weights, strict=True)):
+        if h.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"every peer's hidden states must have the same N rows: hidden[0] has "
+                f"{first.shape[0]}, hidden[{k}] has {h.shape[0]}"
+            )
+        if w.shape[0] != weights[0].shape[0]:
+            raise ValueError(
+                f"every peer's weight must have the same V classes: weight[0] has "
+                f"{weights[0].shape[0]}, weight[{k}] has {w.shape[0]}"
+            )
+        if h.shape[1] != w.shape[1]:
+            raise ValueError(
+                f"peer {k}: hidden [N, H] has H = {h.shape[1]}, but its weight [V, H] has "
+                f"H = {w.shape[1]}"
+            )
+    return len(hiddens), first.shape[0], weights[0].shape[0]
+
+
+def _flat(value: Peers | Biases) -> tuple[list[Tensor | None], int]:
+    """The tensors an argument passes to the autograd function, and how many."""
+    if value is None:
+        return [], 0
+    items = [value] if isinstance(value, Tensor) else list(value)
+    return items, len(items)
+
+
+def _checked_fused_linear_mutual_loss(
+    hidden: Peers,
+    weight: Peers,
+    target: Tensor,
+    bias: Biases,
+    chunk_size: int | None,
+    temperature: float,
+    alpha: float,
+    mode: str,
+    peer_weights: PeerWeights | None,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    return_components: bool,
+    backend: str,
+) -> Tensor | MutualLossOutput:
+    """`fused_linear_mutual_loss` once its options are checked."""
+    num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
+    first = hidden[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_peers, num_classes, first.dtype, first.device)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    # The whole batch's problem, with logits that take no memory: it checks the target and the
+    # peer weights once, as mutual_loss would.
+    problem = make_problem(
+        first.new_zeros(()).expand(num_peers, rows, num_classes),
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        mode=mode,
+        peer_weights=peer_weights,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+    )
+    name = backends.select(backend, first.device, num_peers, num_classes)
+    if backends.needs_target_check(name, first.device):
+        check_target_values(problem)
+    acc = accumulation_dtype(first.dtype)
+    if reduction == "mean":
+        valid = (target != ignore_index).sum()
+        row_scale = valid.clamp(min=1).to(acc).reciprocal()
+    else:
+        row_scale = torch.ones((), dtype=acc, device=first.device)
+    flat_hidden, hidden_count = _flat(hidden)
+    flat_weight, weight_count = _flat(weight)
+    flat_bias, bias_count = _flat(bias)
+    settings = _Settings(
+        mode=problem.mode,
+        temperature=problem.temperature,
+        alpha=problem.alpha,
+        label_smoothing=problem.label_smoothing,
+        ignore_index=problem.ignore_index,
+        reduction=reduction,
+        backend=name,
+        chunk_size=chunk_size,
+        num_peers=num_peers,
+        grad_enabled=torch.is_grad_enabled(),
+        counts=(hidden_count, weight_count, bias_count),
+    )
+    loss, ce, mimicry = _FusedLinearMutualLoss.apply(
+        settings, target, problem.peer_weights, row_scale, *flat_hidden, *flat_weight, *flat_bias
+    )
+    if not return_components:
+        return loss
+    return MutualLossOutput(loss, ce, mimicry)
+
+
+def fused_linear_mutual_loss(
+    hidden: Peers,
+    weight: Peers,
+    target: Tensor,
+    bias: Biases = None,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    mode: str = "pairwise",
+    peer_weights: PeerWeights | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_components: bool = False,
+    backend: str = "auto",
+) -> Tensor | MutualLossOutput:
+    """`mutual_loss` of the logits ``h_k @ W_k.T + b_k``, without ever holding them whole.
+
+    Equal, value and gradients, to ``mutual_loss([h @ w.T + b for ...], target, **options)``,
+    to rounding; the options are those of `mutual_loss`. The gradients of the hidden states,
+    weights and biases are computed chunk by chunk in the forward (reductions "mean" and "sum")
+    and scaled by the upstream gradient in the backward. Reduction "none" and float16 compute
+    them in the backward instead, with the upstream gradient folded in before the rounding to the
+    logits' dtype, as `mutual_loss` does for float16: that runs the chunks' matmuls once more.
+
+    A peer whose hidden states, weight and bias need no gradient (a frozen teacher) costs its
+    logits' matmul per chunk and nothing in the backward. The matmuls run in the inputs' dtype,
+    the loss in float32 (float64 for float64); weight gradients are accumulated over the chunks
+    in the weights' dtype, bias gradients in float32.
+
+    Args:
+        hidden: K tensors [N, H_k] (the widths may differ), or one stacked tensor [K, N, H].
+        weight: K tensors [V, H_k] (each peer's output layer), or one tensor [K, V, H].
+        target: int64 class indices [N].
+        bias: None, K tensors [V] (or None for a peer without one), or one tensor [K, V].
+        chunk_size: rows per chunk; the default, `default_chunk_size`, keeps one chunk's logits
+            near 256 MiB on a GPU and 32 MiB elsewhere. The extra memory is about twice that
+            (the chunk's logit gradient) plus the gradients of the inputs.
+    """
+    check_options(
+        temperature=temperature,
+        alpha=alpha,
+        mode=mode,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )
+    return _checked_fused_linear_mutual_loss(
+        hidden,
+        weight,
+        target,
+        bias,
+        chunk_size,
+        temperature,
+        alpha,
+        mode,
+        peer_weights,
+        label_smoothing,
+        ignore_index,
+        reduction,
+        return_components,
+        backend,
+    )
+
+
+class FusedLinearMutualLoss(nn.Module):
+    """`fused_linear_mutual_loss` as a module:
+    ``FusedLinearMutualLoss(**options)(hidden, weight, target, bias=None)``.
+
+    Takes the keyword options of `fused_linear_mutual_loss`; they are checked here, at
+    construction.
+    """
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int | None = None,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        mode: str = "pairwise",
+        peer_weights: PeerWeights | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        return_components: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_options(
+            temperature=temperature,
+            alpha=alpha,
+            mode=mode,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            backend=backend,
+        )
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+        self.alpha = alpha
+        self.mode = mode
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.return_components = return_components
+        self.backend = backend
+        weights = None
+        if peer_weights is not None:
+            weights = torch.as_tensor(peer_weights, dtype=torch.float64).detach()
+            check_peer_weights(weights, weights.shape[0] if weights.dim() else 0)
+        self.register_buffer("peer_weights", weights, persistent=False)
+
+    def forward(
+        self, hidden: Peers, weight: Peers, target: Tensor, bias: Biases = None
+    ) -> Tensor | MutualLossOutput:
+        return _checked_fused_linear_mutual_loss(
+            hidden,
+            weight,
+            target,
+            bias,
+            self.chunk_size,
+            self.temperature,
+            self.alpha,
+            self.mode,
+            self.peer_weights,
+            self.label_smoothing,
+            self.ignore_index,
+            self.reduction,
+            self.return_components,
+            self.backend,
+        )
