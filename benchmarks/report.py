@@ -416,6 +416,9 @@ otherwise idle machine:
 ## Time vs number of classes
 
 {sweep_section(sweep, image, threads)}
+## Small shapes
+
+{small_shapes_section(args.small_shapes)}
 
 ## GPU
 
@@ -452,6 +455,51 @@ def gpu_section(path: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+SMALL_FORMS = ("fastdml", "MutualLoss")
+
+
+def small_shapes_section(path: Path) -> str:
+    """benchmarks/small_shapes.py's run: per shape, every candidate's median forward + backward,
+    its ratios to torch.compile and from the eager loop, fastdml's per-call overhead (its median
+    minus the op's own) and the ops each dispatches."""
+    if not path.exists():
+        return "Not measured yet: run `python -m benchmarks.small_shapes`.\n"
+    run = json.loads(path.read_text())
+    cpu = run["machine"].get("cpu_model", "?")
+    threads = run["machine"].get("threads", "?")
+    parts = [
+        f"Forward + backward, float32, {threads} threads, {cpu}; medians of "
+        f"{run['shapes'][0]['rounds']} interleaved rounds (`python -m benchmarks.small_shapes`). "
+        "*overhead*: the median minus that of the fused op alone (`kernel`: the op called "
+        "directly in inference mode, loss and gradient). *ops*: ATen and custom ops dispatched "
+        "by one forward + backward, the autograd engine's included."
+    ]
+    header = ["candidate", "median", "÷ torch.compile", "eager_pairs ÷", "overhead", "ops"]
+    for shape in [*run["shapes"], run["large"]]:
+        found = shape["candidates"]
+        kernel = found["kernel"]["median"]
+        compiled = found["torch_compile"]["median"]
+        eager = found.get("eager_pairs", {}).get("median")
+        rows = []
+        for name, entry in found.items():
+            median = entry["median"]
+            overhead = fmt_time(median - kernel) if name in SMALL_FORMS else ""
+            ops = str(len(entry["ops"])) if "ops" in entry else ""
+            rows.append(
+                [
+                    name,
+                    fmt_time(median),
+                    fmt_ratio(median / compiled),
+                    fmt_ratio(eager / median) if eager else "—",
+                    overhead,
+                    ops,
+                ]
+            )
+        title = f"### (K, N, C) = ({shape['K']}, {shape['N']}, {shape['C']})"
+        parts += [title, table(header, rows)]
+    return "\n\n".join(parts) + "\n"
+
+
 def compile_section() -> str:
     """Registers, spills and shared memory of the Triton specializations, per Triton version."""
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("triton_compile_*.json"))]
@@ -484,6 +532,7 @@ def main() -> None:
     parser.add_argument("--notes", type=Path, default=ROOT / "benchmarks" / "notes.md")
     parser.add_argument("--plot", type=Path, default=RESULTS / "time_vs_classes.png")
     parser.add_argument("--gpu", type=Path, default=RESULTS / "gpu_core.jsonl")
+    parser.add_argument("--small-shapes", type=Path, default=RESULTS / "small_shapes.json")
     parser.add_argument("--trainer", type=Path, default=ROOT / "benchmarks" / "trainer.md")
     parser.add_argument("--distributed", type=Path, default=ROOT / "benchmarks" / "distributed.md")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
