@@ -9,6 +9,7 @@ from fastdml.cohort import Cohort, Evaluation, StepOutput
 from fastdml.data import InMemoryLoader, load_dataset
 from fastdml.distributed import DistributedCohort
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
+from fastdml.linear_loss import FusedLinearMutualLoss, fused_linear_mutual_loss
 from fastdml.loss import MutualLoss, MutualLossOutput, mutual_loss
 from fastdml.models import build_model
 from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer
@@ -23,6 +24,7 @@ __all__ = [
     "DistributedCohort",
     "DistributedError",
     "Evaluation",
+    "FusedLinearMutualLoss",
     "InMemoryLoader",
     "LRSchedule",
     "MutualLoss",
@@ -34,6 +36,7 @@ __all__ = [
     "available_backends",
     "build_model",
     "clip_grad_norms_",
+    "fused_linear_mutual_loss",
     "load_dataset",
     "make_optimizer",
     "mutual_loss",
