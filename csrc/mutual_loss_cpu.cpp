@@ -114,27 +114,41 @@ T nan_max(T a, T b) {
   return (a > b || std::isnan(a)) ? a : b;
 }
 
+// Two accumulators in the loops below: each vector's maximum or exp-and-add depends on the last
+// one only every other vector, which halves the loop's latency chain.
 template <typename T>
 T max_of(const T* x, int64_t n) {
   using V = Vectorized<T>;
-  V acc(kNegInf<T>);
-  for_each_vector<T>(n, [&](int64_t c, auto cnt) {
-    acc = at::vec::maximum(acc, live(load(x + c, cnt), cnt, kNegInf<T>));
+  constexpr int64_t W = V::size();
+  V acc0(kNegInf<T>), acc1(kNegInf<T>);
+  int64_t c = 0;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    acc0 = at::vec::maximum(acc0, V::loadu(x + c));
+    acc1 = at::vec::maximum(acc1, V::loadu(x + c + W));
+  }
+  for_each_vector<T>(n - c, [&](int64_t i, auto cnt) {
+    acc0 = at::vec::maximum(acc0, live(load(x + c + i, cnt), cnt, kNegInf<T>));
   });
-  return at::vec::vec_reduce_all<T>(
-      [](const V& a, const V& b) { return at::vec::maximum(a, b); }, acc);
+  return at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return at::vec::maximum(a, b); },
+                                    at::vec::maximum(acc0, acc1));
 }
 
 // sum_c exp(a x[c] - b)
 template <typename T>
 T sum_exp(const T* x, int64_t n, T a, T b) {
   using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
   const V va(a), nb(-b);
-  V acc(0);
-  for_each_vector<T>(n, [&](int64_t c, auto cnt) {
-    acc += live(vexp(at::vec::fmadd(load(x + c, cnt), va, nb)), cnt);
+  V acc0(0), acc1(0);
+  int64_t c = 0;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    acc0 += vexp(at::vec::fmadd(V::loadu(x + c), va, nb));
+    acc1 += vexp(at::vec::fmadd(V::loadu(x + c + W), va, nb));
+  }
+  for_each_vector<T>(n - c, [&](int64_t i, auto cnt) {
+    acc0 += live(vexp(at::vec::fmadd(load(x + c + i, cnt), va, nb)), cnt);
   });
-  return hsum(acc);
+  return hsum(acc0 + acc1);
 }
 
 // out[c] = exp(a x[c] - b); out may alias x.
@@ -395,10 +409,13 @@ template <typename T>
 void fold_chunk(const T* x, int64_t n, T inv_T, T& m, double& s, double* s_T) {
   const T m_new = nan_max(m, max_of(x, n));
   if (m_new == kNegInf<T>) return;  // only -inf so far: nothing to add, and no (-inf) - (-inf)
-  s = s * std::exp(double(m) - m_new) + sum_exp(x, n, T(1), m_new);
+  // The first chunk of a row rescales nothing (and no exp of -inf is called for it).
+  const bool first = m == kNegInf<T>;
+  s = (first ? 0.0 : s * std::exp(double(m) - m_new)) + sum_exp(x, n, T(1), m_new);
   if (s_T != nullptr) {
     const T shift = m_new * inv_T;
-    *s_T = *s_T * std::exp(double(m * inv_T) - shift) + sum_exp(x, n, inv_T, shift);
+    const double kept = first ? 0.0 : *s_T * std::exp(double(m * inv_T) - shift);
+    *s_T = kept + sum_exp(x, n, inv_T, shift);
   }
   m = m_new;
 }
@@ -503,7 +520,7 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
   for (int64_t k = 0; k < K; ++k) {
     st.s[k] = std::log(st.s[k]);
     st.s_T[k] = pb.unit_T ? st.s[k] : std::log(st.s_T[k]);
-    st.s_u[k] = std::log(st.s_u[k]);
+    if (logit_target) st.s_u[k] = std::log(st.s_u[k]);
   }
   const auto& log_s = st.s;
   const auto& log_s_T = st.s_T;
