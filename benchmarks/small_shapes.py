@@ -8,8 +8,9 @@ From the repository root, on an otherwise idle machine (writes the JSON that
 At these shapes (two to four peers, 64 to 128 rows, 10 to 100 classes) a call does little
 arithmetic, so what a loss costs is mostly Python, dispatch and autograd. Every candidate runs
 forward + backward (``loss.backward()`` on logits that require grad) in rounds that take the
-candidates in turn, each round starting one candidate later, so a change in the machine's load,
-or in its caches, reaches them all alike; each reports the median over its rounds.
+candidates in turn, in a fresh random order each round, so that a change in the machine's load,
+and whatever one candidate leaves behind for the next, reaches them all alike; each reports the
+median over its rounds.
 
 - ``fastdml``: ``fastdml.mutual_loss(logits, target)``, the function form (backend "auto");
 - ``MutualLoss``: the module form, ``fastdml.MutualLoss()(logits, target)``;
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -109,9 +111,10 @@ def measure(shape: tuple[int, int, int], names: list[str], rounds: int) -> dict:
     }
     names = list(timers)
     times: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
     for round_ in range(rounds + WARM_UP):
-        first = round_ % len(names)
-        for name in names[first:] + names[:first]:
+        order.shuffle(names)
+        for name in names:
             seconds = timers[name](logits, target)
             if round_ >= WARM_UP:
                 times[name].append(seconds)
