@@ -2,10 +2,13 @@
 // dispatcher and the autograd engine their usual few microseconds and no Python.
 //
 // The forward already wrote the gradient of its (reduced) loss, so the backward hands that buffer
-// to autograd, rescaled by the upstream gradient only where it is not 1. Where the forward wrote
-// none (float16 logits, whose gradient must take the upstream gradient before its cast, or a
-// second backward through a retained graph, which finds the buffer handed out already), the
-// backward computes it again with the upstream gradient as grad_scale.
+// to autograd, rescaled in place by the upstream gradient only where it is not 1: the op's
+// `grad` output is the op's own (a caller who wants the forward's gradient as it was copies it).
+// Where that buffer is not the loss's gradient as written, the backward computes the gradient
+// again with the upstream gradient as grad_scale: float16 logits (whose gradient must take the
+// upstream gradient before its cast), a forward given a grad_scale, a second backward through a
+// retained graph (which finds the buffer handed out already), or a buffer changed since (its
+// version counter moved).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -63,8 +66,10 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
     ctx->save_for_backward({logits, target, weights.value_or(Tensor())});
     // The gradient buffer belongs to the op (the caller's logits are never written): the first
     // backward rescales it in place and hands it to autograd, so it stays out of
-    // save_for_backward's version checks. A buffer scaled by a grad_scale is not the loss's.
-    ctx->saved_data["grad"] = grad_scale.has_value() ? Tensor() : grad;
+    // save_for_backward's version checks; its own version is checked instead.
+    const bool reusable = !grad_scale.has_value() && logits.scalar_type() != at::kHalf;
+    ctx->saved_data["grad"] = reusable ? grad : Tensor();
+    ctx->saved_data["grad_version"] = static_cast<int64_t>(grad._version());
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["alpha"] = alpha;
@@ -89,15 +94,19 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
     const Tensor& logits = saved[0];
     Tensor grad = ctx->saved_data["grad"].toTensor();
     ctx->saved_data["grad"] = Tensor();
-    if (!grad.defined() || grad.sizes() != logits.sizes()) {
+    const bool own = grad.defined() && grad.sizes() == logits.sizes() &&
+                     static_cast<int64_t>(grad._version()) ==
+                         ctx->saved_data["grad_version"].toInt();
+    if (own) {
+      scale_grad_(grad, grad_loss);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad = std::get<3>(fused_mutual_loss(
           logits, saved[1], optional_tensor(saved[2]), grad_loss,
           ctx->saved_data["mode"].toStringRef(), ctx->saved_data["temperature"].toDouble(),
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
           ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
           true));
-    } else {
-      scale_grad_(grad, grad_loss);
     }
     grads[0] = grad;
     return grads;
@@ -115,10 +124,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_mutual_loss_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+// scale_grad_ rescales a gradient buffer in place: not differentiable itself, and a version
+// bump, so that autograd notices if the buffer was saved for some backward.
+void scale_grad_autograd(Tensor& grad, const Tensor& grad_loss) {
+  TORCH_CHECK(!grad.requires_grad() && !grad_loss.requires_grad(),
+              "fastdml::scale_grad_ rescales the gradient buffer of fused_mutual_loss in place and "
+              "is not differentiable; got a tensor that requires grad");
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    scale_grad_(grad, grad_loss);
+  }
+  grad.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdml, Autograd, m) {
   m.impl("fused_mutual_loss", &fused_mutual_loss_autograd);
+  m.impl("scale_grad_", &scale_grad_autograd);
 }
 
 }  // namespace fastdml

@@ -548,13 +548,15 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
           break;
         case Mode::EnsembleLogits:
           st.kl[k] += kl_div_logits(t, st.m_u[k], static_cast<T>(log_s_u[k]), log_q, n);
-          // The target distribution itself, for the gradient.
-          exp_affine(t, n, T(1), static_cast<T>(st.m_u[k] + log_s_u[k]), t);
           break;
       }
     }
     if (out.grad == nullptr) continue;
     for (int64_t k = 0; k < K; ++k) {
+      if (logit_target) {  // the target distribution itself, from its logits
+        T* t = ws.row(ws.t, k);
+        exp_affine(t, n, T(1), static_cast<T>(st.m_u[k] + log_s_u[k]), t);
+      }
       const T g_ce = scale.at(k, r);
       chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]), g_ce,
                      g_ce * weight_T2 * pb.inv_T, out.grad + pb.idx(k, r) * C + c0);

@@ -4,8 +4,8 @@
 // fused_mutual_loss / scale_grad_ (CPU): the loss reduced as asked ("mean" and "sum": a 0-dim loss
 // and [K] components; "none": [K, R] each) and, when compute_grad, the gradient of
 // sum(grad_scale * loss) (grad_scale absent: 1), whose backward (mutual_loss_autograd.cpp) is
-// scale_grad_ by the upstream gradient, a no-op where that is 1. weights are read in mode
-// "weights" only.
+// scale_grad_ by the upstream gradient, a no-op where that is 1 (so the grad output is the op's
+// own: the backward may rescale it in place). weights are read in mode "weights" only.
 // mutual_loss_with_grad / scale_grad_rows_ (CUDA): the forward also writes the gradient of
 // sum s * loss, s[k, r] being row_scale (0-dim, or [K, R] at any strides) where it is nonzero and
 // 1 where it is 0 (a zero scale folds nothing in); scale_grad_rows_ multiplies row (k, r) of that

@@ -83,30 +83,54 @@ def test_opcheck_fused_with_grad_scale(reduction):
     torch.library.opcheck(torch.ops.fastdml.scale_grad_.default, (grad, grad_scale))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_gradient_is_that_of_its_loss(reduction):
+def test_fused_gradient_is_that_of_its_loss(reduction, mode, temperature):
     """The gradient the CPU op writes is that of the loss it returns, times grad_scale."""
-    problem = op_args(mode="ensemble_logits")
+    problem = op_args(mode=mode, temperature=temperature)
     k, rows, _ = problem.logits.shape
     grad_scale = torch.rand(k, rows, dtype=torch.float64) if reduction == "none" else None
     loss, *_, grad = torch.ops.fastdml.fused_mutual_loss(
         *fused_arguments(problem, reduction, grad_scale)
     )
-    expected = torch.ones_like(loss) if grad_scale is None else grad_scale
     logits = problem.logits.clone().requires_grad_()
     rows_loss = mutual_loss(
         logits,
         problem.target,
-        temperature=2.0,
+        temperature=temperature,
         alpha=0.5,
-        mode="ensemble_logits",
+        mode="pairwise" if mode == "weights" else mode,
+        peer_weights=problem.peer_weights,
         label_smoothing=0.1,
         reduction=reduction,
         backend="torch",
     )
     torch.testing.assert_close(loss, rows_loss.detach())
-    (want,) = torch.autograd.grad(rows_loss, logits, expected)
+    upstream = torch.ones_like(loss) if grad_scale is None else grad_scale
+    (want,) = torch.autograd.grad(rows_loss, logits, upstream)
     torch.testing.assert_close(grad, want)
+
+
+def test_gradient_buffer_changed_by_a_caller_is_computed_again():
+    """The op returns its gradient buffer, which its backward rescales and hands to autograd;
+    if a caller has written to it since, the backward computes the gradient again."""
+    problem = op_args(dtype=torch.float32)
+    logits = problem.logits.requires_grad_()
+    expected = mutual_loss(
+        logits, problem.target, temperature=2.0, alpha=0.5, label_smoothing=0.1, backend="torch"
+    )
+    (want,) = torch.autograd.grad(5 * expected, logits)
+    loss, _, _, kept = torch.ops.fastdml.fused_mutual_loss(*fused_arguments(problem, "mean"))
+    kept.zero_()
+    (got,) = torch.autograd.grad(5 * loss, logits)
+    torch.testing.assert_close(got, want)
+
+
+def test_scale_grad_is_not_differentiable():
+    grad = torch.randn(2, 3, 4, requires_grad=True).exp()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.ops.fastdml.scale_grad_(grad, torch.tensor(2.0))
 
 
 def test_scale_grad_skips_what_is_scaled_by_one():
