@@ -11,6 +11,16 @@ compared: the machine may be shared, and interference only ever adds time (the m
 stored too).
 
     python -m benchmarks.trainer_overhead --out benchmarks/results/trainer.json
+
+With ``--stacked CASES`` it times instead the same peers as `Cohort` and as `StackedCohort`
+(batches of ``--batch-size``, alternating runs, paired ratios): mlp (K = 4, hidden 256), mlp-h64
+(K = 8, hidden 64), cnn1d (K = 4) on MNIST-1D, and resnet32 (K = 8, random data of CIFAR-100's
+shape, for ``--device cuda``):
+
+    python -m benchmarks.trainer_overhead --stacked mlp,mlp-h64,cnn1d --batch-size 128 \
+        --out benchmarks/results/trainer_stacked.json
+    python -m benchmarks.trainer_overhead --stacked resnet32 --device cuda --batch-size 128 \
+        --repeats 10 --out benchmarks/results/trainer_stacked_gpu.json
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from fastdml import mutual_loss
 from fastdml.cohort import Cohort
 from fastdml.data import InMemoryLoader, load_dataset
 from fastdml.models import build_model
+from fastdml.stacked_cohort import StackedCohort
 from fastdml.trainer import Trainer
 
 SGD = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
@@ -111,6 +122,94 @@ def measure(k: int, epochs: int, repeats: int, batch_size: int) -> dict[str, flo
     }
 
 
+STACKED_CASES = {  # name: architecture, its options, input shape, peers
+    "mlp": ("mlp", {}, (40,), 4),
+    "mlp-h64": ("mlp", {"hidden": 64}, (40,), 8),
+    "cnn1d": ("cnn1d", {}, (40,), 4),
+    "resnet32": ("resnet32", {}, (3, 32, 32), 8),
+}
+
+
+def stacked_vs_unstacked(
+    case: str, batch_size: int, repeats: int, steps: int, device: str
+) -> dict[str, object]:
+    """Training throughput of the same peers as `Cohort` and as `StackedCohort`, alternating
+    runs of `steps` steps. MNIST-1D on the CPU; random data of CIFAR-100's shape for resnet32
+    (100 classes)."""
+    arch, options, shape, k = STACKED_CASES[case]
+    classes = 100 if arch == "resnet32" else 10
+    if arch == "resnet32":
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(steps * batch_size, *shape, generator=gen)
+        y = torch.randint(0, classes, (len(x),), generator=gen)
+    else:
+        x, y = load_dataset("mnist1d").train.tensors
+    batches = list(InMemoryLoader(x.to(device), y.to(device), batch_size=batch_size))[:steps]
+    cohorts = {}
+    for kind in (Cohort, StackedCohort):
+        torch.manual_seed(0)
+        peers = [build_model(arch, shape, classes, **options) for _ in range(k)]
+        cohorts[kind.__name__] = kind(peers, options=SGD, device=device).train()
+
+    def run(cohort: Cohort) -> float:
+        start = time.perf_counter()
+        for xb, yb in batches:
+            cohort.train_step(xb, yb)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for cohort in cohorts.values():  # warm-up
+        run(cohort)
+    times: dict[str, list[float]] = {name: [] for name in cohorts}
+    for _ in range(repeats):
+        for name, cohort in cohorts.items():
+            times[name].append(run(cohort))
+    samples = sum(len(yb) for _, yb in batches)
+    ratios = [a / b for a, b in zip(times["Cohort"], times["StackedCohort"], strict=True)]
+    return {
+        "case": case,
+        "arch": arch,
+        "options": options,
+        "peers": k,
+        "batch_size": batch_size,
+        "steps": len(batches),
+        "device": device,
+        **{
+            f"{name}_samples_per_s": samples / statistics.median(values)
+            for name, values in times.items()
+        },
+        "speedup_median": statistics.median(ratios),
+        "speedup_range": [min(ratios), max(ratios)],
+        "all_s": times,
+    }
+
+
+def stacked_main(args: argparse.Namespace) -> None:
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for case in args.stacked.split(","):
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            row = pool.submit(
+                stacked_vs_unstacked, case, args.batch_size, args.repeats, args.steps, args.device
+            ).result()
+        rows.append(row)
+        print(
+            f"{case} K={row['peers']}: unstacked {row['Cohort_samples_per_s']:.0f} samples/s, "
+            f"stacked {row['StackedCohort_samples_per_s']:.0f}; paired speedup "
+            f"{row['speedup_median']:.2f}x (range {row['speedup_range'][0]:.2f}-"
+            f"{row['speedup_range'][1]:.2f})"
+        )
+    result = {
+        "machine": machine.describe(),
+        "workload": "K peers as Cohort and as StackedCohort, SGD (Nesterov), DML loss",
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default="1,2,4")
@@ -118,7 +217,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/trainer.json"))
+    parser.add_argument(
+        "--stacked",
+        metavar="CASES",
+        help=f"instead: stacked against unstacked cohorts for some of {','.join(STACKED_CASES)}",
+    )
+    parser.add_argument("--steps", type=int, default=31, help="steps per timed run (--stacked)")
+    parser.add_argument("--device", default="cpu", help="(--stacked) cpu or cuda")
     args = parser.parse_args()
+    if args.stacked:
+        stacked_main(args)
+        return
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for k in (int(v) for v in args.peers.split(",")):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +75,35 @@ class StackedLinear(nn.Module):
                 f"a stacked linear layer of {k} peers takes [N, {width}], [N, {k * width}] or "
                 f"[{k}, N, {width}], got {list(x.shape)}"
             )
-        weight = self.weight.transpose(1, 2)
-        if self.bias is None:
-            return torch.bmm(x, weight)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, weight)
+        return _BatchedLinear.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.peers} x ({self.in_features}, {self.out_features})"
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """x @ weight^T + bias per peer, whose weight gradient comes out in the weight's own layout
+    (autograd's, through the transpose, would be copied into it on every step)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(
+        ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor
+    ) -> None:
+        ctx.save_for_backward(*inputs[:2])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        wants_x, wants_weight, wants_bias = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, weight.to(grad.dtype)) if wants_x else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x.to(grad.dtype)) if wants_weight else None
+        return grad_x, grad_weight, grad.sum(1) if wants_bias else None
 
 
 class StackedConv(nn.Module):

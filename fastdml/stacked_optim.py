@@ -39,6 +39,8 @@ class StackedOptimizer(Optimizer):
     Every option torch's SGD, Adam and AdamW take may differ between peers, except maximize,
     amsgrad and differentiable, which are refused when set; foreach, fused and capturable are
     kept in the groups (for an unstacked cohort that reads the state) and change nothing here.
+    The step adds the weight decay (and SGD's momentum) into the gradients in place, to save
+    an allocation per tensor: they are spent once it is taken.
     """
 
     def __init__(
@@ -101,15 +103,16 @@ class StackedOptimizer(Optimizer):
         params = [p for p in self.params if p.grad is not None]
         if not params:
             return loss
+        names = self._buffers()
         for p in params:
             if not self.state[p]:
-                self.state[p] = {name: torch.zeros_like(p) for name in self._buffers()}
+                self.state[p] = {name: torch.zeros_like(p) for name in names}
 
         def part(tensor: Tensor) -> Tensor:
             return tensor if peer is None else tensor[peer : peer + 1]
 
         grads = [part(p.grad) for p in params]
-        state = {name: [part(self.state[p][name]) for p in params] for name in self._buffers()}
+        state = {name: [part(self.state[p][name]) for p in params] for name in names}
         groups = [self.param_groups[k] for k in stepped]
         steps = [self.steps[k] for k in stepped]
         params = [part(p) for p in params]
@@ -206,13 +209,6 @@ def _add_scaled_(out: list[Tensor], tensors: list[Tensor], h: Hyper) -> None:
         torch._foreach_add_(out, tensors, alpha=h)
 
 
-def _added(out: list[Tensor], tensors: list[Tensor], h: Hyper) -> list[Tensor]:
-    """out + h * tensors, new tensors."""
-    if isinstance(h, Tensor):
-        return torch._foreach_addcmul(out, tensors, _views(h, tensors))
-    return torch._foreach_add(out, tensors, alpha=h)
-
-
 def _sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -228,7 +224,7 @@ def _sgd(
 
     weight_decay, momentum = value("weight_decay"), value("momentum")
     if not _is(weight_decay, 0.0):
-        grads = _added(grads, params, weight_decay)
+        _add_scaled_(grads, params, weight_decay)
     if buffers:
         # buffer = momentum * buffer + (1 - dampening) * grad; the first step copies the grad
         fresh = [1.0 if not s else 1.0 - g["dampening"] for g, s in zip(groups, steps, strict=True)]
@@ -248,8 +244,8 @@ def _sgd(
             grads = buffers
         else:
             if not _is(own, 1.0):
-                grads = torch._foreach_mul(grads, _views(own, grads))
-            grads = _added(grads, buffers, of_buffer)
+                torch._foreach_mul_(grads, _views(own, grads))
+            _add_scaled_(grads, buffers, of_buffer)
     _add_scaled_(params, grads, -value("lr"))
 
 
@@ -276,7 +272,7 @@ def _adam(
     if not _is(shrink, 1.0):
         torch._foreach_mul_(params, _views(shrink, params))
     if not _is(coupled, 0.0):
-        grads = _added(grads, params, coupled)
+        _add_scaled_(grads, params, coupled)
     torch._foreach_lerp_(exp_avgs, grads, _views(value([1 - b for b in beta1]), grads))
     torch._foreach_mul_(exp_avg_sqs, _views(value(beta2), exp_avg_sqs))
     squares = value([1 - b for b in beta2])
