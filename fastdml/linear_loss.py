@@ -228,8 +228,8 @@ class _FusedLinearMutualLoss(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def _peer_list(name: str, value: Peers, dims: str) -> tuple[list[Tensor], bool]:
-    """The K per-peer tensors of an argument and whether it came stacked."""
+def _peer_list(name: str, value: Peers, dims: str) -> list[Tensor]:
+    """The K per-peer tensors of an argument, a list or a stacked tensor."""
     per_peer = dims.count(",") + 1
     if isinstance(value, Tensor):
         if value.dim() != per_peer + 1:
@@ -237,7 +237,7 @@ def _peer_list(name: str, value: Peers, dims: str) -> tuple[list[Tensor], bool]:
                 f"{name} must be a list of K tensors [{dims}] or one stacked tensor [K, {dims}], "
                 f"got a tensor of shape {tuple(value.shape)}"
             )
-        return list(value.unbind(0)), True
+        return list(value.unbind(0))
     if not isinstance(value, (list, tuple)):
         raise TypeError(
             f"{name} must be a list of K tensors [{dims}] or a tensor [K, {dims}], "
@@ -248,7 +248,7 @@ def _peer_list(name: str, value: Peers, dims: str) -> tuple[list[Tensor], bool]:
             raise TypeError(f"{name}[{k}] must be a Tensor, got {type(peer).__name__}")
         if peer.dim() != per_peer:
             raise ValueError(f"{name}[{k}] must have shape [{dims}], got shape {tuple(peer.shape)}")
-    return list(value), False
+    return list(value)
 
 
 def _peer_biases(bias: Biases, weights: list[Tensor]) -> list[Tensor | None]:
@@ -284,8 +284,8 @@ def _peer_biases(bias: Biases, weights: list[Tensor]) -> list[Tensor | None]:
 
 def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int, int]:
     """Shapes, dtypes and devices of the layers; returns (K, N, V)."""
-    hiddens, _ = _peer_list("hidden", hidden, "N, H")
-    weights, _ = _peer_list("weight", weight, "V, H")
+    hiddens = _peer_list("hidden", hidden, "N, H")
+    weights = _peer_list("weight", weight, "V, H")
     if len(hiddens) != len(weights):
         raise ValueError(
             f"hidden and weight must hold the same number of peers K, got {len(hiddens)} "
