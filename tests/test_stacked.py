@@ -144,6 +144,15 @@ def test_resnet32_trains_as_the_unstacked_cohort():
     assert_same_state(*cohorts, rtol=1e-9, atol=1e-12)
 
 
+def test_bf16_autocast():
+    outputs = []
+    for kind in (StackedCohort, Cohort):
+        cohort = kind(make_peers("mlp"), precision="bf16", device="cpu")
+        outputs.append([cohort.train_step(x, y).ce for x, y in batches("mlp", 2)])
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_evaluation_is_the_unstacked_cohorts():
     stacked = StackedCohort(make_peers("cnn1d"), device="cpu")
     unstacked = Cohort(make_peers("cnn1d"), device="cpu")
