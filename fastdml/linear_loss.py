@@ -31,10 +31,12 @@ from fastdml.loss import MutualLossOutput
 Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None
 
-# What one chunk's logits may take: a GPU has room for large chunks, whose matmuls run at full
-# speed; on a CPU a few tens of MiB keep the matmuls as fast while the chunk stays near the caches.
+# What one chunk's logits may take. Each chunk reads and writes every weight gradient once, so
+# chunks of few rows are slow: on the 2-core CPU of benchmarks/linear_loss.md, K = 2 and 4 peers
+# at V = 32000 (float32) took about as long as the unfused path or less with chunks of 128 to
+# 256 rows (64 MiB), and 5-30% longer with 64 rows. A GPU has room for larger chunks.
 GPU_CHUNK_BYTES = 256 << 20
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 64 << 20
 
 
 def default_chunk_size(
@@ -441,7 +443,7 @@ def fused_linear_mutual_loss(
         target: int64 class indices [N].
         bias: None, K tensors [V] (or None for a peer without one), or one tensor [K, V].
         chunk_size: rows per chunk; the default, `default_chunk_size`, keeps one chunk's logits
-            near 256 MiB on a GPU and 32 MiB elsewhere. The extra memory is about twice that
+            near 256 MiB on a GPU and 64 MiB elsewhere. The extra memory is about twice that
             (the chunk's logit gradient) plus the gradients of the inputs.
     """
     check_options(

@@ -230,10 +230,10 @@ def test_torch_compile_fullgraph():
 
 def test_default_chunk_size():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_chunk_size(2, 32000, torch.float32, cpu) == 128  # 32.8 MB of logits
+    assert default_chunk_size(2, 32000, torch.float32, cpu) == 256  # 65.5 MB of logits
     assert default_chunk_size(2, 128256, torch.bfloat16, cuda) == 512  # 263 MB
     assert default_chunk_size(8, 10**7, torch.float32, cpu) == 1
-    assert default_chunk_size(2, 300000, torch.float32, cpu) == 13
+    assert default_chunk_size(2, 300000, torch.float32, cpu) == 27
 
 
 def bad(**changes):
