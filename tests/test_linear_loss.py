@@ -101,6 +101,18 @@ def test_backends(backend, reduction):
     )
 
 
+def test_zero_upstream_rows(fused_backend):
+    """Rows whose upstream gradient is 0 get none (the GPU ops read a zero scale as 1)."""
+    hidden, weight, biases, target = layers((3, 4), rows=6, classes=11, dtype=torch.float32)
+    loss = fused_linear_mutual_loss(
+        hidden, weight, target, biases, reduction="none", chunk_size=4, backend=fused_backend
+    )
+    upstream = torch.ones_like(loss)
+    upstream[:, 2:] = 0
+    for grad in torch.autograd.grad(loss, hidden, upstream):
+        assert grad[0].ne(0).all() and not grad[1:].any()  # row 1 is ignored
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 10])
 def test_chunk_sizes(chunk_size):
     hidden, weight, biases, target = layers((4, 6))
