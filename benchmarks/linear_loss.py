@@ -29,13 +29,16 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.peak_memory import M_MMAP_THRESHOLD, MMAP_THRESHOLD, _status_kib
+from benchmarks.peak_memory import (
+    M_MMAP_THRESHOLD,
+    MMAP_THRESHOLD,
+    _status_kib,
+    run_in_subprocess,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (K peers, N rows, H hidden width, V classes)
@@ -135,19 +138,6 @@ def measure_time(shape: tuple[int, int, int, int], rounds: int) -> dict[str, obj
     return {"shape": list(shape), "threads": torch.get_num_threads(), "times_s": times}
 
 
-def _run(case: str) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.linear_loss", "--case", case],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _summary(shape, times: dict[str, list[float]], memory: dict[str, int]) -> dict[str, object]:
     """Medians, and the fused step's time over each other candidate's, paired per round."""
     summary: dict[str, object] = {"shape": list(shape)}
@@ -192,9 +182,13 @@ def main() -> None:
         prefix = ",".join(map(str, shape))
         memory = {}
         for name in CANDIDATES:
-            report["results"].append(_run(f"{prefix},memory,{name}"))
+            report["results"].append(
+                run_in_subprocess("benchmarks.linear_loss", f"{prefix},memory,{name}")
+            )
             memory[name] = report["results"][-1]["peak_extra_bytes"]
-        report["results"].append(_run(f"{prefix},time,{args.rounds}"))
+        report["results"].append(
+            run_in_subprocess("benchmarks.linear_loss", f"{prefix},time,{args.rounds}")
+        )
         report["summary"].append(_summary(shape, report["results"][-1]["times_s"], memory))
         report["summary"][-1]["load_average_after"] = os.getloadavg()
         print(json.dumps(report["summary"][-1]))

@@ -82,13 +82,13 @@ def measure(k: int, n: int, c: int, dtype: str, name: str, pass_: str) -> dict[s
     }
 
 
-def run_case(k: int, n: int, c: int, dtype: str, name: str, pass_: str) -> dict[str, object]:
-    """Measures one case in a fresh process."""
+def run_in_subprocess(module: str, case: str) -> dict[str, object]:
+    """`python -m module --case case` in a fresh process (a peak RSS of its own); its last line
+    of output, as JSON."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    case = f"{k},{n},{c},{dtype},{name},{pass_}"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peak_memory", "--case", case],
+        [sys.executable, "-m", module, "--case", case],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -98,6 +98,11 @@ def run_case(k: int, n: int, c: int, dtype: str, name: str, pass_: str) -> dict[
     if result.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_case(k: int, n: int, c: int, dtype: str, name: str, pass_: str) -> dict[str, object]:
+    """Measures one case in a fresh process."""
+    return run_in_subprocess("benchmarks.peak_memory", f"{k},{n},{c},{dtype},{name},{pass_}")
 
 
 def main() -> None:

@@ -374,7 +374,9 @@ def _checked_fused_linear_mutual_loss(
         ignore_index=ignore_index,
     )
     name = backends.select(backend, first.device, num_peers, num_classes)
-    if backends.needs_target_check(name, first.device):
+    # Checked here for the whole batch even where the op checks its own rows (the CPU op), so a
+    # bad target fails before any chunk's matmuls, and names its row in the batch.
+    if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name, first.device):
         check_target_values(problem)
     acc = accumulation_dtype(first.dtype)
     if reduction == "mean":

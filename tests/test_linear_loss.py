@@ -248,6 +248,15 @@ def test_default_chunk_size():
     assert default_chunk_size(2, 300000, torch.float32, cpu) == 27
 
 
+def test_bad_target_fails_before_any_chunk():
+    """A bad target in a later chunk is reported for the whole batch before any matmul runs."""
+    hidden, weight, _, target = layers((3, 4))
+    target[-1] = 13
+    with MatmulCounter() as counter, pytest.raises(ValueError, match="found 13$"):
+        fastdml.fused_linear_mutual_loss(hidden, weight, target, chunk_size=2)
+    assert counter.shapes == []
+
+
 def bad(**changes):
     hidden, weight, biases, target = layers((3, 4), bias=(True, True))
     arguments = {"hidden": hidden, "weight": weight, "target": target, "bias": biases}
