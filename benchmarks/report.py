@@ -497,6 +497,15 @@ def small_shapes_section(path: Path) -> str:
             )
         title = f"### (K, N, C) = ({shape['K']}, {shape['N']}, {shape['C']})"
         parts += [title, table(header, rows)]
+    steady = run.get("steady")
+    if steady:
+        overhead = steady["MutualLoss"] - steady["kernel"]
+        parts.append(
+            f"With warm caches, each called {steady['calls']} times back to back at "
+            f"({steady['K']}, {steady['N']}, {steady['C']}): `MutualLoss` forward + backward "
+            f"{fmt_time(steady['MutualLoss'])}, the kernel {fmt_time(steady['kernel'])}, a "
+            f"per-call overhead of {fmt_time(overhead)}."
+        )
     return "\n\n".join(parts) + "\n"
 
 
