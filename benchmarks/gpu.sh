@@ -6,9 +6,12 @@
 #   t. the Triton tile choices measured (benchmarks/gpu_tune.py); the best is used from here on;
 #   c. the benchmarks that decide the GPU targets and backend="auto" (FASTDML_GPU_SHAPES=core);
 #   d. the cuda-marked tests (TESTS_LIMIT seconds, default 60);
-#   e. the remaining benchmark shapes and candidates, only if STAGES asks for them.
+#   e. the remaining benchmark shapes and candidates, only if STAGES asks for them;
+#   l. the fused linear mutual loss (benchmarks/gpu_linear.py) and the stacked cohort of K = 8
+#      ResNet-32 peers against the unstacked one (benchmarks/trainer_overhead.py), only if asked.
 #   bash benchmarks/gpu.sh OUTDIR            # stages a b t c d: at most 10 minutes, 8 files
 #   STAGES="a e" bash benchmarks/gpu.sh OUTDIR
+#   STAGES="a l" bash benchmarks/gpu.sh OUTDIR   # at most 6 minutes, 6 files
 # Wheels the machine lacks (liger-kernel) may be put in ./wheels; they install without a network.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
@@ -81,6 +84,14 @@ if [[ " $stages " == *" e "* ]]; then
   FASTDML_GPU_SHAPES=rest FASTDML_GPU_LOG="$out/gpu_rest.jsonl" stage "e other benchmarks" 300 \
     python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
     >> "$log" 2>&1
+fi
+if [[ " $stages " == *" l "* ]]; then
+  stage "l fused linear loss" 150 python -m benchmarks.gpu_linear "$out/gpu_linear.jsonl" \
+    >> "$log" 2>&1
+  tail -3 "$log"
+  stage "l stacked ResNet-32 cohort" 150 python -m benchmarks.trainer_overhead --stacked resnet32 \
+    --device cuda --batch-size 128 --repeats 10 --out "$out/trainer_stacked_gpu.json" >> "$log" 2>&1
+  tail -3 "$log"
 fi
 echo
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
