@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastdml import backends, ops
 from fastdml.arguments import (
@@ -22,11 +23,10 @@ from fastdml.arguments import (
     PeerWeights,
     accumulation_dtype,
     check_options,
-    check_peer_weights,
     check_target_values,
     make_problem,
 )
-from fastdml.loss import MutualLossOutput
+from fastdml.loss import LossOptions, MutualLossOutput
 
 Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None
@@ -48,6 +48,13 @@ def default_chunk_size(
     budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
     rows = budget // (num_peers * num_classes * dtype.itemsize)
     return max(1, rows // 64 * 64 if rows >= 64 else rows)
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 @dataclass(frozen=True)
@@ -357,10 +364,9 @@ def _checked_fused_linear_mutual_loss(
     """`fused_linear_mutual_loss` once its options are checked."""
     num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
     first = hidden[0]
+    _check_chunk_size(chunk_size)
     if chunk_size is None:
         chunk_size = default_chunk_size(num_peers, num_classes, first.dtype, first.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     # The whole batch's problem, with logits that take no memory: it checks the target and the
     # peer weights once, as mutual_loss would.
     problem = make_problem(
@@ -475,7 +481,7 @@ def fused_linear_mutual_loss(
     )
 
 
-class FusedLinearMutualLoss(nn.Module):
+class FusedLinearMutualLoss(LossOptions):
     """`fused_linear_mutual_loss` as a module:
     ``FusedLinearMutualLoss(**options)(hidden, weight, target, bias=None)``.
 
@@ -483,48 +489,10 @@ class FusedLinearMutualLoss(nn.Module):
     construction.
     """
 
-    def __init__(
-        self,
-        *,
-        chunk_size: int | None = None,
-        temperature: float = 1.0,
-        alpha: float = 1.0,
-        mode: str = "pairwise",
-        peer_weights: PeerWeights | None = None,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        return_components: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        check_options(
-            temperature=temperature,
-            alpha=alpha,
-            mode=mode,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            backend=backend,
-        )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        _check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.temperature = temperature
-        self.alpha = alpha
-        self.mode = mode
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.return_components = return_components
-        self.backend = backend
-        weights = None
-        if peer_weights is not None:
-            weights = torch.as_tensor(peer_weights, dtype=torch.float64).detach()
-            check_peer_weights(weights, weights.shape[0] if weights.dim() else 0)
-        self.register_buffer("peer_weights", weights, persistent=False)
 
     def forward(
         self, hidden: Peers, weight: Peers, target: Tensor, bias: Biases = None

@@ -132,11 +132,9 @@ def _checked_mutual_loss(
     return MutualLossOutput(loss, ce, mimicry)
 
 
-class MutualLoss(nn.Module):
-    """`mutual_loss` as a module: ``MutualLoss(**options)(logits, target)``.
-
-    Takes the keyword options of `mutual_loss`; they are checked here, at construction.
-    """
+class LossOptions(nn.Module):
+    """The keyword options of `mutual_loss`, checked once at construction and kept on a module;
+    the base of the loss modules."""
 
     def __init__(
         self,
@@ -175,6 +173,21 @@ class MutualLoss(nn.Module):
             check_peer_weights(weights, weights.shape[0] if weights.dim() else 0)
         self.register_buffer("peer_weights", weights, persistent=False)
 
+    def extra_repr(self) -> str:
+        mode = "peer_weights" if self.peer_weights is not None else repr(self.mode)
+        return (
+            f"mode={mode}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class MutualLoss(LossOptions):
+    """`mutual_loss` as a module: ``MutualLoss(**options)(logits, target)``.
+
+    Takes the keyword options of `mutual_loss`; they are checked here, at construction.
+    """
+
     def forward(self, logits: Logits, target: Tensor) -> Tensor | MutualLossOutput:
         return _checked_mutual_loss(
             logits,
@@ -188,12 +201,4 @@ class MutualLoss(nn.Module):
             self.reduction,
             self.return_components,
             self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        mode = "peer_weights" if self.peer_weights is not None else repr(self.mode)
-        return (
-            f"mode={mode}, temperature={self.temperature}, alpha={self.alpha}, "
-            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
         )
