@@ -1,8 +1,9 @@
 """One optimizer step for K peers whose parameters are stacked [K, ...], each peer with its own
 hyper-parameters.
 
-`StackedOptimizer` applies torch's SGD, Adam or AdamW update rules to the stacked tensors with
-multi-tensor (foreach) operations. Its param groups are the peers' (group k holds peer k's lr,
+`StackedOptimizer` applies torch's SGD, Adam or AdamW update rules to the stacked tensors: with
+torch's fused kernels when the stepped peers share every option (one pass over each tensor), else
+with multi-tensor (foreach) operations. Its param groups are the peers' (group k holds peer k's lr,
 momentum, weight decay, ..., as `make_optimizer`'s group k would, so a learning-rate scheduler
 sets them the same way); in the step, a hyper-parameter the peers share is a number and one that
 differs a [K, 1, ...] tensor. Its state_dict is the one torch's optimizer keeps over the K
@@ -24,6 +25,7 @@ from fastdml.optim import DEFAULT_OPTIONS, OPTIMIZERS
 # Options of torch's that the stacked step does not implement, and their neutral values.
 UNSUPPORTED = {"maximize": False, "amsgrad": False, "differentiable": False}
 Hyper = float | Tensor  # one value for every peer, or [K] values
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class StackedOptimizer(Optimizer):
@@ -116,7 +118,9 @@ class StackedOptimizer(Optimizer):
         groups = [self.param_groups[k] for k in stepped]
         steps = [self.steps[k] for k in stepped]
         params = [part(p) for p in params]
-        if self.kind == "sgd":
+        if _fused_step(self.kind, params, grads, state, groups, steps):
+            pass
+        elif self.kind == "sgd":
             _sgd(params, grads, state.get("momentum_buffer", []), groups, steps)
         else:
             _adam(params, grads, state["exp_avg"], state["exp_avg_sq"], groups, steps)
@@ -165,6 +169,62 @@ class StackedOptimizer(Optimizer):
                 for name, buffer in self.state[p].items():
                     if name in entry:
                         buffer[k].copy_(entry[name])
+
+
+def _fused_step(
+    kind: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: Mapping[str, list[Tensor]],
+    groups: Sequence[Mapping[str, Any]],
+    steps: Sequence[int],
+) -> bool:
+    """Torch's fused kernel (`torch._fused_sgd_`, `_fused_adam_`, `_fused_adamw_`): one pass
+    over each stacked tensor instead of one per foreach operation, for the common case of
+    peers that share every option and, for Adam, their step count. Returns False, having done
+    nothing, where they do not or the device has no fused kernels."""
+    group = {k: v for k, v in groups[0].items() if k != "peer"}
+    shared = all(g == {**group, "peer": g["peer"]} for g in groups[1:])
+    if not shared or params[0].device.type not in _FUSED_DEVICES:
+        return False
+    lr = float(group["lr"])
+    if kind == "sgd":
+        if len({s == 0 for s in steps}) != 1:
+            return False
+        torch._fused_sgd_(
+            params,
+            grads,
+            state.get("momentum_buffer", []),
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=lr,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=False,
+            is_first_step=steps[0] == 0,
+        )
+        return True
+    if len(set(steps)) != 1:
+        return False
+    # (a fill on the device, not a copy from the host, which would wait for the device)
+    count = torch.full((), float(steps[0] + 1), device=params[0].device)
+    fused = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+    fused(
+        params,
+        grads,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        [],
+        [count] * len(params),
+        lr=lr,
+        beta1=group["betas"][0],
+        beta2=group["betas"][1],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        amsgrad=False,
+        maximize=False,
+    )
+    return True
 
 
 def _torch_group(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:

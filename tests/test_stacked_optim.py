@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from fastdml import stacked_optim
 from fastdml.models import MLP
 from fastdml.optim import clip_grad_norms_, make_optimizer
 from fastdml.stacked import stack_peers
@@ -50,10 +51,19 @@ def assert_same_weights(stacked_peers, peers, rtol=1e-6, atol=1e-7):
             torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("uniform", [False, True], ids=["per-peer", "shared"])
+@pytest.mark.parametrize(
+    "shared", [None, 0, 1, 2], ids=["per-peer", "shared0", "shared1", "shared2"]
+)
 @pytest.mark.parametrize("name", sorted(PEER_OPTIONS))
-def test_step_equals_torch_per_peer(name, uniform):
-    options = [PEER_OPTIONS[name][0]] * 3 if uniform else PEER_OPTIONS[name]
+def test_step_equals_torch_per_peer(name, shared, monkeypatch):
+    """Shared options take torch's fused kernels, per-peer ones the foreach operations."""
+    options = PEER_OPTIONS[name] if shared is None else [PEER_OPTIONS[name][shared]] * 3
+    foreach_steps, foreach_step = [], getattr(stacked_optim, "_sgd" if name == "sgd" else "_adam")
+    monkeypatch.setattr(
+        stacked_optim,
+        foreach_step.__name__,
+        lambda *args: foreach_steps.append(foreach_step(*args)),
+    )
     stacked_peers, peers = make_peers(), make_peers()
     model = stack_peers(stacked_peers)
     optimizer = StackedOptimizer(model, name, peer_options=options)
@@ -67,6 +77,7 @@ def test_step_equals_torch_per_peer(name, uniform):
         for opt in separate:
             opt.step()
     assert_same_weights(stacked_peers, peers)
+    assert len(foreach_steps) == (5 if shared is None else 0)
 
 
 @pytest.mark.parametrize("name", sorted(PEER_OPTIONS))
