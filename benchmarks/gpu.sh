@@ -6,12 +6,15 @@
 #   t. the Triton tile choices measured (benchmarks/gpu_tune.py); the best is used from here on;
 #   c. the benchmarks that decide the GPU targets and backend="auto" (FASTDML_GPU_SHAPES=core);
 #   d. the cuda-marked tests (TESTS_LIMIT seconds, default 60);
+#   s. the paper's small shapes (benchmarks/gpu_small_shapes.py), only if STAGES asks for it;
 #   e. the remaining benchmark shapes and candidates, only if STAGES asks for them;
-#   l. the fused linear mutual loss (benchmarks/gpu_linear.py) and the stacked cohort of K = 8
-#      ResNet-32 peers against the unstacked one (benchmarks/trainer_overhead.py), only if asked.
+#   l. the stacked cohort of K = 8 ResNet-32 peers against the unstacked one
+#      (benchmarks/trainer_overhead.py) and the fused linear mutual loss (benchmarks/gpu_linear.py),
+#      only if asked.
 #   bash benchmarks/gpu.sh OUTDIR            # stages a b t c d: at most 10 minutes, 8 files
 #   STAGES="a e" bash benchmarks/gpu.sh OUTDIR
 #   STAGES="a l" bash benchmarks/gpu.sh OUTDIR   # at most 6 minutes, 6 files
+# SMOKE_BACKENDS (default "triton cuda") picks the backends stage b checks.
 # Wheels the machine lacks (liger-kernel) may be put in ./wheels; they install without a network.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
@@ -53,7 +56,7 @@ fi
 log="$out/stages.log"
 if [[ " $stages " == *" b "* ]]; then
   # Triton compiles about 130 specializations on first use here, the CUDA op none.
-  for backend in triton cuda; do
+  for backend in ${SMOKE_BACKENDS:-triton cuda}; do
     limit="$([[ $backend == triton ]] && echo 120 || echo 60)"
     stage "b smoke ($backend)" "$limit" python -X faulthandler -m benchmarks.gpu_smoke \
       "$out/smoke.jsonl" "$backend" >> "$log" 2>&1
@@ -80,17 +83,22 @@ if [[ " $stages " == *" d "* ]]; then
   grep -c PASSED "$out/tests.log"; grep -E "FAILED|ERROR" "$out/tests.log" | head
   tail -3 "$out/tests.log"
 fi
+if [[ " $stages " == *" s "* ]]; then
+  stage "s small shapes" 90 python -m benchmarks.gpu_small_shapes "$out/gpu_small_shapes.jsonl" \
+    >> "$log" 2>&1
+  tail -20 "$log"
+fi
 if [[ " $stages " == *" e "* ]]; then
   FASTDML_GPU_SHAPES=rest FASTDML_GPU_LOG="$out/gpu_rest.jsonl" stage "e other benchmarks" 300 \
     python -m pytest benchmarks/test_gpu.py --benchmark-enable -q -p no:cacheprovider \
     >> "$log" 2>&1
 fi
 if [[ " $stages " == *" l "* ]]; then
-  stage "l fused linear loss" 150 python -m benchmarks.gpu_linear "$out/gpu_linear.jsonl" \
-    >> "$log" 2>&1
-  tail -3 "$log"
   stage "l stacked ResNet-32 cohort" 150 python -m benchmarks.trainer_overhead --stacked resnet32 \
     --device cuda --batch-size 128 --repeats 10 --out "$out/trainer_stacked_gpu.json" >> "$log" 2>&1
+  tail -3 "$log"
+  stage "l fused linear loss" 150 python -m benchmarks.gpu_linear "$out/gpu_linear.jsonl" \
+    >> "$log" 2>&1
   tail -3 "$log"
 fi
 echo

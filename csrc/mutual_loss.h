@@ -79,45 +79,29 @@ inline void check_loss_args(const at::Tensor& logits, const at::Tensor& target,
               "fastdml: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
-inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
-                               const at::Tensor& weights, double temperature,
-                               double label_smoothing) {
-  check_loss_args(logits, target, temperature, label_smoothing);
-  check_acc_tensor(logits, weights, "weights", {logits.size(0), logits.size(0)});
-}
-
-// row_scale of mutual_loss_with_grad and scale_grad_rows_: one value (0-dim) or one per peer and
-// row ([K, R], any strides: an expanded or transposed view will do), of the accumulation dtype on
-// the logits' device, read by the kernels there, never on the host. The forward writes
-// s[k, r] * gradient, s = row_scale[k, r] where it is nonzero, else 1 (a zero scale folds nothing
-// in); the backward multiplies row (k, r) by grad_loss[k, r] / s[k, r].
-inline void check_row_scale(const at::Tensor& logits, const at::Tensor& row_scale,
-                            const char* name = "row_scale") {
-  check_same_device(logits, row_scale, name);
+// grad_scale of fused_mutual_loss: one value (0-dim) or one per peer and row ([K, R], any
+// strides: an expanded or transposed view will do), of the accumulation dtype on the logits'
+// device (on CUDA read by the kernels, never on the host).
+inline void check_grad_scale(const at::Tensor& logits, const at::Tensor& grad_scale) {
+  check_same_device(logits, grad_scale, "grad_scale");
   const int64_t K = logits.size(0), R = logits.size(1);
-  TORCH_CHECK(row_scale.dim() == 0 || row_scale.sizes() == at::IntArrayRef({K, R}),
-              "fastdml: ", name, " must be 0-dim or have shape [", K, ", ", R, "] (one value per "
-              "peer and row), got ", row_scale.sizes());
-  TORCH_CHECK(row_scale.scalar_type() == acc_dtype(logits.scalar_type()),
-              "fastdml: ", name, " must be ", acc_dtype(logits.scalar_type()), " for ",
-              logits.scalar_type(), " logits, got ", row_scale.scalar_type());
+  TORCH_CHECK(grad_scale.dim() == 0 || grad_scale.sizes() == at::IntArrayRef({K, R}),
+              "fastdml: grad_scale must be 0-dim or have shape [", K, ", ", R,
+              "] (one value per peer and row), got ", grad_scale.sizes());
+  TORCH_CHECK(grad_scale.scalar_type() == acc_dtype(logits.scalar_type()),
+              "fastdml: grad_scale must be ", acc_dtype(logits.scalar_type()), " for ",
+              logits.scalar_type(), " logits, got ", grad_scale.scalar_type());
 }
 
-// The element strides of row_scale over peers and over rows: 0 and 0 for a 0-dim one.
-inline std::pair<int64_t, int64_t> row_scale_strides(const at::Tensor& row_scale) {
-  if (row_scale.dim() == 0) return {0, 0};
-  return {row_scale.stride(0), row_scale.stride(1)};
-}
-
-inline void check_with_grad_args(const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& weights, const at::Tensor& row_scale,
-                                 double temperature, double label_smoothing) {
-  check_forward_args(logits, target, weights, temperature, label_smoothing);
-  check_row_scale(logits, row_scale);
+// The element strides of a grad_scale (or grad_loss) over peers and over rows: 0 and 0 for a
+// 0-dim one.
+inline std::pair<int64_t, int64_t> row_strides(const at::Tensor& t) {
+  if (t.dim() == 0) return {0, 0};
+  return {t.stride(0), t.stride(1)};
 }
 
 // fused_mutual_loss: weights [K, K] in mode "weights" (unread, and may be absent, in the
-// others); grad_scale absent, 0-dim or [K, R] (any strides), like row_scale.
+// others); grad_scale absent, 0-dim or [K, R] (any strides; 0-dim for a reduced loss).
 inline void check_fused_args(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weights,
                              const std::optional<at::Tensor>& grad_scale, Mode mode,
@@ -130,21 +114,10 @@ inline void check_fused_args(const at::Tensor& logits, const at::Tensor& target,
   }
   TORCH_CHECK(alpha >= 0, "fastdml: alpha must be >= 0, got ", alpha);
   if (grad_scale.has_value()) {
-    check_row_scale(logits, *grad_scale, "grad_scale");
+    check_grad_scale(logits, *grad_scale);
     TORCH_CHECK(reduction == Reduction::None || grad_scale->dim() == 0,
                       "fastdml: grad_scale must be 0-dim for a reduced loss");
   }
-}
-
-// scale_grad_rows_: grad [K, R, C] contiguous, as mutual_loss_with_grad returns it; grad_loss
-// [K, R] (any strides) and row_scale (0-dim or [K, R], any strides) in its accumulation dtype on
-// its device.
-inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad_loss,
-                                  const at::Tensor& row_scale) {
-  check_logits_like(grad, "grad");
-  TORCH_CHECK(grad.is_contiguous(), "fastdml: grad must be contiguous");
-  check_acc_tensor(grad, grad_loss, "grad_loss", {grad.size(0), grad.size(1)});
-  check_row_scale(grad, row_scale);
 }
 
 // scale_grad_: grad [K, R, C] contiguous; grad_loss 0-dim or [K, R] (any strides) in its

@@ -733,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
   check_scale_grad_args(grad, grad_loss);
   const int64_t K = grad.size(0), R = grad.size(1), C = grad.size(2);
-  const auto [stride_k, stride_r] = row_scale_strides(grad_loss);
+  const auto [stride_k, stride_r] = row_strides(grad_loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cpu", [&] {
         using T = at::opmath_type<scalar_t>;

@@ -1,7 +1,9 @@
-// CUDA binding of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (schemas in
-// ops.cpp): argument checks shared with the CPU op (mutual_loss.h), the output tensors, and the
-// launches of mutual_loss_cuda_api.cu on the current stream. Nothing here waits for the device:
-// row_scale (0-dim, or [K, R] at any strides) and the targets are read by the kernels only.
+// CUDA binding of fastdml::fused_mutual_loss and fastdml::scale_grad_ (schemas in ops.cpp; their
+// autograd, shared with the CPU op, in mutual_loss_autograd.cpp): argument checks shared with the
+// CPU op (mutual_loss.h), the output tensors, and the launches of mutual_loss_cuda_api.cu on the
+// current stream. Nothing here waits for the device: the targets, grad_scale and grad_loss are
+// read by the kernels only (a target out of range gives NaN in its row, not an error), and a
+// reduced loss is reduced on the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -12,6 +14,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -32,6 +35,15 @@ gpu::DType gpu_dtype(at::ScalarType dtype) {
     case at::kBFloat16: return gpu::DType::BFloat16;
     default: TORCH_CHECK(false, "fastdml: no CUDA kernel for dtype ", dtype);
   }
+}
+
+gpu::LossReduction gpu_reduction(Reduction reduction) {
+  switch (reduction) {
+    case Reduction::None: return gpu::LossReduction::None;
+    case Reduction::Sum: return gpu::LossReduction::Sum;
+    case Reduction::Mean: return gpu::LossReduction::Mean;
+  }
+  TORCH_CHECK(false, "fastdml: unknown reduction");
 }
 
 gpu::LossMode gpu_mode(Mode mode) {
@@ -72,12 +84,15 @@ void check_cuda(const at::Tensor& t, const char* name) {
               t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad_cuda(
-    const at::Tensor& logits_in, const at::Tensor& target, const at::Tensor& weights_in,
-    const at::Tensor& row_scale, c10::string_view mode_name, double temperature, double alpha,
-    double label_smoothing, int64_t ignore_index, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cuda(
+    const at::Tensor& logits_in, const at::Tensor& target,
+    const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,
+    c10::string_view mode_name, double temperature, double alpha, double label_smoothing,
+    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad) {
   const Mode mode = parse_mode(mode_name);
-  check_with_grad_args(logits_in, target, weights_in, row_scale, temperature, label_smoothing);
+  const Reduction reduction = parse_reduction(reduction_name);
+  check_fused_args(logits_in, target, weights_in, grad_scale, mode, temperature, alpha,
+                   label_smoothing, reduction);
   check_cuda(logits_in, "logits");
   const int64_t K = logits_in.size(0), R = logits_in.size(1), C = logits_in.size(2);
   TORCH_CHECK(K <= kMaxPeers, "fastdml: the CUDA op supports up to ", kMaxPeers,
@@ -86,13 +101,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad
 
   // The kernels need unit class stride (any peer and row strides); they never write the logits.
   const at::Tensor logits = logits_in.stride(2) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor weights = mode == Mode::Weights ? weights_in.contiguous() : weights_in;
+  const at::Tensor weights = mode == Mode::Weights ? weights_in->contiguous() : at::Tensor();
   const auto acc_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
-  at::Tensor loss = at::empty({K, R}, acc_options);
-  at::Tensor ce = at::empty({K, R}, acc_options);
-  at::Tensor mimicry = at::empty({K, R}, acc_options);
-  at::Tensor grad = compute_grad ? at::empty({K, R, C}, logits.options())
-                                 : at::empty({0}, logits.options());
+  const bool reduced = reduction != Reduction::None;
+  const std::vector<int64_t> rows_shape = {K, R};
+  at::Tensor loss = at::empty(reduced ? std::vector<int64_t>{} : rows_shape, acc_options);
+  at::Tensor ce = at::empty(reduced ? std::vector<int64_t>{K} : rows_shape, acc_options);
+  at::Tensor mimicry = at::empty_like(ce);
+  if (reduced && R == 0) {  // no rows to add up: a loss of 0
+    loss.zero_();
+    ce.zero_();
+    mimicry.zero_();
+  }
+  at::Tensor grad = at::empty(compute_grad ? logits.sizes() : at::IntArrayRef{0}, logits.options());
 
   gpu::MutualLossParams params{};
   params.logits = logits.const_data_ptr();
@@ -100,9 +121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad
   params.stride_r = logits.stride(1);
   params.target = target.const_data_ptr<int64_t>();
   params.target_stride = target.stride(0);
-  params.weights = weights.const_data_ptr();
-  params.row_scale = row_scale.const_data_ptr();
-  std::tie(params.row_scale_stride_k, params.row_scale_stride_r) = row_scale_strides(row_scale);
+  params.weights = weights.defined() ? weights.const_data_ptr() : nullptr;
+  if (grad_scale.has_value()) {
+    params.row_scale = grad_scale->const_data_ptr();
+    std::tie(params.row_scale_stride_k, params.row_scale_stride_r) =
+        row_strides(*grad_scale);
+  }
   params.loss = loss.mutable_data_ptr();
   params.ce = ce.mutable_data_ptr();
   params.mimicry = mimicry.mutable_data_ptr();
@@ -112,13 +136,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad
   params.C = C;
   params.dtype = gpu_dtype(logits.scalar_type());
   params.mode = gpu_mode(mode);
+  params.reduction = gpu_reduction(reduction);
   params.temperature = temperature;
   params.alpha = alpha;
   params.label_smoothing = label_smoothing;
   params.ignore_index = ignore_index;
   params.compute_grad = compute_grad;
   const gpu::DeviceInfo device = device_info();
-  // Scratch of the split forward (few long rows), freed into the stream's pool after the launch.
+  // Scratch (a reduced loss's per-row terms, the split's partials), freed into the stream's pool
+  // after the launch.
   const int64_t workspace_bytes = gpu::mutual_loss_workspace_bytes(params, device);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
@@ -126,32 +152,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_loss_with_grad
     params.workspace = workspace.mutable_data_ptr();
   }
   if (R > 0) {
-    C10_CUDA_CHECK(gpu::launch_mutual_loss_with_grad(params, device,
-                                                     c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(gpu::launch_mutual_loss(params, device, c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {loss, ce, mimicry, grad};
 }
 
-void scale_grad_rows_cuda(const at::Tensor& grad, const at::Tensor& grad_loss,
-                          const at::Tensor& row_scale) {
-  check_scale_grad_args(grad, grad_loss, row_scale);
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_scale_grad_args(grad, grad_loss);
   check_cuda(grad, "grad");
   const c10::cuda::CUDAGuard guard(grad.device());
   gpu::ScaleGradParams params{};
   params.grad = grad.mutable_data_ptr();
   params.grad_loss = grad_loss.const_data_ptr();
-  params.grad_loss_stride_k = grad_loss.stride(0);
-  params.grad_loss_stride_r = grad_loss.stride(1);
-  params.row_scale = row_scale.const_data_ptr();
-  std::tie(params.row_scale_stride_k, params.row_scale_stride_r) = row_scale_strides(row_scale);
+  std::tie(params.grad_loss_stride_k, params.grad_loss_stride_r) = row_strides(grad_loss);
   params.K = grad.size(0);
   params.R = grad.size(1);
   params.C = grad.size(2);
   params.dtype = gpu_dtype(grad.scalar_type());
   if (grad.numel() > 0) {
     C10_CUDA_CHECK(
-        gpu::launch_scale_grad_rows(params, device_info(), c10::cuda::getCurrentCUDAStream()));
+        gpu::launch_scale_grad(params, device_info(), c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -159,8 +180,8 @@ void scale_grad_rows_cuda(const at::Tensor& grad, const at::Tensor& grad_loss,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdml, CUDA, m) {
-  m.impl("mutual_loss_with_grad", &mutual_loss_with_grad_cuda);
-  m.impl("scale_grad_rows_", &scale_grad_rows_cuda);
+  m.impl("fused_mutual_loss", &fused_mutual_loss_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
 }
 
 }  // namespace fastdml

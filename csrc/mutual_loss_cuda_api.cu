@@ -30,8 +30,8 @@ cudaError_t dispatch_dtype(DType dtype, const F& f) {
 
 }  // namespace
 
-cudaError_t launch_mutual_loss_with_grad(const MutualLossParams& params, const DeviceInfo& device,
-                                         cudaStream_t stream) {
+cudaError_t launch_mutual_loss(const MutualLossParams& params, const DeviceInfo& device,
+                               cudaStream_t stream) {
   if (params.K < 2 || params.R <= 0 || params.C <= 0) return cudaSuccess;
   return dispatch_dtype(params.dtype, [&](auto scalar) {
     return detail::launch_forward<decltype(scalar)>(params, device, stream);
@@ -40,14 +40,11 @@ cudaError_t launch_mutual_loss_with_grad(const MutualLossParams& params, const D
 
 int64_t mutual_loss_workspace_bytes(const MutualLossParams& params, const DeviceInfo& device) {
   if (params.K < 2 || params.R <= 0 || params.C <= 0) return 0;
-  const int64_t chunks = detail::split_chunks(params, device);
-  if (chunks <= 1) return 0;
-  const int64_t acc_bytes = params.dtype == DType::Float64 ? 8 : 4;
-  return params.R * chunks * params.K * 8 * acc_bytes;
+  return detail::workspace_layout(params, device).bytes;
 }
 
-cudaError_t launch_scale_grad_rows(const ScaleGradParams& params, const DeviceInfo& device,
-                                   cudaStream_t stream) {
+cudaError_t launch_scale_grad(const ScaleGradParams& params, const DeviceInfo& device,
+                              cudaStream_t stream) {
   if (params.K <= 0 || params.R <= 0 || params.C <= 0) return cudaSuccess;
   return dispatch_dtype(params.dtype, [&](auto scalar) {
     return detail::launch_scale<decltype(scalar)>(params, device, stream);

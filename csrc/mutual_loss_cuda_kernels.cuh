@@ -1,6 +1,6 @@
-// CUDA kernels of fastdml::mutual_loss_with_grad and fastdml::scale_grad_rows_ (DESIGN.md
-// sections 1-3), and their launchers. Raw pointers and a stream only: no torch headers, so nvcc
-// compiles the files that include this one alone. Each logits dtype has its own translation unit
+// CUDA kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (DESIGN.md sections 1-3),
+// and their launchers. Raw pointers and a stream only: no torch headers, so nvcc compiles the
+// files that include this one alone. Each logits dtype has its own translation unit
 // (mutual_loss_cuda_{float32,float64,float16,bfloat16}.cu) with the explicit instantiation of its
 // launchers (declared in mutual_loss_cuda_launch.cuh), so that they build in parallel;
 // mutual_loss_cuda_api.cu holds the public entry points (mutual_loss_cuda.h), which switch on
@@ -12,20 +12,25 @@
 // sum exp((z - max) / T)) per peer (and, for ensemble_logits, the same for the others' mean
 // logits), merged across the team by butterfly shuffles and a fixed-order pass over the warps.
 // Pass 2 recomputes q, p and the mimicry target per class, accumulates the loss sums and writes
-// s[k, r] * gradient: peer k's scale in row r, row_scale[k, r] (one value, or one per peer and
-// row at any strides), or 1 where that is 0 (a zero scale folds nothing in), read once per row
-// and peer. The first `cached_iters` vectors each thread reads in pass 1 are kept in shared
-// memory, so a row that fits is read from memory once; pass 2 reads the rest again, last read
-// first, so that as much of it as possible comes from L2. Vector loads and stores (16 bytes, 8
-// with 6 or more peers) when every row is aligned, scalar ones otherwise. K is a template argument
-// for 2..8 (two blocks per multiprocessor up to 6 peers, one for 7 and 8, whose registers would
-// spill); beyond it, and for float64, a simpler kernel loops over the peers with their
-// statistics in shared memory. No atomics: every reduction has a fixed order, so results are
-// bit-identical run to run.
+// s[k, r] * gradient: peer k's grad_scale in row r (none: 1; one value, or one per peer and row
+// at any strides), times 1 / (counted rows) for "mean", read once per row and peer. The first
+// `cached_iters` vectors each thread reads in pass 1 are kept in shared memory, so a row that
+// fits is read from memory once; pass 2 reads the rest again, last read first, so that as much of
+// it as possible comes from L2. Vector loads and stores (16 bytes, 8 with 6 or more peers) when
+// every row is aligned, scalar ones otherwise. K is a template argument for 2..8 (two blocks per
+// multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill); beyond it, and for
+// float64, a simpler kernel loops over the peers with their statistics in shared memory.
+//
+// Reductions "sum" and "mean", with no host sync: for "mean" each block counts the rows whose
+// target is not ignore_index itself (up to 2048 rows; beyond, a counting kernel runs first, its
+// blocks adding integer counts atomically); every row's terms go to the workspace, and the last
+// block to finish (a ticket taken with atomicAdd) adds them up, so that a small problem is one
+// launch. A large one (more than 65536 peer rows) is added up by a kernel of its own, a block per
+// peer and chunk of rows, then the last of those blocks. Every float sum has a fixed order that
+// depends on the shape only, so results are bit-identical run to run.
 //
 // Backward (one launch): a team per row (k, r) reads grad_loss[k, r] and leaves the row alone
-// when it equals s[k, r] (the forward's factor, by the same rule); otherwise it multiplies the row
-// by grad_loss[k, r] / s[k, r].
+// when it is 1; otherwise it multiplies the row by it.
 
 #pragma once
 
@@ -295,14 +300,24 @@ struct KernelArgs {
   const int64_t* target;
   int64_t target_stride;
   const A* weights;
-  const A* row_scale;  // [K, R] at these strides (both 0: one value); see grad_scale
+  const A* row_scale;  // [K, R] at these strides (both 0: one value), or null; see grad_scale
   int64_t scale_stride_k, scale_stride_r;
-  A* loss;
+  A* loss;     // each row's terms [K, R]: the outputs, or the workspace for a reduced loss
   A* ce;
   A* mimicry;
   void* grad;
   int64_t K, R, C;
   LossMode mode;
+  LossReduction reduction;
+  A* loss_out;       // reduced: the loss (0-dim), and each peer's cross-entropy and mimicry [K]
+  A* ce_out;
+  A* mimicry_out;
+  unsigned* ticket;              // reduced in the forward's launch: its blocks done; else null
+  unsigned* reduce_ticket;       // reduced by reduce_rows_kernel: its blocks done; else null
+  unsigned long long* counted;   // "mean" over many rows: count_rows_kernel's count; null: each
+                                 // block counts the rows itself
+  A* reduce_partials;            // reduce_rows_kernel: [K][reduce_chunks][2]
+  int64_t reduce_chunks;
   A inv_t;       // 1 / T (exactly 1 when unit_t)
   A alpha_t;     // alpha * T: the mimicry gradient's factor
   A alpha_t2;    // alpha * T^2: the mimicry loss's factor
@@ -354,12 +369,161 @@ __device__ __forceinline__ Coefs<A> make_coefs(const KernelArgs<A>& a) {
   return {-a.alpha_t, -a.eps_over_c, A(1) - a.eps};
 }
 
-// The factor s of the gradient of peer k in row r: row_scale[k, r], or 1 where it is 0 (a zero
-// scale folds nothing in, and the backward divides by s). Read once per row and peer.
+// The factor s of the gradient of peer k in row r: row_scale[k, r] (none: 1) times `factor`,
+// the mean's (mean_factor). Read once per row and peer.
 template <typename A>
-__device__ __forceinline__ A grad_scale(const KernelArgs<A>& a, int64_t k, int64_t r) {
-  const A s = a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r];
-  return s == A(0) ? A(1) : s;
+__device__ __forceinline__ A grad_scale(const KernelArgs<A>& a, int64_t k, int64_t r, A factor) {
+  if (a.row_scale == nullptr) return factor;
+  return a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r] * factor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions "sum" and "mean" (see the top of this file).
+
+// A thread's count summed over its warp (every lane gets it).
+__device__ __forceinline__ long long warp_count(long long n) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(kFullMask, n, off);
+  return n;
+}
+
+// Whether row r's target counts for the mean.
+template <typename A>
+__device__ __forceinline__ bool counted_row(const KernelArgs<A>& a, int64_t r) {
+  return a.target[r * a.target_stride] != a.ignore_index;
+}
+
+// The rows whose target is not ignore_index, counted by the whole block of kThreads (every thread
+// calls it): each thread's rows first, with no barrier between their loads, then one block sum.
+template <typename A>
+__device__ __forceinline__ long long count_rows_in_block(const KernelArgs<A>& a) {
+  __shared__ long long warp_counts[kWarps];
+  long long n = 0;
+  for (int64_t r = threadIdx.x; r < a.R; r += kThreads) n += counted_row(a, r);
+  n = warp_count(n);
+  if ((threadIdx.x & 31) == 0) warp_counts[threadIdx.x >> 5] = n;
+  __syncthreads();
+  long long total = 0;
+  for (int w = 0; w < kWarps; ++w) total += warp_counts[w];
+  return total;
+}
+
+// What every row's gradient and terms are multiplied by besides grad_scale: 1 / (counted rows,
+// at least 1) for "mean", else 1. Every thread of the block calls it.
+template <typename A>
+__device__ __forceinline__ A mean_factor(const KernelArgs<A>& a) {
+  if (a.reduction != LossReduction::Mean) return A(1);
+  const long long n = a.counted != nullptr ? static_cast<long long>(__ldcg(a.counted))
+                                           : count_rows_in_block(a);
+  return A(1) / static_cast<A>(max(n, 1LL));
+}
+
+// "mean" over many rows, ahead of the forward: integer counts, added atomically (exact, in any
+// order) to the count the launcher zeroed.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) count_rows_kernel(const KernelArgs<A> a) {
+  long long n = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < a.R;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    n += counted_row(a, r);
+  }
+  n = warp_count(n);
+  if ((threadIdx.x & 31) == 0 && n > 0) {
+    atomicAdd(a.counted, static_cast<unsigned long long>(n));
+  }
+}
+
+// Rows [r0, r1) of peer k's cross-entropy and mimicry (other blocks wrote them: read from L2),
+// summed over the block of kThreads: four running sums a thread, so that eight loads are in
+// flight, added in a fixed order. Every thread gets the sums.
+template <typename A>
+__device__ __forceinline__ void sum_rows(const KernelArgs<A>& a, int64_t k, int64_t r0,
+                                         int64_t r1, A* scratch, A (&v)[2]) {
+  const A* const ce = a.ce + k * a.R;
+  const A* const mimicry = a.mimicry + k * a.R;
+  A sums[2][4] = {{A(0), A(0), A(0), A(0)}, {A(0), A(0), A(0), A(0)}};
+  int64_t r = r0 + threadIdx.x;
+  for (; r + 3 * kThreads < r1; r += 4 * kThreads) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      sums[0][u] += __ldcg(ce + r + u * kThreads);
+      sums[1][u] += __ldcg(mimicry + r + u * kThreads);
+    }
+  }
+  for (int u = 0; r < r1; r += kThreads, ++u) {  // fewer than 4 left
+    sums[0][u] += __ldcg(ce + r);
+    sums[1][u] += __ldcg(mimicry + r);
+  }
+  for (int i = 0; i < 2; ++i) v[i] = (sums[i][0] + sums[i][1]) + (sums[i][2] + sums[i][3]);
+  team_sum(v, scratch, kWarps);
+}
+
+// Every thread of a block calls it once it is done: whether it is the last of the grid's blocks
+// to be done, all the others' writes then visible to it. `ticket` was zeroed by the launcher.
+__device__ __forceinline__ bool last_block_done(unsigned* ticket) {
+  __shared__ int last;
+  __threadfence();  // each thread's writes are visible to every block ...
+  __syncthreads();  // ... before the block takes its ticket
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Every thread of every block of a forward kernel calls it after the block's last row. When the
+// loss is reduced in this launch (a.ticket), the last block adds every row's terms and writes
+// the loss and each peer's cross-entropy and mimicry, times `factor` (mean_factor).
+template <typename A>
+__device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, A factor) {
+  __shared__ A scratch[kWarps * 2];
+  if (a.ticket == nullptr || !last_block_done(a.ticket)) return;
+  A loss = 0;
+  for (int64_t k = 0; k < a.K; ++k) {
+    A v[2];
+    sum_rows(a, k, 0, a.R, scratch, v);
+    const A ce = v[0] * factor, mimicry = v[1] * factor;
+    if (threadIdx.x == 0) {
+      a.ce_out[k] = ce;
+      a.mimicry_out[k] = mimicry;
+    }
+    loss += ce + a.alpha_t2 * mimicry;
+  }
+  if (threadIdx.x == 0) *a.loss_out = loss;
+}
+
+// A large reduced loss, after the forward: block (k, c) adds chunk c (kRowsPerReduceChunk rows)
+// of peer k's rows; the last block adds the chunks in order and writes the outputs as
+// reduce_if_last_block does.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const KernelArgs<A> a) {
+  __shared__ A scratch[kWarps * 2];
+  const int64_t k = blockIdx.x / a.reduce_chunks;
+  const int64_t c = blockIdx.x - k * a.reduce_chunks;
+  const int64_t r0 = c * kRowsPerReduceChunk;
+  A v[2];
+  sum_rows(a, k, r0, min(a.R, r0 + kRowsPerReduceChunk), scratch, v);
+  if (threadIdx.x == 0) {
+    a.reduce_partials[2 * blockIdx.x] = v[0];
+    a.reduce_partials[2 * blockIdx.x + 1] = v[1];
+  }
+  if (!last_block_done(a.reduce_ticket)) return;
+  const A factor = mean_factor(a);
+  for (int64_t j = threadIdx.x; j < a.K; j += kThreads) {
+    A sums[2] = {A(0), A(0)};
+    for (int64_t i = 0; i < a.reduce_chunks; ++i) {
+      const A* const part = a.reduce_partials + 2 * (j * a.reduce_chunks + i);
+      sums[0] += __ldcg(part);
+      sums[1] += __ldcg(part + 1);
+    }
+    a.ce_out[j] = sums[0] * factor;
+    a.mimicry_out[j] = sums[1] * factor;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A loss = 0;
+    for (int64_t j = 0; j < a.K; ++j) loss += a.ce_out[j] + a.alpha_t2 * a.mimicry_out[j];
+    *a.loss_out = loss;
+  }
 }
 
 // W[k, j] of the mimicry (the diagonal never counts: it adds KL(q_k || q_k) = 0).
@@ -546,10 +710,14 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   __shared__ PeerRow<A> rows_smem[kRowsInSmem ? kWarps * KT : 1];
   PeerRow<A> rows_regs[kRowsInSmem ? 1 : KT];
   extern __shared__ int4 dyn_smem[];
+  // mean_factor, read where it is used rather than held in a register through the rows.
+  __shared__ A factor;
 
   if (a.mode == LossMode::Weights) {
     for (int i = threadIdx.x; i < KT * KT; i += kThreads) w[i] = a.weights[i];
   }
+  const A mean = mean_factor(a);
+  if (threadIdx.x == 0) factor = mean;
   __syncthreads();
   const Coefs<A> cf = make_coefs(a);
   A coef_q[KT];
@@ -633,7 +801,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     // Pass 2: loss sums and the gradient, each peer's scaled by its grad_scale.
     A scale[KT];
 #pragma unroll
-    for (int k = 0; k < KT; ++k) scale[k] = a.compute_grad ? grad_scale(a, k, r) : A(1);
+    for (int k = 0; k < KT; ++k) scale[k] = a.compute_grad ? grad_scale(a, k, r, factor) : A(1);
     A sums[3 * KT];
 #pragma unroll
     for (int i = 0; i < 3 * KT; ++i) sums[i] = A(0);
@@ -684,6 +852,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       }
     }
   }
+  reduce_if_last_block(a, factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,14 +890,14 @@ __device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k,
 }
 
 // Pass 2 of peer k over the classes [c0, c1) of row r, given every peer's statistics prs: writes
-// the gradient there (times the peer's grad_scale) and returns the loss sums, reduced over the
-// block.
+// the gradient there (times the peer's grad_scale with `factor`) and returns the loss sums,
+// reduced over the block.
 template <typename S, typename A>
 __device__ void block_emit(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q, const S* row0,
                            int K, int k, int64_t r, int64_t y, int64_t c0, int64_t c1,
-                           const PeerRow<A>* prs, A* scratch, A (&sums)[3]) {
+                           const PeerRow<A>* prs, A* scratch, A factor, A (&sums)[3]) {
   const PeerRow<A> pk = prs[k];
-  const A scale = a.compute_grad ? grad_scale(a, k, r) : A(1);
+  const A scale = a.compute_grad ? grad_scale(a, k, r, factor) : A(1);
   sums[0] = sums[1] = sums[2] = A(0);
   S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
   for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
@@ -784,9 +953,12 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
   const int K = sm.K;
   const int tid = threadIdx.x;
   const Coefs<A> cf = make_coefs(a);
+  __shared__ A factor;  // mean_factor, as in the fixed-K kernel
   for (int k = tid; k < K; k += kThreads) {
     sm.coef_q[k] = a.alpha_t * own_weight(a, a.weights, K, k);
   }
+  const A mean = mean_factor(a);
+  if (tid == 0) factor = mean;
   __syncthreads();
 
   for (int64_t r = blockIdx.x; r < a.R; r += gridDim.x) {
@@ -805,7 +977,8 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     __syncthreads();
     for (int k = 0; k < K; ++k) {
       A sums[3];
-      block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, sums);
+      block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, factor,
+                 sums);
       if (tid == 0) {
         for (int i = 0; i < 3; ++i) sm.peer_sums[3 * k + i] = sums[i];
       }
@@ -819,6 +992,7 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     }
     __syncthreads();  // prs and peer_sums are rewritten for the next row
   }
+  reduce_if_last_block(a, factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -891,6 +1065,7 @@ __global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<a
   const int64_t y = a.target[r * a.target_stride];
   int64_t c0, c1;
   chunk_range(a, p, c0, c1);
+  const A factor = mean_factor(a);
   A value;
   if (ignored_or_invalid(a, y, value)) {
     if (!a.compute_grad) return;
@@ -911,7 +1086,7 @@ __global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<a
   const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
   for (int k = 0; k < K; ++k) {
     A sums[3];
-    block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch,
+    block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch, factor,
                sums);
     if (threadIdx.x == 0) {
       for (int i = 0; i < 3; ++i) partial(a, r, p, k)[5 + i] = sums[i];
@@ -924,48 +1099,47 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs
   using A = acc_t<S>;
   const int64_t r = blockIdx.x;
   const int64_t y = a.target[r * a.target_stride];
+  const AnyKSmem<A> sm(a.K);
+  const int K = sm.K;
   A value;
   if (ignored_or_invalid(a, y, value)) {
     for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
       a.ce[k * a.R + r] = a.mimicry[k * a.R + r] = a.loss[k * a.R + r] = value;
     }
-    return;
-  }
-  const AnyKSmem<A> sm(a.K);
-  const int K = sm.K;
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    sm.prs[k] = merged_row(a, r, k);
-    for (int i = 0; i < 3; ++i) {
-      A sum = 0;
-      for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
-      sm.peer_sums[3 * k + i] = sum;
+  } else {
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      sm.prs[k] = merged_row(a, r, k);
+      for (int i = 0; i < 3; ++i) {
+        A sum = 0;
+        for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
+        sm.peer_sums[3 * k + i] = sum;
+      }
+    }
+    __syncthreads();
+    const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+                    [&](int j) { return sm.peer_sums + 3 * j; });
     }
   }
-  __syncthreads();
-  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
-                  [&](int j) { return sm.peer_sums + 3 * j; });
-  }
+  reduce_if_last_block(a, mean_factor(a));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: grad[k, r, :] *= grad_loss[k, r] / s[k, r] unless they are equal, s[k, r] being the
-// forward's factor (row_scale[k, r], or 1 where it is 0).
+// Backward: grad[k, r, :] *= grad_loss[k, r] unless that is 1 (the forward wrote the gradient
+// of the loss as it was reduced).
 
 template <typename A>
 struct ScaleArgs {
   void* grad;
   const A* grad_loss;
   int64_t stride_k, stride_r;
-  const A* row_scale;
-  int64_t scale_stride_k, scale_stride_r;
   int64_t K, R, C;
   int team_threads;  // 32 or kThreads
 };
 
 template <typename S, int VEC>
-__global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleArgs<acc_t<S>> a) {
+__global__ void __launch_bounds__(kThreads) scale_grad_kernel(const ScaleArgs<acc_t<S>> a) {
   using A = acc_t<S>;
   using P = Pack<S, VEC>;
   const int nt = a.team_threads;
@@ -978,11 +1152,8 @@ __global__ void __launch_bounds__(kThreads) scale_grad_rows_kernel(const ScaleAr
        row += static_cast<int64_t>(gridDim.x) * teams) {
     const int64_t k = row / a.R;
     const int64_t r = row - k * a.R;
-    const A g = a.grad_loss[k * a.stride_k + r * a.stride_r];
-    A s = a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r];
-    if (s == A(0)) s = A(1);  // as grad_scale: a zero scale folded nothing in
-    if (g == s) continue;     // the forward already wrote g * gradient
-    const A factor = g / s;
+    const A factor = a.grad_loss[k * a.stride_k + r * a.stride_r];
+    if (factor == A(1)) continue;
     S* const p = static_cast<S*>(a.grad) + row * a.C;
 #pragma unroll 4
     for (int64_t v = tid; v < nv; v += nt) {
@@ -1021,7 +1192,7 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 
 template <typename A>
-KernelArgs<A> make_args(const MutualLossParams& p) {
+KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
   KernelArgs<A> a;
   a.logits = p.logits;
   a.stride_k = p.stride_k;
@@ -1032,14 +1203,40 @@ KernelArgs<A> make_args(const MutualLossParams& p) {
   a.row_scale = static_cast<const A*>(p.row_scale);
   a.scale_stride_k = p.row_scale_stride_k;
   a.scale_stride_r = p.row_scale_stride_r;
-  a.loss = static_cast<A*>(p.loss);
-  a.ce = static_cast<A*>(p.ce);
-  a.mimicry = static_cast<A*>(p.mimicry);
   a.grad = p.grad;
   a.K = p.K;
   a.R = p.R;
   a.C = p.C;
   a.mode = p.mode;
+  a.reduction = p.reduction;
+  char* const workspace = static_cast<char*>(p.workspace);
+  const WorkspaceLayout layout = workspace_layout(p, device);
+  a.ticket = a.reduce_ticket = nullptr;
+  a.counted = nullptr;
+  a.reduce_partials = nullptr;
+  a.reduce_chunks = 0;
+  if (p.reduction == LossReduction::None) {
+    a.loss = static_cast<A*>(p.loss);
+    a.ce = static_cast<A*>(p.ce);
+    a.mimicry = static_cast<A*>(p.mimicry);
+    a.loss_out = a.ce_out = a.mimicry_out = nullptr;
+  } else {
+    A* const rows = reinterpret_cast<A*>(workspace + layout.rows);
+    a.loss = rows;
+    a.ce = rows + p.K * p.R;
+    a.mimicry = rows + 2 * p.K * p.R;
+    a.loss_out = static_cast<A*>(p.loss);
+    a.ce_out = static_cast<A*>(p.ce);
+    a.mimicry_out = static_cast<A*>(p.mimicry);
+    if (layout.reduce_chunks > 0) {
+      a.reduce_ticket = reinterpret_cast<unsigned*>(workspace + 4);
+      a.reduce_partials = reinterpret_cast<A*>(workspace + layout.reduce_partials);
+      a.reduce_chunks = layout.reduce_chunks;
+    } else {
+      a.ticket = reinterpret_cast<unsigned*>(workspace);
+    }
+    if (layout.count_first) a.counted = reinterpret_cast<unsigned long long*>(workspace + 8);
+  }
   a.unit_t = p.temperature == 1.0;
   a.inv_t = a.unit_t ? A(1) : static_cast<A>(1.0 / p.temperature);
   a.alpha_t = static_cast<A>(p.alpha * p.temperature);
@@ -1054,7 +1251,7 @@ KernelArgs<A> make_args(const MutualLossParams& p) {
   a.warps_per_team = kWarps;
   a.cached_iters = 0;
   a.chunks = 1;
-  a.partials = static_cast<A*>(p.workspace);
+  a.partials = reinterpret_cast<A*>(workspace + layout.partials);
   return a;
 }
 
@@ -1138,17 +1335,12 @@ cudaError_t launch_split(KernelArgs<acc_t<S>> a, int64_t chunks, cudaStream_t st
   return cudaSuccess;
 }
 
-}  // namespace
-
+// The kernel (or the split's three) that computes the rows.
 template <typename S>
-cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
-                           cudaStream_t stream) {
-  const KernelArgs<acc_t<S>> a = make_args<acc_t<S>>(p);
+cudaError_t launch_rows(const KernelArgs<acc_t<S>>& a, const MutualLossParams& p,
+                        const DeviceInfo& device, cudaStream_t stream) {
   const int64_t chunks = split_chunks(p, device);
-  if (chunks > 1) {
-    if (p.workspace == nullptr) return cudaErrorInvalidValue;
-    return launch_split<S>(a, chunks, stream);
-  }
+  if (chunks > 1) return launch_split<S>(a, chunks, stream);
   if constexpr (std::is_same_v<S, double>) {
     // float64 (gradcheck, references) always takes the any-K kernel: the register-resident one
     // would spill with two registers per value, and leaving it out saves compile time.
@@ -1157,6 +1349,30 @@ cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
     return p.K > kMaxStaticK ? launch_any_k<S>(a, device, stream)
                              : dispatch_k<S>(a, device, stream);
   }
+}
+
+}  // namespace
+
+template <typename S>
+cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
+                           cudaStream_t stream) {
+  if (p.workspace == nullptr && workspace_layout(p, device).bytes > 0) {
+    return cudaErrorInvalidValue;
+  }
+  const KernelArgs<acc_t<S>> a = make_args<acc_t<S>>(p, device);
+  if (p.reduction != LossReduction::None) {  // the tickets and the count
+    const cudaError_t err = cudaMemsetAsync(p.workspace, 0, 16, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (a.counted != nullptr) {
+    count_rows_kernel<acc_t<S>>
+        <<<grid_for(ceil_div(p.R, 8 * kThreads), device, 4), kThreads, 0, stream>>>(a);
+  }
+  const cudaError_t err = launch_rows<S>(a, p, device, stream);
+  if (err != cudaSuccess || a.reduce_ticket == nullptr) return err;
+  reduce_rows_kernel<acc_t<S>>
+      <<<static_cast<int>(p.K * a.reduce_chunks), kThreads, 0, stream>>>(a);
+  return cudaSuccess;
 }
 
 template <typename S>
@@ -1169,18 +1385,15 @@ cudaError_t launch_scale(const ScaleGradParams& p, const DeviceInfo& device, cud
                  static_cast<const A*>(p.grad_loss),
                  p.grad_loss_stride_k,
                  p.grad_loss_stride_r,
-                 static_cast<const A*>(p.row_scale),
-                 p.row_scale_stride_k,
-                 p.row_scale_stride_r,
                  p.K,
                  p.R,
                  p.C,
                  p.C / vec <= 1024 ? 32 : kThreads};
   const int grid = grid_for(ceil_div(p.K * p.R, kThreads / a.team_threads), device, 32);
   if (vectorized) {
-    scale_grad_rows_kernel<S, V><<<grid, kThreads, 0, stream>>>(a);
+    scale_grad_kernel<S, V><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    scale_grad_rows_kernel<S, 1><<<grid, kThreads, 0, stream>>>(a);
+    scale_grad_kernel<S, 1><<<grid, kThreads, 0, stream>>>(a);
   }
   return cudaSuccess;
 }

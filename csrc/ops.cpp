@@ -1,16 +1,14 @@
 // Op schemas of the fastdml namespace, defined once for all backends; the kernels register
-// themselves per device with TORCH_LIBRARY_IMPL (mutual_loss_cpu.cpp, mutual_loss_cuda.cpp).
+// themselves per device with TORCH_LIBRARY_IMPL (mutual_loss_cpu.cpp, mutual_loss_cuda.cpp), and
+// one autograd serves both (mutual_loss_autograd.cpp).
 //
-// fused_mutual_loss / scale_grad_ (CPU): the loss reduced as asked ("mean" and "sum": a 0-dim loss
-// and [K] components; "none": [K, R] each) and, when compute_grad, the gradient of
-// sum(grad_scale * loss) (grad_scale absent: 1), whose backward (mutual_loss_autograd.cpp) is
+// fused_mutual_loss: the loss reduced as asked ("mean" and "sum": a 0-dim loss and [K]
+// components; "none": [K, R] each) and, when compute_grad, the gradient of sum(grad_scale * loss)
+// (grad_scale absent: 1; 0-dim, or [K, R] at any strides for "none"). Its backward is
 // scale_grad_ by the upstream gradient, a no-op where that is 1 (so the grad output is the op's
-// own: the backward may rescale it in place). weights are read in mode "weights" only.
-// mutual_loss_with_grad / scale_grad_rows_ (CUDA): the forward also writes the gradient of
-// sum s * loss, s[k, r] being row_scale (0-dim, or [K, R] at any strides) where it is nonzero and
-// 1 where it is 0 (a zero scale folds nothing in); scale_grad_rows_ multiplies row (k, r) of that
-// gradient by grad_loss[k, r] / s[k, r], leaving alone the rows where they are equal, which for
-// reduction "mean" and "sum" is all of them: no second pass over memory.
+// own: the backward may rescale it in place). weights are read in mode "weights" only. On the CPU
+// a target out of range raises; on CUDA it gives NaN in its row (no host sync), and the reduction
+// happens on the device.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,9 +27,4 @@ TORCH_LIBRARY(fastdml, m) {
       "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "
       "str reduction, bool compute_grad) -> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
-  m.def(
-      "mutual_loss_with_grad(Tensor logits, Tensor target, Tensor weights, Tensor row_scale, "
-      "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "
-      "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
-  m.def("scale_grad_rows_(Tensor(a!) grad, Tensor grad_loss, Tensor row_scale) -> ()");
 }

@@ -17,7 +17,8 @@ from fastdml.arguments import MutualLossProblem, accumulation_dtype
 # "mean" and "sum" give a 0-dim loss and [K] terms, "none" [K, R] each.
 Loss = Callable[[MutualLossProblem, str], tuple[Tensor, Tensor, Tensor]]
 # (problem, row_scale) -> per-row loss, cross-entropy and mimicry, each [K, R]. row_scale is the
-# weight every row gets in the reduced loss; the GPU kernels fold it into the gradient they write.
+# weight every row gets in the reduced loss; the Triton kernels fold it into the gradient they
+# write.
 LossRows = Callable[[MutualLossProblem, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -42,7 +43,7 @@ def _row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
 
 def _reduced(rows: LossRows) -> Loss:
     """For backends that give per-row terms: the rows weighed by row_scale and summed, so the
-    gradient reaching each row is exactly row_scale, which the GPU kernels rely on."""
+    gradient reaching each row is exactly row_scale, which the Triton kernels rely on."""
 
     def loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
         row_scale = _row_scale(problem, reduction)
@@ -59,7 +60,7 @@ IMPLEMENTATIONS: dict[str, Loss] = {
     "torch": _reduced(_from_terms(reference.mutual_loss_rows)),
     "cpp": ops.fused_loss,
     "triton": _reduced(ops.triton_loss_rows),
-    "cuda": _reduced(ops.cuda_loss_rows),
+    "cuda": ops.fused_loss,
 }
 
 
@@ -70,16 +71,16 @@ def loss_rows_and_grad(
     ``sum(grad_scale * loss)`` with respect to the logits: for callers that run their own
     backward, such as the fused linear loss, chunk by chunk.
 
-    grad_scale is 0-dim or [K, R] (any strides) in the accumulation dtype and nonzero (the GPU
-    ops read a zero as 1). The targets must be checked already where the backend does not.
+    grad_scale is 0-dim or [K, R] (any strides) in the accumulation dtype, and nonzero for
+    Triton (its op reads a zero as 1). The targets must be checked already where the backend does
+    not.
     """
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         return torch.ops.fastdml.fused_mutual_loss(
             *ops.fused_arguments(problem, "none", grad_scale)
         )
-    if backend in ("cuda", "triton"):
-        prefix = "triton_" if backend == "triton" else ""
-        op = getattr(torch.ops.fastdml, f"{prefix}mutual_loss_with_grad")
+    if backend == "triton":
+        op = torch.ops.fastdml.triton_mutual_loss_with_grad
         return op(*ops.with_grad_arguments(problem, grad_scale)[:-1], True)
     logits = problem.logits.detach().requires_grad_()
     with torch.enable_grad():

@@ -119,11 +119,9 @@ def _finished(
 
 
 def _zero_unscaled_rows(backend: str, grad: Tensor, grad_scale: Tensor) -> None:
-    """The GPU ops read a zero grad_scale as 1 (their forward must not lose a gradient that the
-    backward rescales); here a zero means no gradient, so their rescale op zeroes those rows."""
-    if backend == "cuda":
-        torch.ops.fastdml.scale_grad_rows_(grad, grad_scale, grad_scale)
-    elif backend == "triton":
+    """The Triton op reads a zero grad_scale as 1 (its forward must not lose a gradient that the
+    backward rescales); here a zero means no gradient, so its rescale op zeroes those rows."""
+    if backend == "triton":
         torch.ops.fastdml.triton_scale_grad_rows_(grad, grad_scale, grad_scale)
 
 

@@ -2,12 +2,13 @@
 
 The C++ schemas and kernels live in csrc/, the Triton ones in kernels/ (`fastdml.kernels`).
 
-- CPU (`fused_mutual_loss` / `scale_grad_`): one call checks the targets, computes the loss
-  reduced as asked and writes its gradient; its autograd is C++ (csrc/mutual_loss_autograd.cpp),
-  whose backward rescales that gradient only where the upstream gradient is not 1.
-- GPU (`mutual_loss_with_grad` / `scale_grad_rows_`, CUDA C++; `triton_` + the same names, Triton):
-  the forward also writes the gradient of `row_scale * loss`, so the backward, which rescales only
-  rows whose upstream gradient is not `row_scale`, costs nothing for reductions "mean" and "sum".
+- C++ CPU and CUDA (`fused_mutual_loss` / `scale_grad_`): one call computes the loss reduced as
+  asked and writes its gradient (on the CPU it also range-checks the targets; on CUDA it reduces
+  on the device, with no host sync); its autograd is C++ (csrc/mutual_loss_autograd.cpp), whose
+  backward rescales that gradient only where the upstream gradient is not 1.
+- Triton (`triton_mutual_loss_with_grad` / `triton_scale_grad_rows_`): per-row terms; the forward
+  also writes the gradient of `row_scale * loss`, so the backward, which rescales only rows whose
+  upstream gradient is not `row_scale`, costs nothing for reductions "mean" and "sum".
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ TRITON_ERROR = _load_triton()
 def _cuda_kernels_error() -> str | None:
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastdml::mutual_loss_with_grad", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastdml::fused_mutual_loss", "CUDA"):
         return (
             "the compiled extension fastdml._C was built without its CUDA kernels "
             "(they build with a CUDA build of torch and nvcc)"
@@ -90,7 +91,7 @@ def fused_arguments(
 
 
 def fused_loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The loss and each peer's cross-entropy and mimicry, reduced as asked, from the CPU op."""
+    """The loss and each peer's cross-entropy and mimicry, reduced as asked, from the C++ op."""
     logits = problem.logits
     compute_grad = (
         logits.requires_grad
@@ -102,7 +103,7 @@ def fused_loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tens
 
 
 def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
-    """The arguments of the `mutual_loss_with_grad` ops for `problem`, in schema order."""
+    """The arguments of `triton_mutual_loss_with_grad` for `problem`, in schema order."""
     return (
         problem.logits,
         problem.target,
@@ -117,11 +118,6 @@ def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
         and problem.logits.requires_grad
         and problem.logits.dtype not in RECOMPUTE_GRAD_DTYPES,
     )
-
-
-def cuda_loss_rows(problem: MutualLossProblem, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss, cross-entropy and mimicry [K, R] from the CUDA C++ op."""
-    return torch.ops.fastdml.mutual_loss_with_grad(*with_grad_arguments(problem, row_scale))[:3]
 
 
 def triton_loss_rows(
@@ -163,8 +159,8 @@ def _with_grad_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _with_grad_backward(forward_op, scale_grad_rows):
-    """The backward of a `mutual_loss_with_grad` op: the forward's gradient, rescaled where needed.
+def _with_grad_backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
+    """The backward of `triton_mutual_loss_with_grad`: its forward's gradient, rescaled as needed.
 
     Where the forward wrote no gradient (float16, or a later backward through a retained graph,
     as with retain_graph=True or gradcheck, which finds the buffer handed out already), the op
@@ -172,38 +168,26 @@ def _with_grad_backward(forward_op, scale_grad_rows):
     dtype; the rescale then only zeroes the rows whose upstream gradient is 0 (a zero scale folds
     nothing in).
     """
-
-    def backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
-        if grad_loss is None:
-            return (None,) * 10
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused GPU ops of fastdml have no double backward (create_graph=True); "
-                "use backend='torch' for higher-order gradients"
-            )
-        logits, target, weights, row_scale = ctx.saved_tensors
-        grad, ctx.grad_buffer = ctx.grad_buffer, None
-        if grad is None or grad.shape != logits.shape:
-            row_scale = grad_loss
-            grad = forward_op(logits, target, weights, row_scale, *ctx.options, True)[3]
-        scale_grad_rows(grad, grad_loss, row_scale)
-        return (grad,) + (None,) * 9
-
-    return backward
+    if grad_loss is None:
+        return (None,) * 10
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused GPU ops of fastdml have no double backward (create_graph=True); "
+            "use backend='torch' for higher-order gradients"
+        )
+    logits, target, weights, row_scale = ctx.saved_tensors
+    grad, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad is None or grad.shape != logits.shape:
+        row_scale = grad_loss
+        forward = torch.ops.fastdml.triton_mutual_loss_with_grad
+        grad = forward(logits, target, weights, row_scale, *ctx.options, True)[3]
+    torch.ops.fastdml.triton_scale_grad_rows_(grad, grad_loss, row_scale)
+    return (grad,) + (None,) * 9
 
 
 if EXTENSION_ERROR is None:
     torch.library.register_fake("fastdml::fused_mutual_loss", _fused_fake)
     torch.library.register_fake("fastdml::scale_grad_", lambda grad, grad_loss: None)
-    torch.library.register_fake("fastdml::mutual_loss_with_grad", _with_grad_fake)
-    torch.library.register_fake("fastdml::scale_grad_rows_", lambda grad, *_: None)
-    torch.library.register_autograd(
-        "fastdml::mutual_loss_with_grad",
-        _with_grad_backward(
-            torch.ops.fastdml.mutual_loss_with_grad, torch.ops.fastdml.scale_grad_rows_
-        ),
-        setup_context=_with_grad_setup_context,
-    )
 
 if TRITON_ERROR is None:
     from fastdml.kernels.mutual_loss import INTERPRETED
@@ -213,9 +197,6 @@ if TRITON_ERROR is None:
         torch.library.register_fake("fastdml::triton_scale_grad_rows_", lambda grad, *_: None)
     torch.library.register_autograd(
         "fastdml::triton_mutual_loss_with_grad",
-        _with_grad_backward(
-            torch.ops.fastdml.triton_mutual_loss_with_grad,
-            torch.ops.fastdml.triton_scale_grad_rows_,
-        ),
+        _with_grad_backward,
         setup_context=_with_grad_setup_context,
     )

@@ -6,8 +6,10 @@ shuffles are exact barriers and exchanges, and every launch goes through the rea
 cases reach every path the launchers pick: each mode and dtype, K = 2..10 (the fixed-K kernel for
 2..8, the any-K kernel beyond and for float64), a warp or the whole block per row, vector and
 scalar loads, rows that fit the shared-memory cache, fit it in part or get none, the split of few
-long rows across blocks, teams that go on to further rows, ignored and out-of-range targets, and
-the backward's row scaling. Each case also asserts the path it took (from the launches), so that
+long rows across blocks, teams that go on to further rows, ignored and out-of-range targets, the
+reductions "sum" and "mean" in the forward's own launch (the rows counted by each block, or by a
+kernel ahead of it for many rows; the last block to finish adds the rows up), and the backward's
+row scaling. Each case also asserts the path it took (from the launches), so that
 a changed threshold cannot leave a path silently untested. Every launch is held to a GPU's rules
 for shared memory (static and dynamic together past 48 KiB only where the launcher opted in), and
 the shapes that ask for exactly 48 KiB of dynamic shared memory are among the cases.
@@ -15,6 +17,7 @@ the shapes that ask for exactly 48 KiB of dynamic shared memory are among the ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -46,7 +49,7 @@ MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 IGNORE = -100
 OPTIONS = {"temperature": 2.0, "alpha": 0.8, "label_smoothing": 0.1}
-ROW_SCALE = 0.37  # what the forward multiplies its gradient by (1 / n_valid for "mean")
+ROW_SCALE = 0.37  # grad_scale: what the forward multiplies its gradient by
 
 # Tolerances against float64, measured (the largest error seen is a fifth of them or less, but
 # for the rounding to float16 / bfloat16, which is at its bound) and explained. The kernels
@@ -190,15 +193,8 @@ def make_inputs(case: Case, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]
     return make_logits(case, dtype), make_target(case), weights
 
 
-def gradient_scale(row_scale: float | Tensor) -> Tensor:
-    """What the forward multiplies the gradient of a row by: row_scale, or 1 where that is 0
-    (0-dim for one value, else [K, R])."""
-    row_scale = torch.as_tensor(row_scale, dtype=torch.float64)
-    return torch.where(row_scale == 0, 1.0, row_scale)
-
-
 def make_row_scale(peers: int, rows: int, dtype: torch.dtype) -> Tensor:
-    """One scale per peer and row, [K, R] with strides (1, K), one of them 0."""
+    """One scale per peer and row, [K, R] with strides (1, K), one of them 0 (no gradient)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     row_scale = (0.1 + torch.rand(rows, peers, dtype=acc)).t()
     row_scale[-1, 0] = 0
@@ -213,8 +209,8 @@ def reference(
     options: dict[str, float],
     row_scale: float | Tensor = ROW_SCALE,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """loss, ce, mimicry [K, R] and the scaled gradient [K, R, C] in float64, NaN in the rows of
-    out-of-range targets (which the GPU kernels flag instead of checking)."""
+    """loss, ce, mimicry [K, R] and the gradient of sum(row_scale * loss) [K, R, C] in float64,
+    NaN in the rows of out-of-range targets (which the GPU kernels flag instead of checking)."""
     classes = logits.shape[2]
     invalid = (target != IGNORE) & ((target < 0) | (target >= classes))
     z = logits.detach().to(torch.float64).requires_grad_()
@@ -233,7 +229,8 @@ def reference(
     (grad,) = torch.autograd.grad(loss.sum(), z)
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     rows = [torch.where(invalid, nan, x.detach()) for x in (loss, ce, mimicry)]
-    return (*rows, torch.where(invalid[:, None], nan, gradient_scale(row_scale)[..., None] * grad))
+    scale = torch.as_tensor(row_scale, dtype=torch.float64)
+    return (*rows, torch.where(invalid[:, None], nan, scale[..., None] * grad))
 
 
 def run_forward(
@@ -245,7 +242,7 @@ def run_forward(
     **kwargs,
 ) -> ForwardResult:
     logits, target, weights = inputs
-    return gpu.mutual_loss_with_grad(
+    return gpu.mutual_loss(
         logits,
         target,
         weights,
@@ -263,20 +260,26 @@ def assert_matches_reference(
     mode: str,
     options: dict[str, float] = OPTIONS,
     row_scale: float | Tensor = ROW_SCALE,
+    reduction: str = "none",
 ) -> None:
-    dtype = inputs[0].dtype
-    *rows, grad = reference(*inputs, mode, options, row_scale)
+    dtype, target = inputs[0].dtype, inputs[1]
+    # "mean" weighs every row by 1 / (rows whose target is not ignored), its gradient too.
+    factor = 1.0 / max(int((target != IGNORE).sum()), 1) if reduction == "mean" else 1.0
+    *rows, grad = reference(*inputs, mode, options, row_scale * factor)
     rtol, atol = ROW_TOLERANCE[dtype]
-    outputs = {"loss": got.loss, "ce": got.ce, "mimicry": got.mimicry}
-    for (name, value), want in zip(outputs.items(), rows, strict=True):
-        torch.testing.assert_close(
-            value.double(),
-            want,
-            rtol=rtol,
-            atol=atol,
-            equal_nan=True,
-            msg=lambda m, n=name: f"{n}: {m}",
-        )
+    if reduction == "none":
+        outputs = {"loss": got.loss, "ce": got.ce, "mimicry": got.mimicry}
+        for (name, value), want in zip(outputs.items(), rows, strict=True):
+            torch.testing.assert_close(
+                value.double(),
+                want,
+                rtol=rtol,
+                atol=atol,
+                equal_nan=True,
+                msg=lambda m, n=name: f"{n}: {m}",
+            )
+    else:
+        assert_reduced(got, rows[1:], factor, options, rtol, atol)
     if got.grad is not None:
         rtol, atol = GRAD_TOLERANCE[dtype]
         torch.testing.assert_close(
@@ -289,8 +292,62 @@ def assert_matches_reference(
         )
 
 
-def assert_path(launches: list[Launch], case: Case, dtype: torch.dtype) -> None:
-    """The launches took the path the case is there to cover."""
+def assert_reduced(
+    got: ForwardResult,
+    rows: list[Tensor],
+    factor: float,
+    options: dict[str, float],
+    rtol: float,
+    atol: float,
+) -> None:
+    """Each peer's cross-entropy and mimicry are its rows' (float64, [K, R]) summed times
+    factor, and the loss is theirs summed over peers, each within the rows' tolerances summed
+    (NaN where a row is NaN)."""
+    weight = options["alpha"] * options["temperature"] ** 2
+    want, bound = [], []
+    for name, value, terms in zip(("ce", "mimicry"), (got.ce, got.mimicry), rows, strict=True):
+        want.append(terms.sum(-1) * factor)
+        bound.append(factor * (terms.shape[-1] * atol + rtol * terms.abs().sum(-1)))
+        assert_within(name, value, want[-1], bound[-1])
+    loss = (want[0] + weight * want[1]).sum()
+    assert_within("loss", got.loss, loss, (bound[0] + weight * bound[1]).sum())
+
+
+def assert_within(name: str, got: Tensor, want: Tensor, bound: Tensor) -> None:
+    got = got.double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: {got} (want {want})"
+    error = (got - want).abs().nan_to_num(0.0)
+    assert (error <= bound.nan_to_num(0.0)).all(), f"{name}: {got}, want {want} within {bound}"
+
+
+# Thresholds of the launchers (csrc/mutual_loss_cuda_launch.cuh).
+MAX_ROWS_COUNTED_PER_BLOCK = 2048  # "mean" over more: a counting kernel first
+MAX_ROWS_REDUCED_IN_FORWARD = 65536  # K * R over that: a reducing kernel after the forward
+ROWS_PER_REDUCE_CHUNK = 16384
+
+
+def warp_team_barriers(launch: Launch, case: Case, reduction: str) -> int:
+    """The block barriers of the fixed-K kernel with a warp per row: once a block after the peer
+    weights, and for a reduced loss once more to count the rows ("mean", unless a kernel ahead
+    counted them) and twice around its ticket (unless a kernel after it reduces); the last block
+    also twice at each peer's sum."""
+    per_block, last = 1, 0
+    if reduction == "mean" and case.rows <= MAX_ROWS_COUNTED_PER_BLOCK:
+        per_block += 1
+    if reduction != "none" and case.peers * case.rows <= MAX_ROWS_REDUCED_IN_FORWARD:
+        per_block, last = per_block + 2, 2 * case.peers
+    return launch.blocks * per_block + last
+
+
+def assert_path(
+    launches: list[Launch], case: Case, dtype: torch.dtype, reduction: str = "none"
+) -> None:
+    """The launches took the path the case is there to cover (the rows' kernels, between the
+    counting and the reducing ones)."""
+    launches = [
+        launch for launch in launches if not re.search("count_rows|reduce_rows", launch.kernel)
+    ]
     if split_expected(case):
         assert len(launches) == 3, f"expected the split (3 launches), got {launches}"
         assert launches[0].blocks > case.rows, "the split gives a row several blocks"
@@ -304,9 +361,10 @@ def assert_path(launches: list[Launch], case: Case, dtype: torch.dtype) -> None:
     assert args.get("KT") == str(case.peers), f"expected the fixed-K kernel, got {launch.where}"
     vec = int(args["VEC"])
     assert (vec > 1) == case.vector, f"expected vector loads: {case.vector}, got VEC = {vec}"
-    # A warp per row synchronizes the block once (for the peer weights), a block per row at
-    # every reduction.
-    team = "warp" if launch.block_barriers == launch.blocks else "block"
+    # A block per row synchronizes the block at every reduction of a row.
+    team = (
+        "warp" if launch.block_barriers == warp_team_barriers(launch, case, reduction) else "block"
+    )
     assert team == case.team, f"expected a {case.team} per row, got {launch}"
     teams = 256 // 32 if team == "warp" else 1
     row_bytes = teams * case.peers * case.classes * torch.finfo(dtype).bits // 8
@@ -434,16 +492,132 @@ def test_without_grad(gpu: EmulatedDevice, name: str):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_row_scale_per_row(gpu: EmulatedDevice, dtype: torch.dtype, name: str):
-    """A scale per peer and row (strided; 0 counts as 1): the forward writes each row's gradient
-    times its own scale."""
-    if not gpu.row_scale_per_row:
-        pytest.skip("these kernels take one row_scale value")
+    """A scale per peer and row (strided; a 0 gives no gradient): the forward writes each row's
+    gradient times its own scale."""
     case = PATH_CASES[name]
     inputs = make_inputs(case, dtype)
     row_scale = make_row_scale(case.peers, case.rows, dtype)
     got = run_forward(gpu, inputs, "ensemble_logits", row_scale=row_scale, device=case.device)
     assert_path(got.launches, case, dtype)
     assert_matches_reference(got, inputs, "ensemble_logits", row_scale=row_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions "sum" and "mean", in the forward's own launch.
+
+REDUCED = ["warp-vector", "block-vector", "cache-part-block", "any-k-long-rows", "split"]
+REDUCED += ["grid-stride-warp", "grid-stride-block", "grid-stride-any-k"]
+
+
+def in_range(inputs: tuple[Tensor, Tensor, Tensor], classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """make_inputs' with the out-of-range targets moved into range (the ignored row stays)."""
+    logits, target, weights = inputs
+    invalid = (target != IGNORE) & ((target < 0) | (target >= classes))
+    return logits, torch.where(invalid, classes // 2, target), weights
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("mode", ["pairwise", "weights"])
+@pytest.mark.parametrize("name", REDUCED)
+def test_reductions(gpu: EmulatedDevice, name: str, mode: str, reduction: str):
+    """Each peer's cross-entropy and mimicry summed (or averaged over the rows not ignored) and
+    the loss, by the last block to finish, whatever the grid; the gradient is that loss's times
+    grad_scale (the mean's 1 / rows folded in)."""
+    case = PATH_CASES[name]
+    dtype = case.dtypes[0]
+    inputs = in_range(make_inputs(case, dtype), case.classes)
+    got = run_forward(gpu, inputs, mode, device=case.device, reduction=reduction)
+    assert_path(got.launches, case, dtype, reduction)
+    assert_matches_reference(got, inputs, mode, reduction=reduction)
+
+
+@pytest.mark.parametrize("name", ["warp-vector", "any-k-long-rows", "split"])
+def test_reduced_without_grad_or_scale(gpu: EmulatedDevice, name: str):
+    case = PATH_CASES[name]
+    inputs = in_range(make_inputs(case, torch.float32), case.classes)
+    got = run_forward(
+        gpu, inputs, "ensemble", row_scale=None, reduction="mean", compute_grad=False,
+        device=case.device,
+    )  # fmt: skip
+    assert got.grad is None
+    assert_matches_reference(got, inputs, "ensemble", row_scale=1.0, reduction="mean")
+
+
+@pytest.mark.parametrize("name", ["warp-vector", "block-vector", "any-k-long-rows", "split"])
+def test_reduced_loss_is_nan_with_a_target_out_of_range(gpu: EmulatedDevice, name: str):
+    """The kernels flag such a row with NaN (no host check): every sum over it is NaN."""
+    case = PATH_CASES[name]
+    inputs = make_inputs(case, torch.float32)
+    got = run_forward(gpu, inputs, "pairwise", device=case.device, reduction="mean")
+    assert got.loss.isnan() and got.ce.isnan().all()
+    assert_matches_reference(got, inputs, "pairwise", reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("name", ["warp-vector", "any-k-long-rows", "split"])
+def test_every_row_ignored(gpu: EmulatedDevice, name: str, reduction: str):
+    """Nothing counted: a loss of 0 and no gradient (not 0 / 0)."""
+    case = PATH_CASES[name]
+    logits, target, weights = make_inputs(case, torch.float32)
+    got = run_forward(
+        gpu, (logits, torch.full_like(target, IGNORE), weights), "pairwise", device=case.device,
+        reduction=reduction,
+    )  # fmt: skip
+    assert got.loss == 0 and not got.ce.any() and not got.mimicry.any() and not got.grad.any()
+
+
+@pytest.mark.parametrize("rows", [2048, 2049])
+def test_mean_over_many_rows_is_counted_first(gpu: EmulatedDevice, rows: int):
+    """Up to 2048 rows each block counts them itself; beyond, a kernel ahead of the forward
+    counts them for all, its blocks adding integer counts."""
+    case = Case("many-rows", 2, rows, 8)
+    inputs = in_range(make_inputs(case, torch.float32), case.classes)
+    got = run_forward(gpu, inputs, "pairwise", reduction="mean")
+    counts = [launch.kernel for launch in got.launches if "count_rows" in launch.kernel]
+    assert len(counts) == (rows > MAX_ROWS_COUNTED_PER_BLOCK), got.launches
+    assert_path(got.launches, case, torch.float32, "mean")
+    assert_matches_reference(got, inputs, "pairwise", reduction="mean")
+
+
+LARGE_REDUCED = [  # K * R past MAX_ROWS_REDUCED_IN_FORWARD, on one multiprocessor's 32 blocks
+    Case("reduce-apart", 8, 8193, 8, device=ONE_SM),
+    Case("reduce-apart-chunks", 4, 2 * ROWS_PER_REDUCE_CHUNK + 5, 8, device=ONE_SM),
+]
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("case", LARGE_REDUCED, ids=str)
+def test_large_reduced_loss_has_a_kernel_of_its_own(
+    gpu: EmulatedDevice, case: Case, reduction: str, schedule: str
+):
+    """A block per peer and chunk of rows adds them up after the forward, the last adds the
+    chunks (whichever block that is: the reverse schedule runs the blocks last first)."""
+    inputs = in_range(make_inputs(case, torch.float32), case.classes)
+    got = run_forward(
+        gpu, inputs, "pairwise", device=case.device, reduction=reduction, schedule=schedule
+    )
+    (reduce,) = [launch for launch in got.launches if "reduce_rows" in launch.kernel]
+    assert got.launches[-1] == reduce
+    assert reduce.blocks == case.peers * -(-case.rows // ROWS_PER_REDUCE_CHUNK)
+    assert_path(got.launches, case, torch.float32, reduction)
+    assert_matches_reference(got, inputs, "pairwise", reduction=reduction)
+
+
+@pytest.mark.parametrize("name", ["grid-stride-warp", "grid-stride-any-k", "split"])
+def test_reduced_schedule_independent(gpu: EmulatedDevice, name: str):
+    case = PATH_CASES[name]
+    inputs = in_range(make_inputs(case, torch.float32), case.classes)
+    first, second = (
+        run_forward(gpu, inputs, "pairwise", device=case.device, schedule=s, reduction="mean")
+        for s in ("forward", "reverse")
+    )
+    for a, b in zip(
+        (first.loss, first.ce, first.mimicry, first.grad),
+        (second.loss, second.ce, second.mimicry, second.grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,34 +726,33 @@ SCALE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("per_row", [False, True], ids=["one-scale", "scale-per-row"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-value", "per-row"])
 @pytest.mark.parametrize("case", SCALE_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scale_grad_rows(gpu: EmulatedDevice, dtype: torch.dtype, case: ScaleCase, per_row: bool):
-    """The backward scales row (k, r) by grad_loss[k, r] / s[k, r], and leaves it bit for bit
-    alone where they are equal (the forward already wrote s * gradient): s is row_scale (one
-    value, or one per peer and row), or 1 where that is 0."""
-    if per_row and not gpu.row_scale_per_row:
-        pytest.skip("these kernels take one row_scale value")
+def test_scale_grad(gpu: EmulatedDevice, dtype: torch.dtype, case: ScaleCase, per_row: bool):
+    """The backward scales row (k, r) by grad_loss[k, r] (one value, or one per peer and row),
+    and leaves it bit for bit alone where that is 1 (the forward already wrote the gradient)."""
     k, r, c = case.peers, case.rows, case.classes
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     storage = torch.randn(k * r * c + 256).to(dtype)
     aligned = (-storage.data_ptr() // storage.element_size()) % (256 // storage.element_size())
     grad = storage[aligned + case.offset :][: k * r * c].view(k, r, c)
-    row_scale = make_row_scale(k, r, dtype) if per_row else ROW_SCALE
-    scale = gradient_scale(row_scale).to(acc).expand(k, r)
-    grad_loss = torch.rand(r, k, dtype=acc).t()  # [K, R] with strides (1, K)
-    for i, j in [(0, slice(None)), (1, 1), (-1, 0)]:  # rows the forward's scale is right for
-        grad_loss[i, j] = scale[i, j]
+    if per_row:
+        grad_loss = torch.rand(r, k, dtype=acc).t()  # [K, R] with strides (1, K)
+        for i, j in [(0, slice(None)), (1, 1), (-1, 0)]:  # rows the forward's gradient is right for
+            grad_loss[i, j] = 1.0
+    else:
+        grad_loss = torch.tensor(ROW_SCALE, dtype=acc)
     before = grad.clone()
-    launches = gpu.scale_grad_rows_(grad, grad_loss, row_scale=row_scale, device=case.device)
+    launches = gpu.scale_grad_(grad, grad_loss, device=case.device)
 
     # The factor in the accumulation dtype, the product rounded to the gradient's dtype.
-    want = before.double() * (grad_loss.double() / scale.double())[..., None]
+    factor = grad_loss.double().expand(k, r)
+    want = before.double() * factor[..., None]
     finfo = torch.finfo(dtype)
     torch.testing.assert_close(grad.double(), want, rtol=2 * finfo.eps, atol=finfo.tiny)
-    same = (grad_loss == scale)[:, :, None].expand_as(grad)
-    assert torch.equal(grad[same], before[same]), "rows with grad_loss == s must not change"
+    same = (factor == 1)[:, :, None].expand_as(grad)
+    assert torch.equal(grad[same], before[same]), "rows with grad_loss == 1 must not change"
 
     (launch,) = launches
     vector = not launch.kernel.replace(" ", "").endswith(",1>")
@@ -695,3 +868,53 @@ def test_emulator_shared_memory_launch_rules(
     else:
         with pytest.raises(EmulationError, match=f"CUDA error 1: .*refused.*{refusal}"):
             run()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("arg", [1, 3, 32, 300])
+def test_emulator_syncthreads_count(gpu: EmulatedDevice, arg: int, schedule: str):
+    """Every thread gets the number of the block's threads whose predicate was nonzero (any
+    nonzero value counts once); each __syncthreads_count is a block barrier of the launch."""
+    first = sum(1 for t in range(256) if t % arg == 0)
+    second = min(arg, 256)
+    out = gpu.selftest("syncthreads_count", arg=arg, schedule=schedule)
+    assert out == [1000 * first + second] * 256
+    assert [launch.block_barriers for launch in gpu.launches()] == [2]
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 7, 100])
+def test_emulator_atomic_ticket_after_memset(gpu: EmulatedDevice, blocks: int):
+    """The last-block pattern: each block takes a ticket with atomicAdd on a counter that
+    cudaMemsetAsync zeroed (it held garbage), and the block with the last ticket (the last to
+    run here) knows it. The memset is not a launch."""
+    out = gpu.selftest("atomic_ticket", arg=blocks)
+    assert out == list(range(blocks)) + [1000 + blocks - 1] * (256 - blocks)
+    assert [(launch.blocks, launch.block_barriers) for launch in gpu.launches()] == [
+        (blocks, blocks)
+    ]
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "warps_reverse"])
+def test_emulator_atomic_add(gpu: EmulatedDevice, schedule: str):
+    """atomicAdd of every type, by each of 256 threads: it returns the value before the add (so
+    the threads' tickets follow the order they ran in), an int wraps around, an unsigned long long
+    carries past 32 bits, and a float add flushes subnormals to zero as the hardware's does."""
+    out = gpu.selftest("atomic_add", schedule=schedule)
+    int_end = (2**31 - 1 - 99 + 256) - 2**32  # from INT_MAX - 99, wrapped
+    assert out[:7] == [256, int_end, 256, 256, 128, 0, 64]
+    ticket = (lambda t: t) if schedule == "forward" else (lambda t: 255 - t)
+    assert out[7:] == [ticket(t) for t in range(7, 256)]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("divergent_syncthreads_count", "different __syncthreads"),
+        ("misaligned_atomic", "misaligned address .* 8-byte access"),
+        # cudaErrorLaunchFailure, and the word left as it was
+        ("memset_after_error", "cudaMemsetAsync: CUDA error 719, word 7$"),
+    ],
+)
+def test_emulator_reports_misused_counts_and_atomics(gpu: EmulatedDevice, name: str, message: str):
+    with pytest.raises(EmulationError, match=message):
+        gpu.selftest(name)

@@ -33,11 +33,11 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
     return problem
 
 
-WITH_GRAD_OPS = [  # (device, the op family's name prefix)
-    pytest.param(("cpu", "triton_"), id="triton"),
-    pytest.param(("cuda", "triton_"), id="cuda-triton", marks=pytest.mark.cuda),
-    pytest.param(("cuda", ""), id="cuda-cuda", marks=pytest.mark.cuda),
+WITH_GRAD_OPS = [  # the Triton ops' device
+    pytest.param("cpu", id="triton"),
+    pytest.param("cuda", id="cuda-triton", marks=pytest.mark.cuda),
 ]
+FUSED_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # the C++ ops'
 
 
 WITH_GRAD_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -48,18 +48,23 @@ FUSED_CHECKS = WITH_GRAD_CHECKS
 
 @pytest.fixture(params=WITH_GRAD_OPS)
 def with_grad_ops(request):
-    """A backend's name and its GPU op pair (mutual_loss_with_grad, scale_grad_rows_)."""
-    device, prefix = request.param
-    name = on_device(device, prefix.rstrip("_") or "cuda", request)
+    """The Triton backend's name and its op pair (mutual_loss_with_grad, scale_grad_rows_)."""
+    name = on_device(request.param, "triton", request)
     ops = torch.ops.fastdml
-    forward = getattr(ops, f"{prefix}mutual_loss_with_grad")
-    return name, forward, getattr(ops, f"{prefix}scale_grad_rows_")
+    return name, ops.triton_mutual_loss_with_grad, ops.triton_scale_grad_rows_
+
+
+@pytest.fixture(params=FUSED_DEVICES)
+def fused_device(request):
+    """The device of the C++ ops fused_mutual_loss and scale_grad_ (made the default one)."""
+    on_device(request.param, "cuda" if request.param == "cuda" else "cpp", request)
+    return request.param
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_fused(mode, dtype, reduction):
+def test_opcheck_fused(fused_device, mode, dtype, reduction):
     problem = op_args(mode=mode, dtype=dtype)
     problem.logits.requires_grad_()
     torch.library.opcheck(
@@ -70,7 +75,7 @@ def test_opcheck_fused(mode, dtype, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_fused_with_grad_scale(reduction):
+def test_opcheck_fused_with_grad_scale(fused_device, reduction):
     problem = op_args(mode="weights", dtype=torch.float32)
     k, rows, _ = problem.logits.shape
     grad_scale = torch.rand(rows, k).t() if reduction == "none" else torch.tensor(0.5)
@@ -86,11 +91,15 @@ def test_opcheck_fused_with_grad_scale(reduction):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_gradient_is_that_of_its_loss(reduction, mode, temperature):
-    """The gradient the CPU op writes is that of the loss it returns, times grad_scale."""
+def test_fused_gradient_is_that_of_its_loss(fused_device, reduction, mode, temperature):
+    """The gradient the op writes is that of the loss it returns, times grad_scale (exactly:
+    zero included)."""
     problem = op_args(mode=mode, temperature=temperature)
     k, rows, _ = problem.logits.shape
-    grad_scale = torch.rand(k, rows, dtype=torch.float64) if reduction == "none" else None
+    grad_scale = None
+    if reduction == "none":
+        grad_scale = torch.rand(k, rows, dtype=torch.float64)
+        grad_scale[1, 3] = 0.0
     loss, *_, grad = torch.ops.fastdml.fused_mutual_loss(
         *fused_arguments(problem, reduction, grad_scale)
     )
@@ -112,7 +121,7 @@ def test_fused_gradient_is_that_of_its_loss(reduction, mode, temperature):
     torch.testing.assert_close(grad, want)
 
 
-def test_gradient_buffer_changed_by_a_caller_is_computed_again():
+def test_gradient_buffer_changed_by_a_caller_is_computed_again(fused_device):
     """The op returns its gradient buffer, which its backward rescales and hands to autograd;
     if a caller has written to it since, the backward computes the gradient again."""
     problem = op_args(dtype=torch.float32)
@@ -127,13 +136,13 @@ def test_gradient_buffer_changed_by_a_caller_is_computed_again():
     torch.testing.assert_close(got, want)
 
 
-def test_scale_grad_is_not_differentiable():
+def test_scale_grad_is_not_differentiable(fused_device):
     grad = torch.randn(2, 3, 4, requires_grad=True).exp()
     with pytest.raises(RuntimeError, match="not differentiable"):
         torch.ops.fastdml.scale_grad_(grad, torch.tensor(2.0))
 
 
-def test_scale_grad_skips_what_is_scaled_by_one():
+def test_scale_grad_skips_what_is_scaled_by_one(fused_device):
     grad = torch.randn(2, 3, 5)
     grad_loss = torch.ones(2, 3)
     grad_loss[1, 0], grad_loss[0, 2] = 3.0, float("nan")
@@ -166,18 +175,51 @@ class CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("form", ["function", "module"])
-def test_cpu_loss_dispatches_two_ops(form):
-    """Forward and backward of the fused CPU loss: the op and the rescale, nothing else."""
+def test_fused_loss_dispatches_two_ops(fused_device, form):
+    """Forward and backward of the fused loss: the op and the rescale, nothing else; on CUDA
+    without a host sync (the targets are checked and the rows counted on the device)."""
     criterion = MutualLoss() if form == "module" else mutual_loss
     logits = torch.randn(2, 128, 100, requires_grad=True)
     target = torch.randint(0, 100, (128,))
+    target[5] = -100
+    sync_mode = torch.cuda.get_sync_debug_mode() if fused_device == "cuda" else None
     with CountOps() as counted:
-        criterion(logits, target).backward()
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            criterion(logits, target).backward()
+        finally:
+            if sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(sync_mode)
     assert [op for op in counted.ops if "fastdml" in op] == [
         "fastdml.fused_mutual_loss.default",
         "fastdml.scale_grad_.default",
     ]
     assert len(counted.ops) <= 4, counted.ops
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_loss_launches_two_kernels(request, reduction):
+    """A training step's loss on CUDA: the forward kernel (after a 4-byte memset of its ticket)
+    and the backward's rescale, which returns at once where the upstream gradient is 1; besides
+    them only autograd's fill of that gradient."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device("cuda", "cuda", request)
+    logits = torch.randn(2, 128, 100, requires_grad=True)
+    target = torch.randint(0, 100, (128,))
+    mutual_loss(logits, target, reduction=reduction).backward()  # warm-up
+    logits.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mutual_loss(logits, target, reduction=reduction).backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [n for n in names if "mutual_loss" in n or "scale_grad" in n]
+    assert len(ours) == 2, names
+    others = [n for n in names if n not in ours and "memset" not in n.lower()]
+    assert len(others) <= 1, names
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

@@ -62,6 +62,8 @@ using Site = std::source_location;
 
 // Barriers and the warp exchange of the current thread (emulator.cpp).
 void syncthreads(const Site& site);
+// __syncthreads that returns how many threads of the block passed a nonzero predicate.
+int syncthreads_count(int predicate, const Site& site);
 void syncwarp(unsigned mask, const Site& site);
 enum class ShuffleKind : int { Idx, Up, Down, Xor };
 uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t bits, int lane_arg, int width,
@@ -87,6 +89,29 @@ T& block_shared(const char* file, int line) {
                 "__shared__ variables have no constructors");
   return *static_cast<T*>(
       static_shared_memory(std::type_index(typeid(T)), file, line, sizeof(T), alignof(T)));
+}
+
+// atomicAdd. Fibers switch only at barriers and shuffles, so no other thread runs between the
+// read and the write: a plain read-modify-write is atomic here.
+template <typename T>
+T atomic_add(T* address, T value, const Site& site) {
+  check_alignment(address, sizeof(T), site);  // a misaligned atomic faults on a GPU
+  const T old = *address;
+  if constexpr (std::is_integral_v<T>) {
+    // Wraps around as on a GPU (in C++, where signed overflow is undefined, by unsigned sums).
+    using U = std::make_unsigned_t<T>;
+    *address = static_cast<T>(static_cast<U>(old) + static_cast<U>(value));
+  } else if constexpr (std::is_same_v<T, float>) {
+    // atom.add.f32 flushes subnormal inputs and results to sign-preserving zero (SASS:
+    // RED/ATOMG.ADD.F32.FTZ.RN); f64 does not.
+    const auto flush = [](float x) {
+      return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+    };
+    *address = flush(flush(old) + flush(value));
+  } else {
+    *address = old + value;
+  }
+  return old;
 }
 
 template <typename T>
@@ -148,6 +173,10 @@ cudaError_t peek_last_error();
 inline void __syncthreads(const cuda_emu::Site& site = cuda_emu::Site::current()) {
   cuda_emu::syncthreads(site);
 }
+inline int __syncthreads_count(int predicate,
+                               const cuda_emu::Site& site = cuda_emu::Site::current()) {
+  return cuda_emu::syncthreads_count(predicate, site);
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu,
                        const cuda_emu::Site& site = cuda_emu::Site::current()) {
   cuda_emu::syncwarp(mask, site);
@@ -177,6 +206,19 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   const cuda_emu::Site& site = cuda_emu::Site::current()) {
   return cuda_emu::shuffle_value(cuda_emu::ShuffleKind::Xor, mask, var, lane_mask, width, site);
 }
+
+// CUDA's overloads, not a template, so that the value converts to the pointee's type as there.
+#define CUDA_EMU_ATOMIC_ADD(T)                                                         \
+  inline T atomicAdd(T* address, T value,                                              \
+                     const cuda_emu::Site& site = cuda_emu::Site::current()) {         \
+    return cuda_emu::atomic_add(address, value, site);                                 \
+  }
+CUDA_EMU_ATOMIC_ADD(int)
+CUDA_EMU_ATOMIC_ADD(unsigned int)
+CUDA_EMU_ATOMIC_ADD(unsigned long long)
+CUDA_EMU_ATOMIC_ADD(float)
+CUDA_EMU_ATOMIC_ADD(double)
+#undef CUDA_EMU_ATOMIC_ADD
 
 // Cache-hinted loads and stores: plain ones here, but for the check of the alignment the hardware
 // needs (a misaligned vector access faults on a GPU).
@@ -241,6 +283,14 @@ inline cudaError_t cudaGetLastError() { return cuda_emu::take_last_error(); }
 inline cudaError_t cudaPeekAtLastError() { return cuda_emu::peek_last_error(); }
 inline cudaError_t cudaDeviceSynchronize() { return cuda_emu::peek_last_error(); }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cuda_emu::peek_last_error(); }
+// Launches run synchronously, so now is its place in the stream's order. Not a launch, but like
+// one after an error (run_grid): it writes nothing, and returns the error as cudaStreamSynchronize.
+// The stream defaults to 0 in the toolkit's declaration (cuda_runtime_api.h, via cuda_fp16.h).
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  const cudaError_t error = cuda_emu::peek_last_error();
+  if (error == cudaSuccess) std::memset(ptr, value, count);
+  return error;
+}
 
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attribute, int value) {

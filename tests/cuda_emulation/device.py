@@ -12,6 +12,7 @@ from torch import Tensor
 
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # The orders a block's threads may run in (emulator.h): a round of every thread at a time, or a
 # warp at a time as far as it goes.
 SCHEDULES = ("forward", "reverse", "shuffled", "warps_forward", "warps_reverse")
@@ -59,8 +60,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class ForwardResult:
-    loss: Tensor
-    ce: Tensor
+    loss: Tensor  # [K, R] for reduction "none", else 0-dim
+    ce: Tensor  # [K, R] for reduction "none", else [K]
     mimicry: Tensor
     grad: Tensor | None
     launches: list[Launch]
@@ -70,13 +71,13 @@ class EmulationError(RuntimeError):
     """A launch failed or a kernel did what a GPU would fault or hang on."""
 
 
-def _row_scale(row_scale: float | Tensor, acc: torch.dtype) -> tuple[Tensor, int, int]:
-    """row_scale as a tensor of the accumulation dtype and its peer and row strides (0 and 0 for
-    one value)."""
-    if isinstance(row_scale, Tensor):
-        assert row_scale.dtype == acc and row_scale.dim() == 2
-        return row_scale, row_scale.stride(0), row_scale.stride(1)
-    return torch.tensor([row_scale], dtype=acc), 0, 0
+def _per_row(value: float | Tensor, acc: torch.dtype) -> tuple[Tensor, int, int]:
+    """One value or one per peer and row as a tensor of the accumulation dtype, and its peer and
+    row strides (0 and 0 for one value)."""
+    if isinstance(value, Tensor) and value.dim() == 2:
+        assert value.dtype == acc
+        return value, value.stride(0), value.stride(1)
+    return torch.tensor([float(value)], dtype=acc), 0, 0
 
 
 def _extent_bytes(view: Tensor) -> int:
@@ -93,45 +94,47 @@ class EmulatedDevice:
         i64, dbl, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         self._lib.emu_mutual_loss.argtypes = (
             [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
-            + [i64, i64, i64, i32, i32, dbl, dbl, dbl, i64, i32]
+            + [i64, i64, i64, i32, i32, i32, dbl, dbl, dbl, i64, i32]
             + [i32, i32, i32, i32, ctypes.c_char_p, i64]
         )
         self._lib.emu_mutual_loss.restype = i32
-        self._lib.emu_scale_grad_rows.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64]
-        self._lib.emu_scale_grad_rows.argtypes += [i64, i64, i64, i32]
-        self._lib.emu_scale_grad_rows.argtypes += [i32, i32, i32, i32, ctypes.c_char_p, i64]
-        self._lib.emu_scale_grad_rows.restype = i32
-        self._lib.emu_row_scale_per_row.restype = i32
+        self._lib.emu_scale_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i32]
+        self._lib.emu_scale_grad.argtypes += [i32, i32, i32, i32, ctypes.c_char_p, i64]
+        self._lib.emu_scale_grad.restype = i32
         self._lib.emu_launches.argtypes = [ctypes.c_char_p, i64]
         self._lib.emu_launches.restype = i64
         self._lib.emu_selftest.argtypes = [ctypes.c_char_p, i32, i32, i32, i32, i32, ptr]
         self._lib.emu_selftest.argtypes += [ctypes.c_char_p, i64]
         self._lib.emu_selftest.restype = i32
 
-    def mutual_loss_with_grad(
+    def mutual_loss(
         self,
         logits: Tensor,
         target: Tensor,
         weights: Tensor,
         *,
-        row_scale: float | Tensor,
+        row_scale: float | Tensor | None,
         mode: str,
         temperature: float,
         alpha: float,
         label_smoothing: float,
         ignore_index: int,
+        reduction: str = "none",
         compute_grad: bool = True,
         device: DeviceInfo = H100,
         schedule: str = "forward",
     ) -> ForwardResult:
-        """launch_mutual_loss_with_grad on logits [K, R, C] (unit class stride, any other), with
-        one row_scale or one per peer and row ([K, R], any strides)."""
+        """launch_mutual_loss on logits [K, R, C] (unit class stride, any other), with no
+        row_scale, one, or one per peer and row ([K, R], any strides)."""
         k, rows, classes = logits.shape
         assert logits.stride(2) == 1 and target.dtype == torch.int64
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         weights = weights.to(acc).contiguous()
-        scale, scale_stride_k, scale_stride_r = _row_scale(row_scale, acc)
-        loss, ce, mimicry = (torch.empty(k, rows, dtype=acc) for _ in range(3))
+        scale, scale_stride_k, scale_stride_r = _per_row(
+            1.0 if row_scale is None else row_scale, acc
+        )
+        shapes = [(k, rows)] * 3 if reduction == "none" else [(), (k,), (k,)]
+        loss, ce, mimicry = (torch.empty(shape, dtype=acc) for shape in shapes)
         grad = torch.empty(k, rows, classes, dtype=logits.dtype) if compute_grad else None
         error = ctypes.create_string_buffer(4096)
         status = self._lib.emu_mutual_loss(
@@ -142,8 +145,8 @@ class EmulatedDevice:
             target.data_ptr(),
             target.stride(0),
             weights.data_ptr(),
-            scale.data_ptr(),
-            _extent_bytes(scale),
+            None if row_scale is None else scale.data_ptr(),
+            0 if row_scale is None else _extent_bytes(scale),
             scale_stride_k,
             scale_stride_r,
             loss.data_ptr(),
@@ -155,6 +158,7 @@ class EmulatedDevice:
             classes,
             DTYPES[logits.dtype],
             MODES[mode],
+            REDUCTIONS[reduction],
             temperature,
             alpha,
             label_smoothing,
@@ -171,34 +175,27 @@ class EmulatedDevice:
             raise EmulationError(error.value.decode())
         return ForwardResult(loss, ce, mimicry, grad, self.launches())
 
-    def scale_grad_rows_(
+    def scale_grad_(
         self,
         grad: Tensor,
-        grad_loss: Tensor,
+        grad_loss: float | Tensor,
         *,
-        row_scale: float | Tensor,
         device: DeviceInfo = H100,
         schedule: str = "forward",
     ) -> list[Launch]:
-        """launch_scale_grad_rows on grad [K, R, C] (contiguous, updated in place; its address
-        modulo 256 is kept on the device) with grad_loss [K, R] (any strides) and row_scale as
-        in mutual_loss_with_grad."""
+        """launch_scale_grad on grad [K, R, C] (contiguous, updated in place; its address modulo
+        256 is kept on the device) with grad_loss one value or [K, R] (any strides)."""
         assert grad.is_contiguous()
         k, rows, classes = grad.shape
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        assert grad_loss.dtype == acc and grad_loss.shape == (k, rows)
-        scale, scale_stride_k, scale_stride_r = _row_scale(row_scale, acc)
+        grad_loss, stride_k, stride_r = _per_row(grad_loss, acc)
         error = ctypes.create_string_buffer(4096)
-        status = self._lib.emu_scale_grad_rows(
+        status = self._lib.emu_scale_grad(
             grad.data_ptr(),
             grad_loss.data_ptr(),
             _extent_bytes(grad_loss),
-            grad_loss.stride(0),
-            grad_loss.stride(1),
-            scale.data_ptr(),
-            _extent_bytes(scale),
-            scale_stride_k,
-            scale_stride_r,
+            stride_k,
+            stride_r,
             k,
             rows,
             classes,
@@ -213,11 +210,6 @@ class EmulatedDevice:
         if status != 0:
             raise EmulationError(error.value.decode())
         return self.launches()
-
-    @property
-    def row_scale_per_row(self) -> bool:
-        """Whether the kernels take a row_scale per peer and row, not only one value."""
-        return bool(self._lib.emu_row_scale_per_row())
 
     def selftest(
         self,

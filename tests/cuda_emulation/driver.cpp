@@ -1,6 +1,6 @@
 // The C entry points that tests/test_cuda_emulation.py calls through ctypes: one call of
-// launch_mutual_loss_with_grad or launch_scale_grad_rows (csrc/mutual_loss_cuda.h) on the emulated
-// device, as the CUDA binding makes it. Every buffer is first copied to "device memory" with guard
+// launch_mutual_loss or launch_scale_grad (csrc/mutual_loss_cuda.h) on the emulated device, as the
+// CUDA binding makes it. Every buffer is first copied to "device memory" with guard
 // bytes on both sides and the caller's address modulo 256 (so vector alignment is the caller's);
 // after the launch the driver checks that no kernel wrote outside its outputs or into its inputs.
 #include <cstdint>
@@ -88,24 +88,6 @@ size_t dtype_bytes(DType dtype) {
 
 size_t acc_bytes(DType dtype) { return dtype == DType::Float64 ? 8 : 4; }
 
-// Whether the launchers take a row_scale per peer and row (fields added after the first version).
-template <typename Params>
-constexpr bool kHasRowScaleStrides = requires(Params p) { p.row_scale_stride_k; };
-
-// Points the kernels at the gradient's scale: one value (strides 0) or [K, R] at these strides
-// where the params have row_scale strides; false where they take one value only.
-template <typename Params>
-bool set_row_scale(Params& params, const void* row_scale, int64_t stride_k, int64_t stride_r) {
-  params.row_scale = row_scale;
-  if constexpr (kHasRowScaleStrides<Params>) {
-    params.row_scale_stride_k = stride_k;
-    params.row_scale_stride_r = stride_r;
-    return true;
-  } else {
-    return stride_k == 0 && stride_r == 0;
-  }
-}
-
 int report(char* out, int64_t size, const std::string& message) {
   if (size > 0) std::snprintf(out, static_cast<size_t>(size), "%s", message.c_str());
   return 1;
@@ -125,25 +107,19 @@ std::string launch_problem(cudaError_t launched) {
 
 extern "C" {
 
-// Whether the kernels take the gradient's scale per peer and row (row_scale strides), not only
-// one value.
-int emu_row_scale_per_row() {
-  return kHasRowScaleStrides<fastdml::gpu::MutualLossParams> ? 1 : 0;
-}
-
-// launch_mutual_loss_with_grad on a device with `num_sms` multiprocessors and these shared memory
-// sizes. logits: `logits_bytes` bytes from `logits` hold the [K, R, C] view (unit class stride,
-// peer and row strides in elements); row_scale: `row_scale_bytes` bytes hold it, at these strides
-// (0 and 0: one value). Outputs: loss, ce, mimicry [K, R] of the accumulation dtype, grad
-// [K, R, C] contiguous of the logits dtype (null unless compute_grad). Returns 0, or 1 with a
-// message in `error`.
+// launch_mutual_loss on a device with `num_sms` multiprocessors and these shared memory sizes.
+// logits: `logits_bytes` bytes from `logits` hold the [K, R, C] view (unit class stride, peer and
+// row strides in elements); row_scale (null: none): `row_scale_bytes` bytes hold it, at these
+// strides (0 and 0: one value). Outputs of the accumulation dtype: loss, ce, mimicry [K, R] for
+// reduction None, else loss [1] and ce, mimicry [K]; grad [K, R, C] contiguous of the logits
+// dtype (null unless compute_grad). Returns 0, or 1 with a message in `error`.
 int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, int64_t stride_r,
                     const int64_t* target, int64_t target_stride, const void* weights,
                     const void* row_scale, int64_t row_scale_bytes, int64_t row_scale_stride_k,
                     int64_t row_scale_stride_r, void* loss, void* ce, void* mimicry, void* grad,
-                    int64_t K, int64_t R, int64_t C, int dtype, int mode, double temperature,
-                    double alpha, double label_smoothing, int64_t ignore_index, int compute_grad,
-                    int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
+                    int64_t K, int64_t R, int64_t C, int dtype, int mode, int reduction,
+                    double temperature, double alpha, double label_smoothing,
+                    int64_t ignore_index, int compute_grad, int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
                     char* error, int64_t error_size) {
   const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
   cuda_emu::reset();
@@ -152,14 +128,17 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   const auto type = static_cast<DType>(dtype);
   const size_t acc = acc_bytes(type);
   const size_t rows = static_cast<size_t>(K * R);
+  const auto reduced = static_cast<fastdml::gpu::LossReduction>(reduction);
+  const size_t losses = reduced == fastdml::gpu::LossReduction::None ? rows : 1;
+  const size_t terms = reduced == fastdml::gpu::LossReduction::None ? rows : size_t(K);
   DeviceBuffer d_logits("logits", logits, static_cast<size_t>(logits_bytes), 0);
   DeviceBuffer d_target("target", target,
                         static_cast<size_t>(R > 0 ? (R - 1) * target_stride + 1 : 0) * 8, 0);
   DeviceBuffer d_weights("weights", weights, static_cast<size_t>(K * K) * acc, 0);
   DeviceBuffer d_row_scale("row_scale", row_scale, static_cast<size_t>(row_scale_bytes), 0);
-  DeviceBuffer d_loss("loss", nullptr, rows * acc, kUnwritten);
-  DeviceBuffer d_ce("ce", nullptr, rows * acc, kUnwritten);
-  DeviceBuffer d_mimicry("mimicry", nullptr, rows * acc, kUnwritten);
+  DeviceBuffer d_loss("loss", nullptr, losses * acc, kUnwritten);
+  DeviceBuffer d_ce("ce", nullptr, terms * acc, kUnwritten);
+  DeviceBuffer d_mimicry("mimicry", nullptr, terms * acc, kUnwritten);
   DeviceBuffer d_grad("grad", nullptr, compute_grad ? rows * C * dtype_bytes(type) : 0,
                       kUnwritten);
 
@@ -170,9 +149,9 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   params.target = static_cast<const int64_t*>(d_target.data());
   params.target_stride = target_stride;
   params.weights = d_weights.data();
-  if (!set_row_scale(params, d_row_scale.data(), row_scale_stride_k, row_scale_stride_r)) {
-    return report(error, error_size, "these kernels take one row_scale value, not one per row");
-  }
+  params.row_scale = row_scale != nullptr ? d_row_scale.data() : nullptr;
+  params.row_scale_stride_k = row_scale_stride_k;
+  params.row_scale_stride_r = row_scale_stride_r;
   params.loss = d_loss.data();
   params.ce = d_ce.data();
   params.mimicry = d_mimicry.data();
@@ -182,6 +161,7 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   params.C = C;
   params.dtype = type;
   params.mode = static_cast<LossMode>(mode);
+  params.reduction = reduced;
   params.temperature = temperature;
   params.alpha = alpha;
   params.label_smoothing = label_smoothing;
@@ -191,7 +171,7 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   DeviceBuffer d_workspace("workspace", nullptr, static_cast<size_t>(workspace_bytes), kPoison);
   params.workspace = d_workspace.data();
 
-  const cudaError_t launched = fastdml::gpu::launch_mutual_loss_with_grad(params, device, nullptr);
+  const cudaError_t launched = fastdml::gpu::launch_mutual_loss(params, device, nullptr);
   std::string problem = launch_problem(launched);
   for (const auto& [buffer, read_only] :
        {std::pair{&d_logits, true}, {&d_target, true}, {&d_weights, true}, {&d_row_scale, true},
@@ -207,15 +187,13 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   return 0;
 }
 
-// launch_scale_grad_rows on grad [K, R, C] (contiguous, updated in place) with grad_loss [K, R]
-// (strides in elements; `grad_loss_bytes` bytes from `grad_loss` hold it) and row_scale as above.
+// launch_scale_grad on grad [K, R, C] (contiguous, updated in place) with grad_loss [K, R]
+// (strides in elements, 0 and 0 for one value; `grad_loss_bytes` bytes from `grad_loss` hold it).
 // Returns as above.
-int emu_scale_grad_rows(void* grad, const void* grad_loss, int64_t grad_loss_bytes,
-                        int64_t grad_loss_stride_k, int64_t grad_loss_stride_r,
-                        const void* row_scale, int64_t row_scale_bytes, int64_t row_scale_stride_k,
-                        int64_t row_scale_stride_r, int64_t K, int64_t R, int64_t C, int dtype,
-                        int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
-                        char* error, int64_t error_size) {
+int emu_scale_grad(void* grad, const void* grad_loss, int64_t grad_loss_bytes,
+                   int64_t grad_loss_stride_k, int64_t grad_loss_stride_r, int64_t K, int64_t R,
+                   int64_t C, int dtype, int num_sms, int smem_per_sm, int smem_per_block_optin,
+                   int schedule, char* error, int64_t error_size) {
   const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
   cuda_emu::reset();
   cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
@@ -223,23 +201,18 @@ int emu_scale_grad_rows(void* grad, const void* grad_loss, int64_t grad_loss_byt
   const auto type = static_cast<DType>(dtype);
   DeviceBuffer d_grad("grad", grad, static_cast<size_t>(K * R * C) * dtype_bytes(type), 0);
   DeviceBuffer d_grad_loss("grad_loss", grad_loss, static_cast<size_t>(grad_loss_bytes), 0);
-  DeviceBuffer d_row_scale("row_scale", row_scale, static_cast<size_t>(row_scale_bytes), 0);
   fastdml::gpu::ScaleGradParams params{};
   params.grad = d_grad.data();
   params.grad_loss = d_grad_loss.data();
   params.grad_loss_stride_k = grad_loss_stride_k;
   params.grad_loss_stride_r = grad_loss_stride_r;
-  if (!set_row_scale(params, d_row_scale.data(), row_scale_stride_k, row_scale_stride_r)) {
-    return report(error, error_size, "these kernels take one row_scale value, not one per row");
-  }
   params.K = K;
   params.R = R;
   params.C = C;
   params.dtype = type;
-  const cudaError_t launched = fastdml::gpu::launch_scale_grad_rows(params, device, nullptr);
+  const cudaError_t launched = fastdml::gpu::launch_scale_grad(params, device, nullptr);
   std::string problem = launch_problem(launched);
-  for (const auto& [buffer, read_only] :
-       {std::pair{&d_grad, false}, {&d_grad_loss, true}, {&d_row_scale, true}}) {
+  for (const auto& [buffer, read_only] : {std::pair{&d_grad, false}, {&d_grad_loss, true}}) {
     if (problem.empty()) problem = buffer->check(read_only);
   }
   if (!problem.empty()) return report(error, error_size, problem);

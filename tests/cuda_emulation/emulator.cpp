@@ -1,9 +1,10 @@
 // The emulated device: blocks run one after another, the threads of a block are fibers of the
 // calling OS thread. A thread runs until it reaches a barrier or a shuffle; the last one to arrive
-// completes it (every participant checked: same barrier, same mask, no exited lane) and the others
-// become runnable again. Shuffles follow PTX's shfl.sync lane arithmetic. Switching fibers is a
-// few instructions on x86-64 (swapcontext would make a system call for the signal mask at every
-// switch, a hundred times slower); ucontext elsewhere.
+// completes it (every participant checked: same barrier, same mask, no exited lane; the predicates
+// of a __syncthreads_count counted) and the others become runnable again. Shuffles follow PTX's
+// shfl.sync lane arithmetic. Switching fibers is a few instructions on x86-64 (swapcontext would
+// make a system call for the signal mask at every switch, a hundred times slower); ucontext
+// elsewhere.
 #include "emulator.h"
 
 #include <sys/mman.h>
@@ -128,6 +129,8 @@ struct Thread {
   Context context;
   State state = State::Runnable;
   Site block_site;
+  bool block_predicate = false;  // its __syncthreads_count's predicate (false at __syncthreads)
+  int block_count = 0;           // what the block barrier it was released from returns
   WarpOp op;
   uint64_t result = 0;
 };
@@ -309,8 +312,10 @@ void complete_block_barrier_if_ready() {
   Emulator& e = emu();
   if (e.at_block_barrier == 0 || e.at_block_barrier < e.live) return;
   const Site* first = nullptr;
+  int count = 0;  // what __syncthreads_count returns
   for (Thread& t : e.threads) {
     if (t.state != State::AtBlockBarrier) continue;
+    count += t.block_predicate;
     if (first == nullptr) {
       first = &t.block_site;
     } else if (!same_site(*first, t.block_site)) {
@@ -319,7 +324,9 @@ void complete_block_barrier_if_ready() {
     }
   }
   for (Thread& t : e.threads) {
-    if (t.state == State::AtBlockBarrier) t.state = State::Runnable;
+    if (t.state != State::AtBlockBarrier) continue;
+    t.block_count = count;
+    t.state = State::Runnable;
   }
   e.at_block_barrier = 0;
   ++e.record->block_barriers;
@@ -532,15 +539,19 @@ void run_block(int threads) {
 // ---------------------------------------------------------------------------------------------
 // What the kernels call.
 
-void syncthreads(const Site& site) {
+int syncthreads_count(int predicate, const Site& site) {
   Emulator& e = emu();
   Thread& t = e.threads[e.current];
   t.block_site = site;
+  t.block_predicate = predicate != 0;
   t.state = State::AtBlockBarrier;
   ++e.at_block_barrier;
   complete_block_barrier_if_ready();
   if (t.state != State::Runnable) wait();
+  return t.block_count;
 }
+
+void syncthreads(const Site& site) { syncthreads_count(0, site); }
 
 void syncwarp(unsigned mask, const Site& site) {
   WarpOp op;
@@ -648,10 +659,13 @@ void run_grid(const char* where_launched, const char* kernel_name, const void* e
   e.static_shared_sum = 0;
   gridDim = g;
   blockDim = b;
+  // The reverse schedules also run the blocks last first: a GPU runs them in any order, and a
+  // kernel that takes "the last block to finish" for the one of the highest index shows.
+  const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
   for (unsigned z = 0; z < g.z && e.error.empty(); ++z) {
     for (unsigned y = 0; y < g.y && e.error.empty(); ++y) {
       for (unsigned x = 0; x < g.x && e.error.empty(); ++x) {
-        blockIdx = uint3{x, y, z};
+        blockIdx = reverse ? uint3{g.x - 1 - x, g.y - 1 - y, g.z - 1 - z} : uint3{x, y, z};
         e.dynamic_shared.poison();
         for (auto& [key, buffer] : e.static_shared) buffer.poison();
         run_block(static_cast<int>(threads));

@@ -15,7 +15,8 @@ namespace cuda_emu {
 // Shuffled (anew at every round, seeded by the block index) run every runnable thread once a
 // round, so warps stay within one barrier of each other; WarpsForward and WarpsReverse run each
 // warp as far as it goes (up to a __syncthreads or its end) before the next, so that one warp
-// runs ahead of the others into whatever they have not finished reading.
+// runs ahead of the others into whatever they have not finished reading. Reverse and WarpsReverse
+// also run the grid's blocks last first.
 enum class Schedule : int { Forward, Reverse, Shuffled, WarpsForward, WarpsReverse };
 
 // Shared memory one block may have (static + dynamic), as DeviceInfo::smem_per_block_optin;
@@ -30,7 +31,7 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t dynamic_shared_bytes = 0;
   size_t static_shared_bytes = 0;  // the __shared__ variables reached, summed, rounded to 16
-  long long block_barriers = 0;  // __syncthreads episodes, summed over blocks
+  long long block_barriers = 0;  // __syncthreads(_count) episodes, summed over blocks
   long long warp_barriers = 0;   // __syncwarp episodes, summed over warps
   long long shuffles = 0;        // shuffle episodes, summed over warps
 };

@@ -1,11 +1,14 @@
 // Kernels that check the emulator itself, not fastdml (test_cuda_emulation.py::test_emulator_*):
-// the shuffles against the hardware's lane arithmetic, and that a kernel a GPU would hang on,
-// give undefined results for, or refuse to launch is reported. Built like csrc/*.cu, so the
-// rewrite of launches and shared memory is exercised too.
+// the shuffles against the hardware's lane arithmetic, __syncthreads_count, atomicAdd and
+// cudaMemsetAsync, and that a kernel a GPU would hang on, give undefined results for, or refuse to
+// launch is reported. Built like csrc/*.cu, so the rewrite of launches and shared memory is
+// exercised too.
 #include <cuda_runtime.h>
 
+#include <bit>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 #include "emulator.h"
@@ -59,6 +62,73 @@ __global__ void divergent_barrier_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// Two counts in a row, so that the second is not the first's: of the threads t with t % arg == 0
+// (a predicate other than 1), then of those with t < arg. out[t] = 1000 * first + second.
+__global__ void syncthreads_count_kernel(int* out, int arg) {
+  const int t = static_cast<int>(threadIdx.x);
+  const int first = __syncthreads_count(t % arg == 0 ? t + 1 : 0);
+  const int second = __syncthreads_count(t < arg);
+  out[t] = 1000 * first + second;
+}
+
+// Warp 0 waits at a __syncthreads, the others at a __syncthreads_count.
+__global__ void divergent_syncthreads_count_kernel(int* out) {
+  int n = 0;
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    n = __syncthreads_count(1);
+  }
+  out[threadIdx.x] = n;
+}
+
+// The last-block pattern: thread 0 of each block takes a ticket, block b writes out[b] = its
+// ticket, and the block that takes the last one writes 1000 + its index into the rest of out.
+__global__ void atomic_ticket_kernel(int* out, unsigned* ticket) {
+  __shared__ unsigned mine;
+  if (threadIdx.x == 0) {
+    mine = atomicAdd(ticket, 1u);
+    out[blockIdx.x] = static_cast<int>(mine);
+  }
+  __syncthreads();
+  if (mine == gridDim.x - 1 && threadIdx.x >= gridDim.x) {
+    out[threadIdx.x] = 1000 + static_cast<int>(blockIdx.x);
+  }
+}
+
+// A counter of each type atomicAdd takes.
+struct Counters {
+  unsigned u;
+  int i;
+  unsigned long long ull;
+  float f;
+  float tiny;  // gets subnormals: flushed
+  double d;
+};
+
+// Every thread adds to every counter. out[0..6]: the counters after a barrier; out[t] for t >= 7:
+// what thread t's unsigned add returned (the order the threads ran in).
+__global__ void atomic_add_kernel(int* out, Counters* c) {
+  const unsigned ticket = atomicAdd(&c->u, 1u);
+  atomicAdd(&c->i, 1);
+  atomicAdd(&c->ull, (1ull << 32) + 1);
+  atomicAdd(&c->f, 0.5f);
+  atomicAdd(&c->tiny, 1e-40f);
+  atomicAdd(&c->d, 0.25);
+  __syncthreads();
+  const int ends[] = {static_cast<int>(c->u), c->i, static_cast<int>(c->ull >> 32),
+                      static_cast<int>(c->ull & 0xffffffffu), static_cast<int>(c->f),
+                      std::bit_cast<int>(c->tiny), static_cast<int>(c->d)};
+  out[threadIdx.x] = threadIdx.x < 7 ? ends[threadIdx.x] : static_cast<int>(ticket);
+}
+
+// An 8-byte atomicAdd 4 bytes past an 8-byte boundary.
+__global__ void misaligned_atomic_kernel(int* out) {
+  __shared__ unsigned long long words[2];
+  auto* p = reinterpret_cast<unsigned long long*>(reinterpret_cast<int*>(words) + 1);
+  out[threadIdx.x] = static_cast<int>(atomicAdd(p, 1ull));
+}
+
 // Half of each warp leaves before a full-mask shuffle.
 __global__ void exited_lane_kernel(int* out) {
   if (threadIdx.x % 32 >= 16) return;
@@ -101,6 +171,9 @@ extern "C" {
 // have `smem_per_block_optin` bytes of shared memory; returns 0, or 1 with the error (launch or
 // kernel) in `error`. "static_and_dynamic_smem": `arg` bytes of dynamic shared memory, after
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kind) if kind >= 0.
+// "atomic_ticket": `arg` blocks (at most 256) on a counter zeroed by cudaMemsetAsync.
+// "memset_after_error": cudaMemsetAsync after a failed launch; its result and what it left in the
+// word it was to zero (7 before) are the error.
 int emu_selftest(const char* name, int kind, int arg, int width, int schedule,
                  int smem_per_block_optin, int* out, char* error, int64_t error_size) {
   cuda_emu::reset();
@@ -128,6 +201,32 @@ int emu_selftest(const char* name, int kind, int arg, int width, int schedule,
     deadlock_kernel<<<1, kThreads>>>(out);
   } else if (test == "misaligned_load") {
     misaligned_load_kernel<<<1, kThreads>>>(out);
+  } else if (test == "syncthreads_count") {
+    syncthreads_count_kernel<<<1, kThreads>>>(out, arg);
+  } else if (test == "divergent_syncthreads_count") {
+    divergent_syncthreads_count_kernel<<<1, kThreads>>>(out);
+  } else if (test == "atomic_ticket") {
+    unsigned ticket = 0xdeadbeefu;  // what a reused workspace holds
+    const cudaStream_t stream = nullptr;
+    const cudaError_t set = cudaMemsetAsync(&ticket, 0, sizeof(ticket), stream);
+    if (set != cudaSuccess) {
+      std::snprintf(error, static_cast<size_t>(error_size), "cudaMemsetAsync: CUDA error %d",
+                    int(set));
+      return 1;
+    }
+    atomic_ticket_kernel<<<arg, kThreads, 0, stream>>>(out, &ticket);
+  } else if (test == "atomic_add") {
+    Counters counters{0, std::numeric_limits<int>::max() - 99, 0, 0.0f, 0.0f, 0.0};
+    atomic_add_kernel<<<1, kThreads>>>(out, &counters);
+  } else if (test == "misaligned_atomic") {
+    misaligned_atomic_kernel<<<1, kThreads>>>(out);
+  } else if (test == "memset_after_error") {
+    divergent_barrier_kernel<<<1, kThreads>>>(out);
+    int word = 7;
+    const cudaError_t set = cudaMemsetAsync(&word, 0, sizeof(word));
+    std::snprintf(error, static_cast<size_t>(error_size), "cudaMemsetAsync: CUDA error %d, word %d",
+                  int(set), word);
+    return 1;
   } else if (test == "static_and_dynamic_smem") {
     if (kind >= 0) {
       const cudaError_t set = cudaFuncSetAttribute(
