@@ -21,17 +21,17 @@ REDUCTIONS = ["mean", "sum", "none"]
 def layers(widths, rows=10, classes=13, dtype=torch.float64, bias=(True, False, True), seed=0):
     """Hidden states [N, H_k], weights [V, H_k] and biases (or None) of peers of `widths`,
     all requiring grad, and a target with one ignored row."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU, whatever the default device
+    device = torch.get_default_device()
 
     def leaf(*shape):
-        return (
-            torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
-        )
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu")
+        return values.to(device, dtype).requires_grad_()
 
     hidden = [leaf(rows, width) for width in widths]
     weight = [leaf(classes, width) for width in widths]
     biases = [leaf(classes) if has else None for has, _ in zip(bias, widths, strict=False)]
-    target = torch.randint(0, classes, (rows,), generator=generator)
+    target = torch.randint(0, classes, (rows,), generator=generator, device="cpu").to(device)
     target[1] = -100
     return hidden, weight, biases, target
 

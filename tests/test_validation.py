@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastdml import MutualLoss, mutual_loss
+from fastdml import MutualLoss, backends, mutual_loss
 
 Z = torch.randn(3, 4, 5)
 Y = torch.randint(0, 5, (4,))
@@ -45,6 +45,14 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("bad", "error", "message"), BAD_INPUTS)
 def test_bad_input(backend, bad, error, message):
+    device = torch.get_default_device()
+    if "found" in message and not (
+        backend in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(backend, device)
+    ):
+        pytest.skip(
+            "on CUDA tensors the fused kernels flag a target out of range with NaN in its row, "
+            "with no host sync (test_ops.py::test_invalid_targets_give_nan_rows_without_a_sync)"
+        )
     kwargs = dict(logits=Z, target=Y, backend=backend) | bad
     logits, target = kwargs.pop("logits"), kwargs.pop("target")
     with pytest.raises(error, match=message):
