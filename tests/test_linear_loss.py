@@ -59,7 +59,8 @@ def value_and_grads(loss_fn, inputs, seed=1):
     """The loss and the gradients of every input of a random weighting of it."""
     out = loss_fn()
     generator = torch.Generator().manual_seed(seed)
-    weights = torch.rand(out.loss.shape, generator=generator, dtype=out.loss.dtype)
+    weights = torch.rand(out.loss.shape, generator=generator, dtype=out.loss.dtype, device="cpu")
+    weights = weights.to(out.loss.device)
     grads = torch.autograd.grad((out.loss * weights).sum(), inputs)
     return out, grads
 

@@ -148,7 +148,8 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   params.stride_r = stride_r;
   params.target = static_cast<const int64_t*>(d_target.data());
   params.target_stride = target_stride;
-  params.weights = d_weights.data();
+  // As the binding: no weights outside mode Weights, so that a read of them faults.
+  params.weights = static_cast<LossMode>(mode) == LossMode::Weights ? d_weights.data() : nullptr;
   params.row_scale = row_scale != nullptr ? d_row_scale.data() : nullptr;
   params.row_scale_stride_k = row_scale_stride_k;
   params.row_scale_stride_r = row_scale_stride_r;
