@@ -32,7 +32,7 @@ def _from_terms(terms: Callable[[MutualLossProblem], tuple[Tensor, Tensor]]) -> 
     return loss_rows
 
 
-def _row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
+def row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
     """The weight of each row in a peer's reduced loss: 1 / (non-ignored rows) for "mean"."""
     dtype = accumulation_dtype(problem.logits.dtype)
     if reduction != "mean":
@@ -46,12 +46,12 @@ def _reduced(rows: LossRows) -> Loss:
     gradient reaching each row is exactly row_scale, which the Triton kernels rely on."""
 
     def loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-        row_scale = _row_scale(problem, reduction)
-        loss, ce, mimicry = rows(problem, row_scale)
+        scale = row_scale(problem, reduction)
+        loss, ce, mimicry = rows(problem, scale)
         if reduction == "none":
             return loss, ce.detach(), mimicry.detach()
-        ce, mimicry = (terms.detach().sum(-1) * row_scale for terms in (ce, mimicry))
-        return (loss.sum(-1) * row_scale).sum(), ce, mimicry
+        ce, mimicry = (terms.detach().sum(-1) * scale for terms in (ce, mimicry))
+        return (loss.sum(-1) * scale).sum(), ce, mimicry
 
     return loss
 

@@ -382,12 +382,7 @@ def _checked_fused_linear_mutual_loss(
     # bad target fails before any chunk's matmuls, and names its row in the batch.
     if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name, first.device):
         check_target_values(problem)
-    acc = accumulation_dtype(first.dtype)
-    if reduction == "mean":
-        valid = (target != ignore_index).sum()
-        row_scale = valid.clamp(min=1).to(acc).reciprocal()
-    else:
-        row_scale = torch.ones((), dtype=acc, device=first.device)
+    row_scale = backends.row_scale(problem, reduction)
     flat_hidden, hidden_count = _flat(hidden)
     flat_weight, weight_count = _flat(weight)
     flat_bias, bias_count = _flat(bias)
