@@ -210,7 +210,7 @@ def _record(file, name: str, check: Callable[[], dict], failures: list[str]) -> 
 def main(path: str, backend: str) -> int:
     print(f"{torch.cuda.get_device_name()}; backend {backend}", flush=True)
     if backend not in fastdml.available_backends():
-        print(f"{backend} is not available: {fastdml.backends.unavailable_reason(backend)}")
+        print(f"{backend} is not available: {fastdml.loss.backends.unavailable_reason(backend)}")
         return 1
     failures: list[str] = []
     with open(path, "a") as file:

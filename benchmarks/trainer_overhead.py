@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from benchmarks import machine
 from fastdml import mutual_loss
-from fastdml.cohort import Cohort
+from fastdml.cohort.cohort import Cohort
+from fastdml.cohort.trainer import Trainer
 from fastdml.data import InMemoryLoader, load_dataset
 from fastdml.models import build_model
-from fastdml.stacked_cohort import StackedCohort
-from fastdml.trainer import Trainer
+from fastdml.stacked.cohort import StackedCohort
 
 SGD = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fastdml.plots import new_figure
+from fastdml.cohort.plots import new_figure
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

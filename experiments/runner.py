@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from fastdml.analysis import perturbed_loss, posterior_entropy
-from fastdml.checkpoint import load_checkpoint, load_peer_weights
-from fastdml.config import make_config
-from fastdml.runs import load_data, make_trainer, peer_model
-from fastdml.trainer import CHECKPOINT
+from fastdml.cli.config import make_config
+from fastdml.cli.runs import load_data, make_trainer, peer_model
+from fastdml.cohort.checkpoint import load_checkpoint, load_peer_weights
+from fastdml.cohort.trainer import CHECKPOINT
 
 
 @dataclass(frozen=True)

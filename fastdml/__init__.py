@@ -4,18 +4,28 @@ A cohort of K peer networks trains together; each peer minimises its own cross-e
 KL divergence from the other peers' class posteriors to its own (Zhang et al., CVPR 2018).
 """
 
-from fastdml.backends import available_backends
-from fastdml.cohort import Cohort, Evaluation, StepOutput
+from fastdml.cohort import (
+    Cohort,
+    Evaluation,
+    LRSchedule,
+    StepOutput,
+    Trainer,
+    clip_grad_norms_,
+    make_optimizer,
+)
 from fastdml.data import InMemoryLoader, load_dataset
 from fastdml.distributed import DistributedCohort
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
-from fastdml.linear_loss import FusedLinearMutualLoss, fused_linear_mutual_loss
-from fastdml.loss import MutualLoss, MutualLossOutput, mutual_loss
+from fastdml.loss import (
+    FusedLinearMutualLoss,
+    MutualLoss,
+    MutualLossOutput,
+    available_backends,
+    fused_linear_mutual_loss,
+    mutual_loss,
+)
 from fastdml.models import build_model
-from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer
-from fastdml.stacked import stack_peers
-from fastdml.stacked_cohort import StackedCohort
-from fastdml.trainer import Trainer
+from fastdml.stacked import StackedCohort, stack_peers
 
 __all__ = [
     "CheckpointError",

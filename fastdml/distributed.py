@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastdml.checkpoint import describe_layout, load_checkpoint, save_checkpoint
-from fastdml.cohort import PRECISIONS, Cohort, StepOutput
+from fastdml.cohort.checkpoint import describe_layout, load_checkpoint, save_checkpoint
+from fastdml.cohort.cohort import PRECISIONS, Cohort, StepOutput
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
-from fastdml.loss import MutualLoss
+from fastdml.loss.mutual_loss import MutualLoss
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for the others before it gives up
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastdml.arguments import accumulation_dtype
+from fastdml.loss.arguments import accumulation_dtype
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond, the CUDA op

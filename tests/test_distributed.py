@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from fastdml import MutualLoss, build_model, mutual_loss
-from fastdml.checkpoint import load_checkpoint, load_peer_weights
-from fastdml.cli import main
-from fastdml.config import make_config
+from fastdml.cli.commands import main
+from fastdml.cli.config import make_config
+from fastdml.cli.runs import build_cohort, load_data, make_trainer, seed_everything
+from fastdml.cohort.checkpoint import load_checkpoint, load_peer_weights
+from fastdml.cohort.optim import make_optimizer
 from fastdml.distributed import Placement, collective, init_from_environment
 from fastdml.errors import ConfigError, DistributedError
-from fastdml.optim import make_optimizer
-from fastdml.runs import build_cohort, load_data, make_trainer, seed_everything
 
 TINY = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--epochs", "2"]
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of sums taken in another order
@@ -35,7 +35,7 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of sums taken in anothe
 # loaded a dataset with FEWER_CLASSES classes, or it was given --peers PEERS.
 FAULTY = """
 import dataclasses, os, signal, sys
-import fastdml.cli
+import fastdml.cli.commands
 from fastdml.distributed import DistributedCohort
 
 rank, faulty = int(os.environ["RANK"]), int(os.environ.get("FAULTY_RANK", -1))
@@ -50,12 +50,12 @@ if rank == faulty and "KILL_AT" in os.environ:
 
     DistributedCohort.train_step = killed
 if rank == faulty and "FEWER_CLASSES" in os.environ:
-    load = fastdml.cli.load_data
-    fastdml.cli.load_data = lambda config: dataclasses.replace(
+    load = fastdml.cli.commands.load_data
+    fastdml.cli.commands.load_data = lambda config: dataclasses.replace(
         load(config), num_classes=int(os.environ["FEWER_CLASSES"])
     )
 extra = ["--peers", os.environ["PEERS"]] if rank == faulty and "PEERS" in os.environ else []
-sys.exit(fastdml.cli.main(sys.argv[1:] + extra))
+sys.exit(fastdml.cli.commands.main(sys.argv[1:] + extra))
 """
 
 

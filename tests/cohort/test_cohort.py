@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdml import MutualLoss, mutual_loss
-from fastdml.cohort import Cohort
+from fastdml.cohort.cohort import Cohort
 from fastdml.models import build_model
 
 CLASSES, FEATURES, N = 5, 12, 16

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastdml import Cohort, LRSchedule, StackedCohort, Trainer, stack_peers
-from fastdml.cli import main
+from fastdml.cli.commands import main
 from fastdml.models import build_model
 
 SHAPES = {"mlp": (40,), "cnn1d": (40,), "resnet32": (3, 32, 32), "mobilenet": (3, 32, 32)}

@@ -2,7 +2,7 @@
 
 `Cohort` owns the peers, the loss and one optimizer with a param group per peer; `train_step`
 does one mutual-learning update on a batch, `evaluate` measures each peer and the ensemble.
-`Cohort.fit` (or `fastdml.trainer.Trainer`) runs the epochs around them, with checkpoints,
+`Cohort.fit` (or `fastdml.Trainer`) runs the epochs around them, with checkpoints,
 records and progress bars.
 """
 
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdml.checkpoint import describe_layout, load_checkpoint, save_checkpoint
+from fastdml.cohort.checkpoint import describe_layout, load_checkpoint, save_checkpoint
+from fastdml.cohort.optim import OptimizerFactory, clip_grad_norms_, make_optimizer, make_scheduler
 from fastdml.errors import CheckpointError
-from fastdml.loss import MutualLoss, mutual_loss
-from fastdml.optim import OptimizerFactory, clip_grad_norms_, make_optimizer, make_scheduler
+from fastdml.loss.mutual_loss import MutualLoss, mutual_loss
 
 if TYPE_CHECKING:
-    from fastdml.trainer import Trainer
+    from fastdml.cohort.trainer import Trainer
 
 UPDATES = ("simultaneous", "alternating")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +89,7 @@ class Cohort:
         peer_options: one mapping per trainable peer (in order) of its own options, e.g.
             ``[{"lr": 0.1}, {"lr": 0.05, "weight_decay": 1e-4}]``.
         clip_norm: gradient-norm bound, one for all or one per trainable peer (None: no clip).
-        lr_schedule: a per-epoch learning-rate factor (e.g. `fastdml.optim.LRSchedule`), one for
+        lr_schedule: a per-epoch learning-rate factor (e.g. `fastdml.LRSchedule`), one for
             all or one per trainable peer; stepped by `end_epoch`.
         update: "simultaneous" (one forward of every peer per batch, all peers stepped) or
             "alternating" (the paper's Algorithm 1: the peers are stepped in turn, each against
@@ -369,9 +369,9 @@ class Cohort:
         return state
 
     def fit(self, train_data: Any, eval_data: Any = None, **options: Any) -> Trainer:
-        """Trains for ``options["epochs"]`` epochs; see `fastdml.trainer.Trainer` for the options.
+        """Trains for ``options["epochs"]`` epochs; see `fastdml.Trainer` for the options.
         Returns the trainer, whose `history` holds a record per epoch."""
-        from fastdml.trainer import Trainer
+        from fastdml.cohort.trainer import Trainer
 
         trainer = Trainer(self, train_data, eval_data, **options)
         trainer.run()

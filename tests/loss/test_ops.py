@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdml import MutualLoss, mutual_loss
-from fastdml.arguments import make_problem
-from fastdml.ops import fused_arguments, with_grad_arguments
+from fastdml.loss.arguments import make_problem
+from fastdml.loss.ops import fused_arguments, with_grad_arguments
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 

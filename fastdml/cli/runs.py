@@ -11,9 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fastdml.checkpoint import load_checkpoint, load_peer_weights
-from fastdml.cohort import Cohort, resolve_device
-from fastdml.config import PER_PEER, TEACHER_KEYS, TRAINING_MODES, RunConfig, differences
+from fastdml.cli.config import PER_PEER, TEACHER_KEYS, TRAINING_MODES, RunConfig, differences
+from fastdml.cohort.checkpoint import load_checkpoint, load_peer_weights
+from fastdml.cohort.cohort import Cohort, resolve_device
+from fastdml.cohort.optim import LRSchedule
+from fastdml.cohort.trainer import CHECKPOINT, Trainer
 from fastdml.data import DataSplits, load_dataset
 from fastdml.distributed import (
     DistributedCohort,
@@ -23,11 +25,9 @@ from fastdml.distributed import (
     seed_rank,
 )
 from fastdml.errors import CheckpointError, ConfigError
-from fastdml.loss import MutualLoss
+from fastdml.loss.mutual_loss import MutualLoss
 from fastdml.models import build_model
-from fastdml.optim import LRSchedule
-from fastdml.stacked_cohort import StackedCohort
-from fastdml.trainer import CHECKPOINT, Trainer
+from fastdml.stacked.cohort import StackedCohort
 
 
 def seed_everything(seed: int) -> None:

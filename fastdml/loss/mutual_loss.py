@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastdml import backends
-from fastdml.arguments import (
+from fastdml.loss import backends
+from fastdml.loss.arguments import (
     Logits,
     PeerWeights,
     check_options,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastdml import MutualLoss, backends, mutual_loss
+from fastdml import MutualLoss, mutual_loss
+from fastdml.loss import backends
 
 Z = torch.randn(3, 4, 5)
 Y = torch.randint(0, 5, (4,))

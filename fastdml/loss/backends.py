@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastdml import ops, reference
-from fastdml.arguments import MutualLossProblem, accumulation_dtype
+from fastdml.loss import ops, reference
+from fastdml.loss.arguments import MutualLossProblem, accumulation_dtype
 
 # (problem, reduction) -> the loss and each peer's cross-entropy and mimicry, reduced as asked:
 # "mean" and "sum" give a 0-dim loss and [K] terms, "none" [K, R] each.

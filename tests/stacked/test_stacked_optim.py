@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from fastdml import stacked_optim
+from fastdml.cohort.optim import clip_grad_norms_, make_optimizer
 from fastdml.models import MLP
-from fastdml.optim import clip_grad_norms_, make_optimizer
-from fastdml.stacked import stack_peers
-from fastdml.stacked_optim import StackedOptimizer, clip_stacked_grad_norms_
+from fastdml.stacked import optim as stacked_optim
+from fastdml.stacked.layers import stack_peers
+from fastdml.stacked.optim import StackedOptimizer, clip_stacked_grad_norms_
 
 PEER_OPTIONS = {
     "sgd": [

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from fastdml.compare import DEFAULT_MODES, compare, format_table
-from fastdml.config import TEACHER_KEYS, RunConfig, make_config, make_teacher, read_config_file
+from fastdml.cli.compare import DEFAULT_MODES, compare, format_table
+from fastdml.cli.config import TEACHER_KEYS, RunConfig, make_config, make_teacher, read_config_file
+from fastdml.cli.runs import load_data, make_trainer, stored_config
 from fastdml.distributed import launched, shutdown
 from fastdml.errors import UserError
-from fastdml.runs import load_data, make_trainer, stored_config
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,8 +37,8 @@ from cuda_emulation.device import (
 )
 from torch import Tensor
 
-from fastdml.arguments import make_problem
-from fastdml.reference import mutual_loss_rows
+from fastdml.loss.arguments import make_problem
+from fastdml.loss.reference import mutual_loss_rows
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = pytest.mark.skipif(

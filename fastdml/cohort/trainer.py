@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastdml.checkpoint import rng_state, set_rng_state
-from fastdml.cohort import Cohort, StepOutput
+from fastdml.cohort.checkpoint import rng_state, set_rng_state
+from fastdml.cohort.cohort import Cohort, StepOutput
+from fastdml.cohort.plots import plot_history
+from fastdml.cohort.records import MetricsLog
 from fastdml.data import ResumableLoader, as_loader
 from fastdml.errors import CheckpointError, UserError
-from fastdml.plots import plot_history
-from fastdml.records import MetricsLog
 
 CHECKPOINT = "checkpoint.pt"
 FOLD_EVERY = 256  # steps whose outputs are added to the epoch's sums at once

@@ -18,7 +18,7 @@ import platform
 import torch
 from torch import Tensor
 
-from fastdml.arguments import MutualLossProblem, accumulation_dtype
+from fastdml.loss.arguments import MutualLossProblem, accumulation_dtype
 
 
 def _load_extension() -> str | None:

@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from fastdml.checkpoint import (
+from fastdml.cohort.checkpoint import (
     load_checkpoint,
     load_peer_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from fastdml.cohort import Cohort
+from fastdml.cohort.cohort import Cohort
+from fastdml.cohort.optim import LRSchedule
+from fastdml.cohort.trainer import Trainer
 from fastdml.errors import CheckpointError, UserError
-from fastdml.optim import LRSchedule
-from fastdml.trainer import Trainer
 
 FEATURES, CLASSES = 6, 4
 

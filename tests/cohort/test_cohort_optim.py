@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdml.optim import LRSchedule, clip_grad_norms_, make_optimizer, make_scheduler
+from fastdml.cohort.optim import LRSchedule, clip_grad_norms_, make_optimizer, make_scheduler
 
 PEER_OPTIONS = {
     "sgd": [

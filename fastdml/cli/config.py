@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastdml.arguments import MODES as LOSS_MODES
-from fastdml.cohort import PRECISIONS, UPDATES
+from fastdml.cohort.cohort import PRECISIONS, UPDATES
+from fastdml.cohort.optim import OPTIMIZERS, LRSchedule
 from fastdml.data import DATASETS, require
 from fastdml.distributed import DEFAULT_TIMEOUT
 from fastdml.errors import ConfigError
+from fastdml.loss.arguments import MODES as LOSS_MODES
 from fastdml.models import ARCHS
-from fastdml.optim import OPTIMIZERS, LRSchedule
 
 # Training modes and the MutualLoss mode each uses ("independent" is alpha = 0).
 TRAINING_MODES = {

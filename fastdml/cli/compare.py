@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from fastdml.config import TEACHER_KEYS, TRAINING_MODES, RunConfig, make_config
+from fastdml.cli.config import TEACHER_KEYS, TRAINING_MODES, RunConfig, make_config
+from fastdml.cli.runs import load_data, make_trainer
+from fastdml.cohort.plots import plot_comparison
+from fastdml.cohort.trainer import CHECKPOINT
 from fastdml.errors import ConfigError, UserError
-from fastdml.plots import plot_comparison
-from fastdml.runs import load_data, make_trainer
-from fastdml.trainer import CHECKPOINT
 
 DEFAULT_MODES = ("independent", "dml", "dml_e")
 TEACHER = "teacher"  # the folder of the teachers trained for distillation

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from fastdml.checkpoint import load_checkpoint, save_checkpoint
-from fastdml.cli import main
+from fastdml.cli.commands import main
+from fastdml.cohort.checkpoint import load_checkpoint, save_checkpoint
 from fastdml.models import build_model
 
 TINY = ["--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--no-progress"]
@@ -193,7 +193,7 @@ def test_errors_exit_without_traceback_from_the_command():
 KILLED = """
 import os, signal, sys
 import torch
-import fastdml.cohort
+import fastdml.cohort.cohort
 
 kill_at, where, count = int(os.environ["KILL_AT"]), os.environ["KILL_WHERE"], [0]
 
@@ -211,8 +211,8 @@ def killer(original):
 if where == "write":
     torch.save = killer(torch.save)
 else:
-    fastdml.cohort.Cohort.train_step = killer(fastdml.cohort.Cohort.train_step)
-from fastdml.cli import main
+    fastdml.cohort.cohort.Cohort.train_step = killer(fastdml.cohort.cohort.Cohort.train_step)
+from fastdml.cli.commands import main
 from fastdml.models import build_model
 sys.exit(main(sys.argv[1:]))
 """
@@ -290,9 +290,9 @@ def test_a_teacher_trained_alongside_from_a_checkpoint(tmp_path, capsys):
 
 
 def test_peer_weights_from_a_config(tmp_path):
-    from fastdml.config import make_config
+    from fastdml.cli.config import make_config
+    from fastdml.cli.runs import build_cohort
     from fastdml.data import load_dataset
-    from fastdml.runs import build_cohort
 
     config = make_config(
         {"peers": "mlp,mlp,mlp", "peer_weights": [[0, 1, 0], [0, 0, 1], [1, 0, 0]]}
@@ -326,7 +326,7 @@ CONFIG_ERRORS = [
 
 @pytest.mark.parametrize("values, message", CONFIG_ERRORS, ids=[m for _, m in CONFIG_ERRORS])
 def test_config_errors(values, message):
-    from fastdml.config import make_config
+    from fastdml.cli.config import make_config
     from fastdml.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fastdml.optim import DEFAULT_OPTIONS, OPTIMIZERS
+from fastdml.cohort.optim import DEFAULT_OPTIONS, OPTIMIZERS
 
 # Options of torch's that the stacked step does not implement, and their neutral values.
 UNSUPPORTED = {"maximize": False, "amsgrad": False, "differentiable": False}
@@ -32,7 +32,7 @@ class StackedOptimizer(Optimizer):
     """SGD, Adam or AdamW over the stacked [K, ...] parameters of `model`, per-peer options.
 
     Args:
-        model: a module whose parameters all have the K peers first (`fastdml.stacked`).
+        model: a module whose parameters all have the K peers first (`fastdml.stacked.layers`).
         optimizer: "sgd", "adam" or "adamw", with `make_optimizer`'s defaults.
         options: options shared by the peers (torch's names: lr, momentum, dampening, nesterov,
             weight_decay; betas, eps).

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdml
 from fastdml import FusedLinearMutualLoss, fused_linear_mutual_loss, mutual_loss
-from fastdml.linear_loss import default_chunk_size
+from fastdml.loss.linear_loss import default_chunk_size
 
 OPTIONS = [
     pytest.param({}, id="pairwise"),

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastdml import backends, ops
-from fastdml.arguments import (
+from fastdml.loss import backends, ops
+from fastdml.loss.arguments import (
     FLOAT_DTYPES,
     MutualLossProblem,
     PeerWeights,
@@ -26,7 +26,7 @@ from fastdml.arguments import (
     check_target_values,
     make_problem,
 )
-from fastdml.loss import LossOptions, MutualLossOutput
+from fastdml.loss.mutual_loss import LossOptions, MutualLossOutput
 
 Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None

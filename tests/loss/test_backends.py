@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from fastdml import available_backends, backends, mutual_loss
+from fastdml import available_backends, mutual_loss
+from fastdml.loss import backends
 
 
 def test_backends_of_this_build():

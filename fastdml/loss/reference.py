@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdml.arguments import MutualLossProblem, accumulation_dtype
+from fastdml.loss.arguments import MutualLossProblem, accumulation_dtype
 
 
 def mutual_loss_rows(problem: MutualLossProblem) -> tuple[Tensor, Tensor]:

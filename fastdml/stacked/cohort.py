@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastdml.cohort import Cohort, Evaluation
-from fastdml.loss import MutualLoss
-from fastdml.optim import OptimizerFactory
-from fastdml.stacked import stack_peers
-from fastdml.stacked_optim import StackedOptimizer, clip_stacked_grad_norms_
+from fastdml.cohort.cohort import Cohort, Evaluation
+from fastdml.cohort.optim import OptimizerFactory
+from fastdml.loss.mutual_loss import MutualLoss
+from fastdml.stacked.layers import stack_peers
+from fastdml.stacked.optim import StackedOptimizer, clip_stacked_grad_norms_
 
 
 class StackedCohort(Cohort):
