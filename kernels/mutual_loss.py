@@ -596,7 +596,7 @@ def scale_launch(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> tuple[La
 
 
 # Under TRITON_INTERPRET=1 (CPU tensors, for tests) the kernels are plain Python, invisible to
-# torch.compile's tracing: the ops are then opaque custom ops, with fake kernels in fastdml.ops.
+# torch.compile's tracing: the ops are then opaque custom ops, with the fake kernels below.
 INTERPRETED = isinstance(_scale_grad_rows_kernel, InterpretedFunction)
 _define_op = custom_op if INTERPRETED else triton_op
 
@@ -640,3 +640,55 @@ def scale_grad_rows_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> None
         wrap_triton(_scale_grad_rows_kernel)[launch.grid](
             *arguments, num_warps=launch.num_warps, **launch.constexprs
         )
+
+
+def _with_grad_fake(logits, target, weights, row_scale, *options):
+    k, rows, _ = logits.shape
+    loss = logits.new_empty((k, rows), dtype=accumulation_dtype(logits.dtype))
+    grad = logits.new_empty(logits.shape if options[-1] else (0,))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), grad
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:9]
+    # The gradient buffer belongs to the op (the caller's logits are never written): the first
+    # backward rescales it in place and hands it to autograd, so it is kept out of
+    # save_for_backward's version checks. (A non-differentiable output holds no reference to
+    # this node, so keeping it on ctx makes no reference cycle.)
+    ctx.grad_buffer = output[3]
+    ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
+    # size of the logits: autograd would allocate and fill a copy of it in every backward).
+    ctx.set_materialize_grads(False)
+
+
+def _with_grad_backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
+    """The backward of `triton_mutual_loss_with_grad`: its forward's gradient, rescaled as needed.
+
+    Where the forward wrote no gradient (float16, or a later backward through a retained graph,
+    as with retain_graph=True or gradcheck, which finds the buffer handed out already), the op
+    computes it again with the upstream gradient as the row scale, so it is exact in the logits'
+    dtype; the rescale then only zeroes the rows whose upstream gradient is 0 (a zero scale folds
+    nothing in).
+    """
+    if grad_loss is None:
+        return (None,) * 10
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused GPU ops of fastdml have no double backward (create_graph=True); "
+            "use backend='torch' for higher-order gradients"
+        )
+    logits, target, weights, row_scale = ctx.saved_tensors
+    grad, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad is None or grad.shape != logits.shape:
+        row_scale = grad_loss
+        grad = mutual_loss_with_grad(logits, target, weights, row_scale, *ctx.options, True)[3]
+    scale_grad_rows_(grad, grad_loss, row_scale)
+    return (grad,) + (None,) * 9
+
+
+if INTERPRETED:
+    mutual_loss_with_grad.register_fake(_with_grad_fake)
+    scale_grad_rows_.register_fake(lambda grad, *_: None)
+mutual_loss_with_grad.register_autograd(_with_grad_backward, setup_context=_with_grad_setup_context)

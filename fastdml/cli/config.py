@@ -21,7 +21,7 @@ from fastdml.cohort.optim import OPTIMIZERS, LRSchedule
 from fastdml.data import DATASETS, require
 from fastdml.distributed import DEFAULT_TIMEOUT
 from fastdml.errors import ConfigError
-from fastdml.loss.arguments import MODES as LOSS_MODES
+from fastdml.loss.options import MODES as LOSS_MODES
 from fastdml.models import ARCHS
 
 # Training modes and the MutualLoss mode each uses ("independent" is alpha = 0).

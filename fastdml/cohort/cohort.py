@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fastdml.cohort.checkpoint import describe_layout, load_checkpoint, save_checkpoint
 from fastdml.cohort.optim import OptimizerFactory, clip_grad_norms_, make_optimizer, make_scheduler
 from fastdml.errors import CheckpointError
-from fastdml.loss.mutual_loss import MutualLoss, mutual_loss
+from fastdml.loss.mutual_loss import MutualLoss
 
 if TYPE_CHECKING:
     from fastdml.cohort.trainer import Trainer
@@ -212,18 +212,7 @@ class Cohort:
             ce_out = ce.detach().reshape(1)
             return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)
         z = stack_logits(logits)
-        out = mutual_loss(
-            z,
-            target,
-            temperature=c.temperature,
-            alpha=c.alpha,
-            mode=c.mode,
-            peer_weights=c.peer_weights,
-            label_smoothing=c.label_smoothing,
-            ignore_index=c.ignore_index,
-            return_components=True,
-            backend=c.backend,
-        )
+        out = c(z, target, return_components=True)
         return out.loss, out.ce, out.mimicry, z.detach()
 
     def _apply(self, loss: Tensor) -> None:

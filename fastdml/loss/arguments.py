@@ -7,21 +7,17 @@ with a message that says what was wrong and what was expected, before any kernel
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-MODES = ("pairwise", "ensemble", "ensemble_logits")
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+from fastdml.loss.options import LossOptions
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 Logits = Tensor | Sequence[Tensor]
-PeerWeights = Tensor | Sequence[Sequence[float]]
 
 
 @dataclass(slots=True)
@@ -57,39 +53,6 @@ class MutualLossProblem:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 logits are computed in float64, every other dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_options(
-    *,
-    temperature: float,
-    alpha: float,
-    mode: str,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    backend: str,
-) -> None:
-    """Checks the scalar options; shared by `mutual_loss` and `MutualLoss.__init__`."""
-    if torch.compiler.is_compiling():
-        return  # options may be symbolic there; the kernels check what they rely on
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not _is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    if not _is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _stack_peers(logits: Logits) -> Tensor:
@@ -134,7 +97,7 @@ def _stack_peers(logits: Logits) -> Tensor:
     return torch.stack(logits)
 
 
-def _check_target(target: Tensor, logits: Tensor, ignore_index: int) -> None:
+def _check_target(target: Tensor, logits: Tensor) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be an int64 Tensor of class indices, got {type(target)}")
     if target.dtype != torch.int64:
@@ -169,50 +132,35 @@ def check_target_values(problem: MutualLossProblem) -> None:
         )
 
 
-def check_peer_weights(weights: Tensor, num_peers: int) -> None:
-    """K x K, finite and non-negative; shared by `mutual_loss` and `MutualLoss.__init__`."""
-    if weights.shape != (num_peers, num_peers):
-        raise ValueError(
-            f"peer_weights must be a {num_peers} x {num_peers} matrix (K peers), "
-            f"got shape {tuple(weights.shape)}"
-        )
-    if not torch.compiler.is_compiling() and not bool(
-        (torch.isfinite(weights) & (weights >= 0)).all()
-    ):
-        raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")
-
-
-def make_problem(
-    logits: Logits,
-    target: Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    mode: str,
-    peer_weights: PeerWeights | None,
-    label_smoothing: float,
-    ignore_index: int,
-) -> MutualLossProblem:
-    """Validates the tensors and lays them out as rows; the options must be checked already."""
+def make_problem(logits: Logits, target: Tensor, options: LossOptions) -> MutualLossProblem:
+    """Validates the tensors against the (checked) options and lays them out as rows."""
     stacked = _stack_peers(logits)
-    _check_target(target, stacked, ignore_index)
+    _check_target(target, stacked)
     k, num_classes = stacked.shape[0], stacked.shape[2]
+    if num_classes == 0:
+        raise ValueError(
+            "logits must have at least one class (C >= 1 in [K, N, C, ...]), "
+            f"got shape {tuple(stacked.shape)}"
+        )
     if stacked.dim() > 3:  # [K, N, C, d1, ...] -> [K, N * d1 * ..., C]
         stacked = stacked.movedim(2, -1).reshape(k, -1, num_classes)
-    weights = None
-    if peer_weights is not None:
-        dtype = accumulation_dtype(stacked.dtype)
-        weights = torch.as_tensor(peer_weights, dtype=dtype, device=stacked.device).detach()
-        check_peer_weights(weights, k)
+    weights, mode = options.peer_weights, options.mode
+    if weights is not None:
+        if weights.shape != (k, k):
+            raise ValueError(
+                f"peer_weights must be a {k} x {k} matrix (K peers), "
+                f"got shape {tuple(weights.shape)}"
+            )
+        weights = weights.to(accumulation_dtype(stacked.dtype)).to(stacked.device)
         mode = "weights"
     return MutualLossProblem(
         logits=stacked,
         target=target if target.dim() == 1 else target.reshape(-1),
         peer_weights=weights,
         mode=mode,
-        temperature=float(temperature),
-        alpha=float(alpha),
-        label_smoothing=float(label_smoothing),
-        ignore_index=int(ignore_index),
+        temperature=float(options.temperature),
+        alpha=float(options.alpha),
+        label_smoothing=float(options.label_smoothing),
+        ignore_index=int(options.ignore_index),
         row_shape=tuple(target.shape),
     )

@@ -101,19 +101,10 @@ RAISES_ON_BAD_TARGETS = ("cpp",)
 TRITON_FROM_CLASSES = 65536
 
 
-def _max_peers() -> dict[str, int]:
-    """The most peers a backend's kernels take: Triton's tiles hold K x K x classes temporaries;
-    the CUDA op keeps per-peer statistics in shared memory (its C++ checks the same 1024)."""
-    limits = {"cuda": 1024}
-    if ops.TRITON_ERROR is None:
-        from fastdml.kernels.mutual_loss import MAX_PEERS as triton_max_peers
-
-        limits["triton"] = triton_max_peers
-    return limits
-
-
-MAX_PEERS = _max_peers()
-_NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "triton": ops.TRITON_ERROR, "cuda": ops.CUDA_ERROR}
+# The most peers the CUDA op takes: it keeps per-peer statistics in shared memory (its C++ checks
+# the same number). Triton's limit is its kernels' MAX_PEERS.
+CUDA_MAX_PEERS = 1024
+_NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "cuda": ops.CUDA_ERROR}
 _warned_fallback: set[str] = set()
 
 
@@ -125,13 +116,29 @@ def needs_target_check(backend: str, device: torch.device) -> bool:
 
 
 def unavailable_reason(backend: str) -> str | None:
-    """Why `backend` cannot run in this installation, or None when it can."""
+    """Why `backend` cannot run in this installation, or None when it can (for "triton", the
+    first call imports Triton)."""
+    if backend == "triton":
+        return ops.triton_error()
     return _NOT_BUILT.get(backend)
 
 
+def _has_device_for(backend: str) -> bool:
+    if backend == "cuda":
+        return torch.cuda.is_available()
+    if backend == "triton":
+        return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
+
+
 def available_backends() -> list[str]:
-    """The explicit backend names that can run here (each still needs tensors on its device)."""
-    return [name for name in IMPLEMENTATIONS if unavailable_reason(name) is None]
+    """The explicit backend names that can run on this machine: built, and with a device for
+    their tensors (Triton runs on CPU tensors only under TRITON_INTERPRET=1)."""
+    return [
+        name
+        for name in IMPLEMENTATIONS
+        if _has_device_for(name) and unavailable_reason(name) is None
+    ]
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:
@@ -153,8 +160,19 @@ _DEVICES = {
 }
 
 
+def max_peers(backend: str) -> int | None:
+    """The most peers `backend` takes (None: any number); Triton's must be loaded already."""
+    if backend == "cuda":
+        return CUDA_MAX_PEERS
+    if backend == "triton":  # [K_PAD, K_PAD, BLOCK_C] temporaries in some modes
+        from fastdml.kernels.mutual_loss import MAX_PEERS
+
+        return MAX_PEERS
+    return None
+
+
 def _too_many_peers(backend: str, num_peers: int) -> str | None:
-    limit = MAX_PEERS.get(backend)
+    limit = max_peers(backend)
     if limit is not None and num_peers > limit:
         return f"it takes up to {limit} peers, got K = {num_peers}"
     return None

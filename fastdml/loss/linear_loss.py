@@ -9,6 +9,7 @@ extra memory is that of one chunk, O(K * chunk * V), plus the parameters' gradie
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +21,12 @@ from fastdml.loss import backends, ops
 from fastdml.loss.arguments import (
     FLOAT_DTYPES,
     MutualLossProblem,
-    PeerWeights,
     accumulation_dtype,
-    check_options,
     check_target_values,
     make_problem,
 )
-from fastdml.loss.mutual_loss import LossOptions, MutualLossOutput
+from fastdml.loss.mutual_loss import LossModule, MutualLossOutput
+from fastdml.loss.options import LossOptions
 
 Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None
@@ -61,11 +61,7 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 class _Settings:
     """The call's constants: the loss options, and how the flat tensors split into peers."""
 
-    mode: str
-    temperature: float
-    alpha: float
-    label_smoothing: float
-    ignore_index: int
+    problem: MutualLossProblem  # the whole batch's, with logits that take no memory
     reduction: str
     backend: str
     chunk_size: int
@@ -153,15 +149,11 @@ def _chunked_pass(
                 torch.mm(hidden[peer][rows], weight[peer].t(), out=logits[peer])
             else:
                 torch.addmm(bias[peer], hidden[peer][rows], weight[peer].t(), out=logits[peer])
-        problem = MutualLossProblem(
+        problem = dataclasses.replace(
+            settings.problem,
             logits=logits,
             target=target[rows],
             peer_weights=peer_weights,
-            mode=settings.mode,
-            temperature=settings.temperature,
-            alpha=settings.alpha,
-            label_smoothing=settings.label_smoothing,
-            ignore_index=settings.ignore_index,
             row_shape=(rows.stop - start,),
         )
         if grad_scale is None:
@@ -349,15 +341,8 @@ def _checked_fused_linear_mutual_loss(
     target: Tensor,
     bias: Biases,
     chunk_size: int | None,
-    temperature: float,
-    alpha: float,
-    mode: str,
-    peer_weights: PeerWeights | None,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: str,
+    options: LossOptions,
     return_components: bool,
-    backend: str,
 ) -> Tensor | MutualLossOutput:
     """`fused_linear_mutual_loss` once its options are checked."""
     num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
@@ -368,30 +353,20 @@ def _checked_fused_linear_mutual_loss(
     # The whole batch's problem, with logits that take no memory: it checks the target and the
     # peer weights once, as mutual_loss would.
     problem = make_problem(
-        first.new_zeros(()).expand(num_peers, rows, num_classes),
-        target,
-        temperature=temperature,
-        alpha=alpha,
-        mode=mode,
-        peer_weights=peer_weights,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
+        first.new_zeros(()).expand(num_peers, rows, num_classes), target, options
     )
-    name = backends.select(backend, first.device, num_peers, num_classes)
+    name = backends.select(options.backend, first.device, num_peers, num_classes)
     # Checked here for the whole batch even where the op checks its own rows (the CPU op), so a
     # bad target fails before any chunk's matmuls, and names its row in the batch.
     if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name, first.device):
         check_target_values(problem)
+    reduction = options.reduction
     row_scale = backends.row_scale(problem, reduction)
     flat_hidden, hidden_count = _flat(hidden)
     flat_weight, weight_count = _flat(weight)
     flat_bias, bias_count = _flat(bias)
     settings = _Settings(
-        mode=problem.mode,
-        temperature=problem.temperature,
-        alpha=problem.alpha,
-        label_smoothing=problem.label_smoothing,
-        ignore_index=problem.ignore_index,
+        problem=problem,
         reduction=reduction,
         backend=name,
         chunk_size=chunk_size,
@@ -414,15 +389,7 @@ def fused_linear_mutual_loss(
     bias: Biases = None,
     *,
     chunk_size: int | None = None,
-    temperature: float = 1.0,
-    alpha: float = 1.0,
-    mode: str = "pairwise",
-    peer_weights: PeerWeights | None = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    return_components: bool = False,
-    backend: str = "auto",
+    **options: Any,
 ) -> Tensor | MutualLossOutput:
     """`mutual_loss` of the logits ``h_k @ W_k.T + b_k``, without ever holding them whole.
 
@@ -446,35 +413,19 @@ def fused_linear_mutual_loss(
         chunk_size: rows per chunk; the default, `default_chunk_size`, keeps one chunk's logits
             near 256 MiB on a GPU and 64 MiB elsewhere. The extra memory is about twice that
             (the chunk's logit gradient) plus the gradients of the inputs.
+        options: the fields of `LossOptions`, as for `mutual_loss`.
+
+    Returns:
+        As `mutual_loss`: the loss (0-dim, or [K, N] for reduction "none"), or with
+        ``return_components=True`` a `MutualLossOutput`.
     """
-    check_options(
-        temperature=temperature,
-        alpha=alpha,
-        mode=mode,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        backend=backend,
-    )
+    options = LossOptions(**options)
     return _checked_fused_linear_mutual_loss(
-        hidden,
-        weight,
-        target,
-        bias,
-        chunk_size,
-        temperature,
-        alpha,
-        mode,
-        peer_weights,
-        label_smoothing,
-        ignore_index,
-        reduction,
-        return_components,
-        backend,
+        hidden, weight, target, bias, chunk_size, options, options.return_components
     )
 
 
-class FusedLinearMutualLoss(LossOptions):
+class FusedLinearMutualLoss(LossModule):
     """`fused_linear_mutual_loss` as a module:
     ``FusedLinearMutualLoss(**options)(hidden, weight, target, bias=None)``.
 
@@ -488,21 +439,17 @@ class FusedLinearMutualLoss(LossOptions):
         self.chunk_size = chunk_size
 
     def forward(
-        self, hidden: Peers, weight: Peers, target: Tensor, bias: Biases = None
+        self,
+        hidden: Peers,
+        weight: Peers,
+        target: Tensor,
+        bias: Biases = None,
+        *,
+        return_components: bool | None = None,
     ) -> Tensor | MutualLossOutput:
+        """As `fused_linear_mutual_loss`; `return_components` overrides the constructor's."""
+        if return_components is None:
+            return_components = self.options.return_components
         return _checked_fused_linear_mutual_loss(
-            hidden,
-            weight,
-            target,
-            bias,
-            self.chunk_size,
-            self.temperature,
-            self.alpha,
-            self.mode,
-            self.peer_weights,
-            self.label_smoothing,
-            self.ignore_index,
-            self.reduction,
-            self.return_components,
-            self.backend,
+            hidden, weight, target, bias, self.chunk_size, self.options, return_components
         )

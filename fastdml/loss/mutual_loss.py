@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from fastdml.loss import backends
-from fastdml.loss.arguments import (
-    Logits,
-    PeerWeights,
-    check_options,
-    check_peer_weights,
-    check_target_values,
-    make_problem,
-)
+from fastdml.loss.arguments import Logits, check_target_values, make_problem
+from fastdml.loss.options import LossOptions
 
 
 class MutualLossOutput(NamedTuple):
@@ -30,20 +24,7 @@ class MutualLossOutput(NamedTuple):
     mimicry: Tensor
 
 
-def mutual_loss(
-    logits: Logits,
-    target: Tensor,
-    *,
-    temperature: float = 1.0,
-    alpha: float = 1.0,
-    mode: str = "pairwise",
-    peer_weights: PeerWeights | None = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    return_components: bool = False,
-    backend: str = "auto",
-) -> Tensor | MutualLossOutput:
+def mutual_loss(logits: Logits, target: Tensor, **options: Any) -> Tensor | MutualLossOutput:
     """The Deep Mutual Learning loss of a cohort of K peers.
 
     For peer k and row n: ``l_kn = CE(z_kn, y_n) + alpha * T**2 * M_kn``, with CE exactly
@@ -60,69 +41,36 @@ def mutual_loss(
     Args:
         logits: [K, N, C] (or [K, N, C, d1, ...]), or a list/tuple of K tensors [N, C] (or
             [N, C, d1, ...]); float32, float64, float16 or bfloat16.
-        target: int64 class indices [N] (or [N, d1, ...]).
-        reduction: "mean" sums over peers each peer's mean over non-ignored rows; "sum" sums
-            over peers and rows; "none" returns [K, N] (or [K, N, d1, ...]).
-        return_components: also return each peer's cross-entropy and mimicry (see
-            `MutualLossOutput`).
-        backend: "auto" (the fastest available for the tensors' device), "torch" (pure
-            PyTorch), "cpp" (the fused C++ CPU op), "triton" or "cuda" (the fused GPU ops).
-            The GPU ops do not range-check targets on the host (that would synchronize every
-            call): a row whose target is outside [0, C) and not ignore_index gets a NaN loss
-            and gradient.
+        target: int64 class indices [N] (or [N, d1, ...]). The GPU ops do not range-check
+            targets on the host (that would synchronize every call): a row whose target is
+            outside [0, C) and not ignore_index gets a NaN loss and gradient.
+        options: the fields of `LossOptions` (temperature, alpha, mode, peer_weights,
+            label_smoothing, ignore_index, reduction, return_components, backend).
+
+    Returns:
+        The loss: a 0-dim tensor for reduction "mean" (each peer's mean over its non-ignored rows,
+        summed over peers) and "sum", [K, N, d1, ...] for "none". With
+        ``return_components=True``, a `MutualLossOutput` (loss, ce, mimicry).
+
+    Example::
+
+        loss = mutual_loss([net(x) for net in peers], y, temperature=2.0)
+        loss.backward()
     """
-    check_options(
-        temperature=temperature,
-        alpha=alpha,
-        mode=mode,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        backend=backend,
-    )
-    return _checked_mutual_loss(
-        logits,
-        target,
-        temperature,
-        alpha,
-        mode,
-        peer_weights,
-        label_smoothing,
-        ignore_index,
-        reduction,
-        return_components,
-        backend,
-    )
+    options = LossOptions(**options)
+    return mutual_loss_with(logits, target, options, options.return_components)
 
 
-def _checked_mutual_loss(
-    logits: Logits,
-    target: Tensor,
-    temperature: float,
-    alpha: float,
-    mode: str,
-    peer_weights: PeerWeights | None,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    return_components: bool,
-    backend: str,
+def mutual_loss_with(
+    logits: Logits, target: Tensor, options: LossOptions, return_components: bool
 ) -> Tensor | MutualLossOutput:
-    """`mutual_loss` once its options are checked: what a call costs beyond the kernels."""
-    problem = make_problem(
-        logits,
-        target,
-        temperature=temperature,
-        alpha=alpha,
-        mode=mode,
-        peer_weights=peer_weights,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-    )
+    """`mutual_loss` with its options checked already: what a call costs beyond the kernels."""
+    problem = make_problem(logits, target, options)
     device = problem.logits.device
-    name = backends.select(backend, device, problem.num_peers, problem.logits.shape[2])
+    name = backends.select(options.backend, device, problem.num_peers, problem.logits.shape[2])
     if backends.needs_target_check(name, device):
         check_target_values(problem)
+    reduction = options.reduction
     loss, ce, mimicry = backends.IMPLEMENTATIONS[name](problem, reduction)
     if reduction == "none":
         shape = (problem.num_peers, *problem.row_shape)
@@ -132,73 +80,65 @@ def _checked_mutual_loss(
     return MutualLossOutput(loss, ce, mimicry)
 
 
-class LossOptions(nn.Module):
-    """The keyword options of `mutual_loss`, checked once at construction and kept on a module;
-    the base of the loss modules."""
+class LossModule(nn.Module):
+    """A module that holds a `LossOptions` record, checked once at construction; the base of the
+    loss modules. Each option reads and writes as an attribute (``criterion.alpha = 0.5`` makes
+    a new record, checked again)."""
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 1.0,
-        alpha: float = 1.0,
-        mode: str = "pairwise",
-        peer_weights: PeerWeights | None = None,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        return_components: bool = False,
-        backend: str = "auto",
-    ) -> None:
+    options: LossOptions
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        check_options(
-            temperature=temperature,
-            alpha=alpha,
-            mode=mode,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            backend=backend,
-        )
-        self.temperature = temperature
-        self.alpha = alpha
-        self.mode = mode
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.return_components = return_components
-        self.backend = backend
-        weights = None
-        if peer_weights is not None:
-            weights = torch.as_tensor(peer_weights, dtype=torch.float64).detach()
-            check_peer_weights(weights, weights.shape[0] if weights.dim() else 0)
-        self.register_buffer("peer_weights", weights, persistent=False)
+        self.options = LossOptions(**options)
+
+    def _apply(self, fn, recurse=True):
+        # The peer weights follow the module's moves (`.to`, `.cuda`, `.double`) as a buffer would.
+        module = super()._apply(fn, recurse)
+        if self.options.peer_weights is not None:
+            self.peer_weights = fn(self.options.peer_weights)
+        return module
 
     def extra_repr(self) -> str:
-        mode = "peer_weights" if self.peer_weights is not None else repr(self.mode)
+        o = self.options
+        mode = "peer_weights" if o.peer_weights is not None else repr(o.mode)
         return (
-            f"mode={mode}, temperature={self.temperature}, alpha={self.alpha}, "
-            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
+            f"mode={mode}, temperature={o.temperature}, alpha={o.alpha}, "
+            f"label_smoothing={o.label_smoothing}, reduction={o.reduction!r}, "
+            f"backend={o.backend!r}"
         )
 
 
-class MutualLoss(LossOptions):
+def _option_attribute(name: str) -> property:
+    def get(self: LossModule) -> Any:
+        return getattr(self.options, name)
+
+    def set(self: LossModule, value: Any) -> None:
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set, doc=f"The `LossOptions.{name}` of this loss.")
+
+
+for _field in dataclasses.fields(LossOptions):
+    setattr(LossModule, _field.name, _option_attribute(_field.name))
+
+
+class MutualLoss(LossModule):
     """`mutual_loss` as a module: ``MutualLoss(**options)(logits, target)``.
 
-    Takes the keyword options of `mutual_loss`; they are checked here, at construction.
+    Takes the fields of `LossOptions` as keywords; they are checked here, at construction.
+
+    Example::
+
+        criterion = MutualLoss(temperature=2.0)
+        loss = criterion(torch.stack([net(x) for net in peers]), y)  # [K, N, C], [N]
+        out = criterion(logits, y, return_components=True)  # out.loss, out.ce, out.mimicry
     """
 
-    def forward(self, logits: Logits, target: Tensor) -> Tensor | MutualLossOutput:
-        return _checked_mutual_loss(
-            logits,
-            target,
-            self.temperature,
-            self.alpha,
-            self.mode,
-            self.peer_weights,
-            self.label_smoothing,
-            self.ignore_index,
-            self.reduction,
-            self.return_components,
-            self.backend,
-        )
+    def forward(
+        self, logits: Logits, target: Tensor, *, return_components: bool | None = None
+    ) -> Tensor | MutualLossOutput:
+        """The loss of `logits` [K, N, C, ...] against `target` [N, ...], as `mutual_loss`;
+        `return_components` overrides the constructor's for this call."""
+        if return_components is None:
+            return_components = self.options.return_components
+        return mutual_loss_with(logits, target, self.options, return_components)

@@ -1,6 +1,7 @@
-"""The fused ops `torch.ops.fastdml.*`: loading them, their fake (shape) kernels and their autograd.
+"""The fused ops `torch.ops.fastdml.*`: loading them, and the C++ op's fake (shape) kernel.
 
-The C++ schemas and kernels live in csrc/, the Triton ones in kernels/ (`fastdml.kernels`).
+The C++ schemas, kernels and autograd live in csrc/; the Triton ops, with their fake kernels and
+autograd, in kernels/ (`fastdml.kernels`), which is imported on first use.
 
 - C++ CPU and CUDA (`fused_mutual_loss` / `scale_grad_`): one call computes the loss reduced as
   asked and writes its gradient (on the CPU it also range-checks the targets; on CUDA it reduces
@@ -36,16 +37,27 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR = _load_extension()
 
 
-def _load_triton() -> str | None:
-    """Imports fastdml.kernels, which registers the Triton ops; returns why it cannot, or None."""
+_TRITON_NOT_LOADED = "not loaded"
+_triton_error: str | None = _TRITON_NOT_LOADED
+
+
+def _load_triton() -> None:
+    global _triton_error
     try:
         from fastdml.kernels import mutual_loss  # noqa: F401
     except ImportError as error:
-        return f"the Triton kernels need the triton package ({error})"
-    return None
+        _triton_error = f"the Triton kernels need the triton package ({error})"
+    else:
+        _triton_error = None
 
 
-TRITON_ERROR = _load_triton()
+def triton_error() -> str | None:
+    """Why the Triton ops cannot be used here, or None. The first call imports fastdml.kernels,
+    which imports Triton and registers the ops: about a second, paid only by a caller that asks
+    for them (a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1), not by `import fastdml`."""
+    if _triton_error is _TRITON_NOT_LOADED:
+        torch.compiler.disable(_load_triton)()  # an import, run once: outside any graph
+    return _triton_error
 
 
 def _cuda_kernels_error() -> str | None:
@@ -138,65 +150,6 @@ def _fused_fake(logits, target, weights, grad_scale, *options):
     return torch.empty_like(loss), per_peer, torch.empty_like(per_peer), grad
 
 
-def _with_grad_fake(logits, target, weights, row_scale, *options):
-    k, rows, _ = logits.shape
-    loss = logits.new_empty((k, rows), dtype=accumulation_dtype(logits.dtype))
-    grad = logits.new_empty(logits.shape if options[-1] else (0,))
-    return loss, torch.empty_like(loss), torch.empty_like(loss), grad
-
-
-def _with_grad_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.options = inputs[4:9]
-    # The gradient buffer belongs to the op (the caller's logits are never written): the first
-    # backward rescales it in place and hands it to autograd, so it is kept out of
-    # save_for_backward's version checks. (A non-differentiable output holds no reference to
-    # this node, so keeping it on ctx makes no reference cycle.)
-    ctx.grad_buffer = output[3]
-    ctx.mark_non_differentiable(*output[1:])
-    # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
-    # size of the logits: autograd would allocate and fill a copy of it in every backward).
-    ctx.set_materialize_grads(False)
-
-
-def _with_grad_backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
-    """The backward of `triton_mutual_loss_with_grad`: its forward's gradient, rescaled as needed.
-
-    Where the forward wrote no gradient (float16, or a later backward through a retained graph,
-    as with retain_graph=True or gradcheck, which finds the buffer handed out already), the op
-    computes it again with the upstream gradient as the row scale, so it is exact in the logits'
-    dtype; the rescale then only zeroes the rows whose upstream gradient is 0 (a zero scale folds
-    nothing in).
-    """
-    if grad_loss is None:
-        return (None,) * 10
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the fused GPU ops of fastdml have no double backward (create_graph=True); "
-            "use backend='torch' for higher-order gradients"
-        )
-    logits, target, weights, row_scale = ctx.saved_tensors
-    grad, ctx.grad_buffer = ctx.grad_buffer, None
-    if grad is None or grad.shape != logits.shape:
-        row_scale = grad_loss
-        forward = torch.ops.fastdml.triton_mutual_loss_with_grad
-        grad = forward(logits, target, weights, row_scale, *ctx.options, True)[3]
-    torch.ops.fastdml.triton_scale_grad_rows_(grad, grad_loss, row_scale)
-    return (grad,) + (None,) * 9
-
-
 if EXTENSION_ERROR is None:
     torch.library.register_fake("fastdml::fused_mutual_loss", _fused_fake)
     torch.library.register_fake("fastdml::scale_grad_", lambda grad, grad_loss: None)
-
-if TRITON_ERROR is None:
-    from fastdml.kernels.mutual_loss import INTERPRETED
-
-    if INTERPRETED:
-        torch.library.register_fake("fastdml::triton_mutual_loss_with_grad", _with_grad_fake)
-        torch.library.register_fake("fastdml::triton_scale_grad_rows_", lambda grad, *_: None)
-    torch.library.register_autograd(
-        "fastdml::triton_mutual_loss_with_grad",
-        _with_grad_backward,
-        setup_context=_with_grad_setup_context,
-    )

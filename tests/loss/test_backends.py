@@ -97,7 +97,7 @@ def _available_backends_after(script: str) -> str:
 
 
 def test_triton_takes_up_to_its_peer_limit():
-    limit = backends.MAX_PEERS["triton"]
+    limit = backends.max_peers("triton")
     assert backends.select("triton", torch.device("cpu"), limit, 10) == "triton"
     with pytest.raises(ValueError, match=f"backend='triton' .* up to {limit} peers, got K = "):
         backends.select("triton", torch.device("cpu"), limit + 1, 10)

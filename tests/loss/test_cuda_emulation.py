@@ -38,6 +38,7 @@ from cuda_emulation.device import (
 from torch import Tensor
 
 from fastdml.loss.arguments import make_problem
+from fastdml.loss.options import LossOptions
 from fastdml.loss.reference import mutual_loss_rows
 
 UNAVAILABLE = unavailable_reason()
@@ -217,12 +218,14 @@ def reference(
     problem = make_problem(
         z,
         torch.where(invalid, IGNORE, target),
-        temperature=options["temperature"],
-        alpha=options["alpha"],
-        mode="pairwise" if mode == "weights" else mode,
-        peer_weights=weights if mode == "weights" else None,
-        label_smoothing=options["label_smoothing"],
-        ignore_index=IGNORE,
+        LossOptions(
+            temperature=options["temperature"],
+            alpha=options["alpha"],
+            mode="pairwise" if mode == "weights" else mode,
+            peer_weights=weights if mode == "weights" else None,
+            label_smoothing=options["label_smoothing"],
+            ignore_index=IGNORE,
+        ),
     )
     ce, mimicry = mutual_loss_rows(problem)
     loss = ce + options["alpha"] * options["temperature"] ** 2 * mimicry

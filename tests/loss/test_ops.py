@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdml import MutualLoss, mutual_loss
 from fastdml.loss.arguments import make_problem
 from fastdml.loss.ops import fused_arguments, with_grad_arguments
+from fastdml.loss.options import LossOptions
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 
@@ -23,12 +24,14 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
     problem = make_problem(
         logits,
         target,
-        temperature=temperature,
-        alpha=0.5,
-        mode="pairwise" if weights else mode,
-        peer_weights=weights,
-        label_smoothing=0.1,
-        ignore_index=-100,
+        LossOptions(
+            temperature=temperature,
+            alpha=0.5,
+            mode="pairwise" if weights else mode,
+            peer_weights=weights,
+            label_smoothing=0.1,
+            ignore_index=-100,
+        ),
     )
     return problem
 
