@@ -1,4 +1,4 @@
-// CPU kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (DESIGN.md sections 1-3).
+// CPU kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (docs/design.md).
 //
 // The loss reads each row twice and writes its gradient once: pass 1 finds the log-sum-exps, pass 2
 // computes the loss terms and the gradient of the reduced loss, so the backward only rescales it

@@ -1,4 +1,4 @@
-// CUDA kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (DESIGN.md sections 1-3),
+// CUDA kernels of fastdml::fused_mutual_loss and fastdml::scale_grad_ (docs/design.md),
 // and their launchers. Raw pointers and a stream only: no torch headers, so nvcc compiles the
 // files that include this one alone. Each logits dtype has its own translation unit
 // (mutual_loss_cuda_{float32,float64,float16,bfloat16}.cu) with the explicit instantiation of its

@@ -18,6 +18,7 @@ from fastdml.distributed import DistributedCohort
 from fastdml.errors import CheckpointError, ConfigError, DistributedError, UserError
 from fastdml.loss import (
     FusedLinearMutualLoss,
+    LossOptions,
     MutualLoss,
     MutualLossOutput,
     available_backends,
@@ -37,6 +38,7 @@ __all__ = [
     "FusedLinearMutualLoss",
     "InMemoryLoader",
     "LRSchedule",
+    "LossOptions",
     "MutualLoss",
     "MutualLossOutput",
     "StackedCohort",

@@ -4,9 +4,11 @@ backends that compute them (pure PyTorch, the C++ CPU op, the Triton and CUDA C+
 from fastdml.loss.backends import available_backends
 from fastdml.loss.linear_loss import FusedLinearMutualLoss, fused_linear_mutual_loss
 from fastdml.loss.mutual_loss import MutualLoss, MutualLossOutput, mutual_loss
+from fastdml.loss.options import LossOptions
 
 __all__ = [
     "FusedLinearMutualLoss",
+    "LossOptions",
     "MutualLoss",
     "MutualLossOutput",
     "available_backends",

@@ -77,8 +77,11 @@ class _Settings:
             start += count
             if count == 0:
                 groups.append([None] * self.num_peers)
-            elif count == 1:
-                groups.append(list(group[0].unbind(0)))
+            elif count == 1:  # stacked, or its gradient (None where it needs none)
+                stacked = group[0]
+                groups.append(
+                    [None] * self.num_peers if stacked is None else list(stacked.unbind(0))
+                )
             else:
                 groups.append(list(group))
         return groups
@@ -193,7 +196,7 @@ class _FusedLinearMutualLoss(torch.autograd.Function):
             and settings.reduction != "none"
             and tensors[0].dtype not in ops.RECOMPUTE_GRAD_DTYPES
         )
-        grads = _grad_buffers(settings, tensors, needs) if in_forward else []
+        grads = _grad_buffers(settings, tensors, needs) if in_forward else [None] * len(tensors)
         terms = _chunked_pass(
             settings, target, peer_weights, tensors, row_scale if in_forward else None, grads
         )

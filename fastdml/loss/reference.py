@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: the loss of DESIGN.md §1, vectorized over the K peers.
+"""The pure-PyTorch backend: the loss of docs/design.md ("The loss"), vectorized over the K peers.
 
 It is the correctness oracle of the fused kernels and runs on any device. Autograd gives the
 gradient; the mimicry targets and the peers' entropies are detached, so each peer's loss sends

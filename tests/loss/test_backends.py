@@ -1,5 +1,6 @@
 """Backend selection: what runs where, and what happens when a backend is missing."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,17 @@ from fastdml.loss import backends
 
 
 def test_backends_of_this_build():
-    """CI's build: the C++ CPU op and Triton (interpreted); the CUDA kernels need a CUDA torch."""
-    expected = ["torch", "cpp", "triton"] + (["cuda"] if torch.version.cuda else [])
+    """CI's build: the C++ CPU op and Triton (interpreted); the CUDA kernels need a CUDA torch
+    and a GPU."""
+    expected = ["torch", "cpp", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
     assert available_backends() == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_without_a_gpu_the_gpu_backends_are_not_listed():
+    """Triton runs on CPU tensors only in its interpreter: without it, not here."""
+    script = "import fastdml; print(fastdml.available_backends())"
+    assert _available_backends_after(script, TRITON_INTERPRET="0") == "['torch', 'cpp']"
 
 
 def test_auto_uses_the_fused_op_on_cpu():
@@ -87,10 +96,14 @@ def test_without_the_extension_auto_falls_back_with_one_warning():
     assert _available_backends_after(script) == "['torch', 'triton']"
 
 
-def _available_backends_after(script: str) -> str:
+def _available_backends_after(script: str, **env: str) -> str:
     """Runs `script` in a fresh interpreter (it must succeed) and returns what it printed."""
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

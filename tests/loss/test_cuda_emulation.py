@@ -42,9 +42,12 @@ from fastdml.loss.options import LossOptions
 from fastdml.loss.reference import mutual_loss_rows
 
 UNAVAILABLE = unavailable_reason()
-pytestmark = pytest.mark.skipif(
-    UNAVAILABLE is not None, reason=f"the CUDA emulation cannot be built: {UNAVAILABLE}"
-)
+pytestmark = [
+    pytest.mark.slow,  # a sweep of every path and schedule: `python -m pytest -m slow`
+    pytest.mark.skipif(
+        UNAVAILABLE is not None, reason=f"the CUDA emulation cannot be built: {UNAVAILABLE}"
+    ),
+]
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -153,6 +153,18 @@ def test_stacked_inputs_match_lists():
         torch.testing.assert_close(got, expected)
 
 
+def test_stacked_inputs_that_need_no_gradient():
+    """A stacked tensor that needs no gradient (or none of them does) has no gradient buffer."""
+    hidden, weight, _, target = layers((4, 4), bias=(False, False))
+    hidden, weight = torch.stack(hidden).detach(), torch.stack(weight).detach()
+    ref = mutual_loss(materialized(hidden, weight), target)
+    torch.testing.assert_close(fused_linear_mutual_loss(hidden, weight, target), ref)
+    weight.requires_grad_()
+    (grad,) = torch.autograd.grad(fused_linear_mutual_loss(hidden, weight, target), weight)
+    (ref_grad,) = torch.autograd.grad(mutual_loss(materialized(hidden, weight), target), weight)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def test_frozen_teacher_costs_no_gradient_matmuls():
     """Distillation from a frozen teacher (peer 1): the student's gradients are those of
     mutual_loss, and only the student's gradient matmuls run."""

@@ -469,6 +469,7 @@ def test_deterministic(fused_backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_very_many_classes(fused_backend, mode):
     backend = fused_backend

@@ -1,0 +1,118 @@
+"""The source distribution carries what a build needs, and the repository's `kernels/` folder
+never takes the top-level name `kernels` from the PyPI package of that name."""
+
+import glob
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fastdml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_from_root(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -c code` in the repository's root, where `kernels/` is on the path."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> tuple[set[str], str]:
+    """The file names in a freshly built sdist, and its PKG-INFO."""
+    out = tmp_path_factory.mktemp("sdist")
+    result = run_from_root(
+        f"from setuptools import build_meta; print(build_meta.build_sdist({str(out)!r}))"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        top = tar.getnames()[0].split("/")[0] + "/"
+        pkg_info = tar.extractfile(top + "PKG-INFO").read().decode()
+        return {name.removeprefix(top) for name in tar.getnames()}, pkg_info
+
+
+@pytest.fixture(scope="module")
+def sdist_files(sdist) -> set[str]:
+    return sdist[0]
+
+
+@pytest.fixture(scope="module")
+def sdist_pkg_info(sdist) -> str:
+    return sdist[1]
+
+
+def test_the_sdist_holds_every_source_of_the_build(sdist_files):
+    """csrc's CUDA sources among them: without them a CUDA machine builds no kernels."""
+    sources = [
+        *glob.glob("csrc/*.cu", root_dir=ROOT),
+        *glob.glob("csrc/*.cuh", root_dir=ROOT),
+        *glob.glob("csrc/*.h", root_dir=ROOT),
+        *glob.glob("csrc/*.cpp", root_dir=ROOT),
+        *glob.glob("kernels/*.py", root_dir=ROOT),
+        *glob.glob("fastdml/**/*.py", root_dir=ROOT, recursive=True),
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+    ]
+    assert any(path.endswith(".cu") for path in sources)
+    assert sorted(set(sources) - sdist_files) == []
+
+
+def test_the_version_is_written_once(sdist_files, sdist_pkg_info):
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert f"\nVersion: {fastdml.__version__}\n" in sdist_pkg_info
+
+
+def test_kernels_from_the_root_is_the_pypi_package(tmp_path):
+    package = tmp_path / "kernels"
+    (package / "_internals").mkdir(parents=True)
+    (package / "__init__.py").write_text("CUDAProperties = 'the PyPI package'\n")
+    (package / "_internals" / "locking.py").write_text("def write_egg_lockfile(): pass\n")
+    result = run_from_root(
+        """
+        from kernels import CUDAProperties
+        from kernels._internals.locking import write_egg_lockfile
+        import kernels, fastdml.kernels.mutual_loss
+        print(CUDAProperties, kernels.__file__)
+        """,
+        PYTHONPATH=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the PyPI package " + str(package))
+
+
+def test_kernels_from_the_root_is_missing_without_the_pypi_package():
+    result = run_from_root(
+        """
+        import fastdml.kernels.mutual_loss
+        try:
+            import kernels
+        except ModuleNotFoundError as error:
+            print(error.name)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kernels"
+
+
+def test_import_leaves_triton_alone():
+    """Importing Triton costs about a second; without a GPU nothing asks for it."""
+    result = run_from_root(
+        "import sys, fastdml; print('triton' in sys.modules)", TRITON_INTERPRET="0"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
