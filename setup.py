@@ -17,9 +17,19 @@ import os
 import platform
 import sys
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ModuleNotFoundError as error:
+    if error.name != "torch":
+        raise
+    # the build backend would print a raw traceback; this says what to do
+    sys.exit(
+        "fastdml builds its C++ op against the installed PyTorch: install torch first "
+        "(pip install torch), then pip install --no-build-isolation ."
+    )
 
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 

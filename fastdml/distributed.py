@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,11 @@ class Traffic:
         steps = max(self.steps, 1)
         return {"logits": self.logits / steps, "weights": self.weights / steps}
 
+    def since(self, earlier: Traffic) -> Traffic:
+        """What was counted after `earlier`, a copy of these counts taken then."""
+        pairs = zip(astuple(self), astuple(earlier), strict=True)
+        return Traffic(*(now - then for now, then in pairs))
+
 
 class DistributedCohort(Cohort):
     """A `Cohort` spread over the ranks of a torch.distributed job (see the module's notes).
@@ -190,6 +195,9 @@ class DistributedCohort(Cohort):
         exchange_every: 1 exchanges logits every step (DML exactly); n > 1 is codistillation.
         agree_on: values every rank must hold the same (e.g. the class count and the run's
             options), checked at start-up on every rank with the peers' tensor shapes.
+
+    `traffic` counts the bytes this rank received over all its training steps (each epoch's
+    record gives the bytes per step of that epoch alone).
     """
 
     def __init__(
@@ -246,7 +254,8 @@ class DistributedCohort(Cohort):
                         self.peers[k], device_ids=device_ids, process_group=self._peer_group
                     )
                     self._forwards[k] = self._compiled(ddp)
-        self.traffic = Traffic()
+        self.traffic = Traffic()  # every training step of this process, never reset
+        self._recorded = Traffic()  # a copy of `traffic` at the last epoch record
         self._steps = 0  # training steps taken, which set the codistillation schedule
         self._copies_current = False  # stale copies refreshed since a resume
         self._from_copies = False  # this step's other peers come from the stale copies
@@ -332,11 +341,11 @@ class DistributedCohort(Cohort):
             super()._backward(loss * self._share)  # DDP averages replicas: weigh each by its rows
 
     def epoch_record(self) -> dict[str, float]:
-        """The bytes this rank received per step since the last record, by kind."""
-        traffic = self.traffic.per_step().items()
-        record = {f"received_bytes_per_step/{kind}": value for kind, value in traffic}
-        self.traffic = Traffic()
-        return record
+        """The bytes this rank received per step since the last record, by kind. `traffic`
+        keeps its totals, so that it still means something after a run."""
+        window = self.traffic.since(self._recorded).per_step().items()
+        self._recorded = replace(self.traffic)
+        return {f"received_bytes_per_step/{kind}": value for kind, value in window}
 
     def combine(self, sums: Tensor) -> Tensor:
         """Each peer's sums from the ranks that train it (its group's replicas, which saw the

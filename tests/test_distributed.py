@@ -392,6 +392,33 @@ def test_replicas_skip_a_batch_too_small_to_split_and_draw_their_own_random_numb
     assert two["traffic"] == {"logits": 0, "weights": 2 * weights, "steps": 3}
 
 
+def fit_rank(out):
+    """A rank of a two-rank job of two MLPs, 2 epochs of 2 steps: writes the traffic after the
+    run and the run's records."""
+    options = {"dataset": "digits", "train_samples": 64, "batch_size": 32, "epochs": 2}
+    config = make_config({**options, "timeout": 60, "out": str(Path(out) / "run")})
+    trainer = make_trainer(config, load_data(config), progress=False)
+    history = trainer.run()
+    cohort = trainer.cohort
+    result = {"traffic": vars(cohort.traffic), "per_step": cohort.traffic.per_step()}
+    torch.save({**result, "history": history}, Path(out) / f"rank{cohort.placement.rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_traffic_keeps_its_totals_after_a_run(tmp_path):
+    """The epoch records take each epoch's bytes per step; `traffic` still counts them all."""
+    script = f"from test_distributed import fit_rank; fit_rank({str(tmp_path)!r})"
+    for status, _, err, _ in launch(2, ["-c", script]):
+        assert status == 0, err
+    logits = 32 * 10 * 4  # the other peer's [32, 10] float32 logits, every step
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["traffic"] == {"logits": 4 * logits, "weights": 0, "steps": 4}
+        assert result["per_step"] == {"logits": logits, "weights": 0}
+        epochs = [r["received_bytes_per_step/logits"] for r in result["history"]]
+        assert epochs == [logits, logits]
+
+
 def test_collective_reports_a_lost_rank_but_not_running_out_of_memory():
     with pytest.raises(torch.OutOfMemoryError), collective("logits exchange"):
         raise torch.OutOfMemoryError("CUDA out of memory")

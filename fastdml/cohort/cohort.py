@@ -98,6 +98,12 @@ class Cohort:
             GradScaler; CUDA only).
         device: where the peers run; None or "auto" picks CUDA when available.
         compile: `torch.compile` each peer's forward (True, or a mapping of its options).
+
+    Example::
+
+        cohort = Cohort([build_model("mlp", (40,), 10) for _ in range(2)], MutualLoss())
+        out = cohort.train_step(x, y)  # one step of every peer: out.ce, out.mimicry [K]
+        cohort.fit(train_loader, test_loader, epochs=10)
     """
 
     def __init__(

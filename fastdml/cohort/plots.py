@@ -51,15 +51,26 @@ def plot_history(history: Sequence[Record], path: str | Path, title: str = "") -
     figure.savefig(path, dpi=100)
 
 
-def plot_comparison(histories: Mapping[str, Sequence[Sequence[Record]]], path: str | Path) -> None:
-    """Test accuracy per epoch of each training mode: the peers' mean and the ensemble, averaged
-    over seeds (shaded: the seeds' min and max)."""
+# A line style and marker per mode: a curve drawn over an identical one (dml_e takes dml's
+# steps) still shows the one under it through its gaps and by its markers.
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"))
+
+
+def plot_comparison(histories: Mapping[str, Sequence[Sequence[Record]]], path: str | Path) -> Any:
+    """Test accuracy per epoch of each training mode: the peers' mean and the ensemble, the mean
+    over seeds with the seeds' min to max shaded. A mode whose curve is another's exactly says so
+    in the legend. Returns the figure."""
     figure, (peer_axes, ensemble_axes) = new_figure(2)
+    drawn: dict[Any, list[tuple[str, list[float]]]] = {peer_axes: [], ensemble_axes: []}
+    seeds = 0
     for i, (mode, runs) in enumerate(histories.items()):
         if not runs or not runs[0] or "test_acc/ensemble" not in runs[0][0]:
             continue
+        seeds = max(seeds, len(runs))
         epochs = [record["epoch"] for record in runs[0]]
         peers = _peers(runs[0])
+        linestyle, marker = STYLES[i % len(STYLES)]
+        every = max(1, len(epochs) // 12)  # about 12 markers, each mode's at its own epochs
         for axes, keys in (
             (peer_axes, [f"test_acc/{p}" for p in peers]),
             (ensemble_axes, ["test_acc/ensemble"]),
@@ -68,12 +79,27 @@ def plot_comparison(histories: Mapping[str, Sequence[Sequence[Record]]], path: s
             mean = [sum(values) / len(values) for values in zip(*per_seed, strict=True)]
             low = [min(values) for values in zip(*per_seed, strict=True)]
             high = [max(values) for values in zip(*per_seed, strict=True)]
-            axes.plot(epochs, mean, f"C{i}", label=mode)
+            same = [other for other, curve in drawn[axes] if curve == mean]
+            label = f"{mode} (same as {', '.join(same)})" if same else mode
+            axes.plot(
+                epochs,
+                mean,
+                f"C{i}",
+                linestyle=linestyle,
+                marker=marker,
+                markevery=(i % every, every),
+                markersize=7 - 1.5 * len(same),
+                fillstyle="none",
+                label=label,
+            )
             axes.fill_between(epochs, low, high, color=f"C{i}", alpha=0.15)
+            drawn[axes].append((mode, mean))
     for axes, what in ((peer_axes, "peers' mean"), (ensemble_axes, "ensemble")):
         axes.set_title(f"test accuracy, {what}")
         axes.set_xlabel("epoch")
         axes.set_ylabel("top-1 accuracy (%)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
+    figure.suptitle(f"lines: the mean over {seeds} seeds; shaded: the seeds' min to max")
     figure.savefig(path, dpi=100)
+    return figure

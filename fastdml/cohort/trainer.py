@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 
 from fastdml.cohort.checkpoint import rng_state, set_rng_state
 from fastdml.cohort.cohort import Cohort, StepOutput
+from fastdml.cohort.optim import LRSchedule
 from fastdml.cohort.plots import plot_history
 from fastdml.cohort.records import MetricsLog
 from fastdml.data import ResumableLoader, as_loader
-from fastdml.errors import CheckpointError, UserError
+from fastdml.errors import CheckpointError, ConfigError, UserError
 
 CHECKPOINT = "checkpoint.pt"
 FOLD_EVERY = 256  # steps whose outputs are added to the epoch's sums at once
@@ -38,7 +39,8 @@ class Trainer:
             in an order fixed by `seed` and the epoch), another Dataset (a DataLoader shuffled by
             a generator seeded with `seed`), or any DataLoader / iterable of (inputs, targets).
         eval_data: the same kinds, evaluated after every epoch (None: no evaluation).
-        epochs: how many epochs to train in all (a resumed run counts those already done).
+        epochs: how many epochs to train in all (a resumed run counts those already done);
+            not past the end of a cosine `LRSchedule`, where the learning rate is 0.
         batch_size: the batch size of loaders made here (train and eval).
         seed: the data order of loaders made here.
         out: a folder for the checkpoint, metrics.csv / metrics.jsonl and curves.png; None
@@ -48,7 +50,8 @@ class Trainer:
         checkpoint_every: also write the checkpoint every that many steps (it is always written
             at the end of each epoch).
         config: a JSON-able description of the run, stored in the checkpoint.
-        progress: tqdm bars (epochs, and batches with the running loss and accuracy).
+        progress: tqdm bars (epochs, and batches with the running loss and accuracy), on a
+            terminal only (tqdm's convention): redirected to a file, they would fill it.
         tensorboard: also write TensorBoard scalars to ``out/tensorboard`` (needs tensorboard).
         plots: draw ``out/curves.png`` at the end (needs matplotlib).
         num_workers: worker processes of a DataLoader made here.
@@ -117,6 +120,12 @@ class Trainer:
             raise UserError("resume needs the folder of the checkpoint (out)")
         if resume:
             self.load(self.out / CHECKPOINT)
+        self._check_schedules(resume)
+
+    @property
+    def _no_bars(self) -> bool | None:
+        """tqdm's `disable`: None shows the bars on a terminal only."""
+        return None if self.progress else True
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -136,6 +145,32 @@ class Trainer:
         except OSError as error:
             raise UserError(f"cannot write to {self.out}: {error.strerror or error}") from None
 
+    def _check_schedules(self, resumed: bool) -> None:
+        """Refuses epochs past the end of a cosine schedule, which would train at lr 0. A
+        checkpoint keeps the schedule the run began with, so a resumed run cannot stretch it."""
+        scheduler = self.cohort.scheduler
+        ends = [
+            schedule.epochs
+            for schedule in (scheduler.lr_lambdas if scheduler is not None else [])
+            if isinstance(schedule, LRSchedule) and schedule.kind == "cosine"
+        ]
+        end = min(ends, default=self.epochs)
+        if self.epochs <= end:
+            return
+        after = f"epoch {end + 1}" if end + 1 == self.epochs else f"epochs {end + 1}-{self.epochs}"
+        if resumed:
+            how = (
+                f"the checkpoint keeps the schedule its run began with: resume with epochs <= "
+                f"{end}, or train {self.epochs} epochs as a new run (another output folder); "
+                "a constant or multistep schedule can be extended"
+            )
+        else:
+            how = f"make the schedule for {self.epochs} epochs"
+        raise ConfigError(
+            f"the cosine learning-rate schedule ends at epoch {end}, so {after} would train at "
+            f"lr 0; {how}"
+        )
+
     def _zero_sums(self) -> torch.Tensor:
         """Per-peer sums over the epoch so far: ce * count, mimicry * count, correct; and count."""
         return torch.zeros(4, self.cohort.num_peers, dtype=torch.float64, device=self.cohort.device)
@@ -147,7 +182,7 @@ class Trainer:
             initial=self.epoch,
             desc=self.name or "epochs",
             unit="epoch",
-            disable=not self.progress,
+            disable=self._no_bars,
             dynamic_ncols=True,
         )
         try:
@@ -208,7 +243,7 @@ class Trainer:
             desc=f"epoch {self.epoch + 1}",
             unit="batch",
             leave=False,
-            disable=not self.progress,
+            disable=self._no_bars,
             dynamic_ncols=True,
         )
         shown = time.monotonic()
@@ -222,7 +257,7 @@ class Trainer:
                 self.step += 1
                 self.global_step += 1
                 bar.update()
-                if self.progress and time.monotonic() - shown > 0.5:
+                if not bar.disable and time.monotonic() - shown > 0.5:
                     shown = time.monotonic()
                     bar.set_postfix_str(_summary(self._train_record()), refresh=False)
                 due = self.checkpoint_every and self.global_step % self.checkpoint_every == 0

@@ -197,7 +197,13 @@ def stack_peers(peers: Sequence[nn.Module]) -> nn.Module:
 
     Its parameters and buffers are the peers' own, stacked [K, ...] under the same names (so
     peer k's ``state_dict`` is the stacked one's slice k); the peers' modules then hold views of
-    their slices (see `share_slices`)."""
+    their slices (see `share_slices`).
+
+    Example::
+
+        stacked = stack_peers([build_model("mlp", (40,), 10) for _ in range(4)])
+        logits = stacked(x)  # x [N, 40] -> [4, N, 10]
+    """
     peers = list(peers)
     if not peers or not all(isinstance(p, nn.Module) for p in peers):
         raise TypeError("peers must be a non-empty sequence of nn.Module")

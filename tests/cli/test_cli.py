@@ -1,5 +1,6 @@
 """The `fastdml` command end to end on tiny runs; user errors; a real kill and resume."""
 
+import io
 import json
 import os
 import signal
@@ -39,7 +40,8 @@ def test_train_from_a_config_file_then_resume_for_more_epochs(tmp_path, capsys):
         "mode": "dml_e",
         "temperature": 2.0,
         "update": "alternating",
-        "lr_schedule": ["cosine", "constant"],
+        "lr_schedule": ["multistep", "constant"],  # a cosine run cannot be extended
+        "milestones": [1],
         "precision": "bf16",
         "epochs": 2,
         "out": str(tmp_path / "run"),
@@ -61,6 +63,42 @@ def test_train_from_a_config_file_then_resume_for_more_epochs(tmp_path, capsys):
     assert out.startswith("epoch 3:")
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
     assert metrics(tmp_path / "run")[:2] == first
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_only_on_a_terminal_and_the_final_accuracy_either_way(
+    tmp_path, capsys, monkeypatch, terminal
+):
+    """Redirected to a file, tqdm's bars would write a line per update (tqdm's convention: off
+    unless a terminal); with them on, the command still ends with the accuracy line."""
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", Terminal())
+    argv = [a for a in TINY if a != "--no-progress"]
+    status, out, err = run(capsys, "train", *argv, "--epochs", 2, "--out", tmp_path / "run")
+    assert status == 0, err
+    assert out.startswith("epoch 2: test accuracy (%) peer0 ") and len(out.splitlines()) == 2
+    if terminal:
+        assert "epochs: 100%|" in sys.stderr.getvalue()
+    else:
+        assert err == ""
+
+
+def test_resume_past_the_end_of_a_cosine_schedule_is_refused(tmp_path, capsys):
+    """The checkpoint keeps the schedule of 2 epochs: a third would train at lr 0."""
+    out = tmp_path / "run"
+    status, _, err = run(capsys, "train", *TINY, "--train-samples", 64, "--epochs", 2, "--out", out)
+    assert status == 0, err
+    before = (out / "checkpoint.pt").read_bytes()
+    status, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 3, "--no-progress")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "cosine learning-rate schedule ends at epoch 2, so epoch 3 would train at lr 0" in err
+    assert "resume with epochs <= 2, or train 3 epochs as a new run" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_compare_writes_a_table_results_and_plots(tmp_path, capsys):

@@ -20,7 +20,7 @@ from fastdml.cohort.checkpoint import (
 from fastdml.cohort.cohort import Cohort
 from fastdml.cohort.optim import LRSchedule
 from fastdml.cohort.trainer import Trainer
-from fastdml.errors import CheckpointError, UserError
+from fastdml.errors import CheckpointError, ConfigError, UserError
 
 FEATURES, CLASSES = 6, 4
 
@@ -150,6 +150,17 @@ def test_resume_of_another_cohort_is_refused(tmp_path):
     other = Cohort([nn.Linear(FEATURES, CLASSES), nn.Linear(FEATURES, CLASSES)])
     with pytest.raises(CheckpointError, match="does not fit this cohort"):
         Trainer(other, tensors(), epochs=2, out=tmp_path, resume=True, progress=False)
+
+
+def test_epochs_past_the_end_of_a_cosine_schedule_are_refused(tmp_path):
+    """The cohort's cosine schedule ends at epoch 3 (lr 0 after it), in a new run or resumed."""
+    with pytest.raises(ConfigError, match="epochs 4-5 would train at lr 0; make the schedule"):
+        train(tmp_path / "new", tensors(), epochs=5)
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
+    train(tmp_path / "run", tensors(), epochs=2)
+    with pytest.raises(ConfigError, match="epoch 4 would train at lr 0; the checkpoint keeps"):
+        train(tmp_path / "run", tensors(), epochs=4, resume=True)
+    assert train(tmp_path / "run", tensors(), resume=True).epoch == 3  # within the schedule
 
 
 def test_tensorboard_is_optional(tmp_path):
