@@ -157,11 +157,12 @@ def test_stacked_inputs_that_need_no_gradient():
     """A stacked tensor that needs no gradient (or none of them does) has no gradient buffer."""
     hidden, weight, _, target = layers((4, 4), bias=(False, False))
     hidden, weight = torch.stack(hidden).detach(), torch.stack(weight).detach()
-    ref = mutual_loss(materialized(hidden, weight), target)
+    ref = mutual_loss(materialized(hidden, weight, [None, None]), target)
     torch.testing.assert_close(fused_linear_mutual_loss(hidden, weight, target), ref)
     weight.requires_grad_()
     (grad,) = torch.autograd.grad(fused_linear_mutual_loss(hidden, weight, target), weight)
-    (ref_grad,) = torch.autograd.grad(mutual_loss(materialized(hidden, weight), target), weight)
+    ref = mutual_loss(materialized(hidden, weight, [None, None]), target)
+    (ref_grad,) = torch.autograd.grad(ref, weight)
     torch.testing.assert_close(grad, ref_grad)
 
 
