@@ -12,8 +12,11 @@ if __name__ != "fastdml.kernels":
     import os
     import sys
 
-    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _here]
+    def _where(entry: str) -> str:
+        return os.path.normcase(os.path.realpath(entry or os.curdir))
+
+    _root = _where(os.path.dirname(os.path.dirname(__file__)))
+    _path = [entry for entry in sys.path if _where(entry) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None:
         raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     # Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. It must be on
-    # before fastdml (which compiles the kernels) is first imported.
+    # before the kernels are first used (fastdml imports them then).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 

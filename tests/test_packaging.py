@@ -109,6 +109,37 @@ def test_kernels_from_the_root_is_missing_without_the_pypi_package():
     assert result.stdout.strip() == "kernels"
 
 
+def test_kernels_from_the_root_under_a_second_spelling_of_it(tmp_path):
+    """The root on the path twice (a symlink): still no package, not an endless hand-off."""
+    (tmp_path / "link").symlink_to(ROOT)
+    result = run_from_root(
+        """
+        try:
+            import kernels
+        except ModuleNotFoundError as error:
+            print(error.name)
+        """,
+        PYTHONPATH=str(tmp_path / "link"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "kernels"
+
+
+def test_the_first_compiled_call_loads_triton():
+    """In a fresh process, torch.compile's trace is what first asks for the Triton kernels."""
+    result = run_from_root(
+        """
+        import torch, fastdml
+        z, y = torch.randn(2, 4, 5), torch.randint(0, 5, (4,))
+        loss = lambda z, y: fastdml.mutual_loss(z, y, temperature=2.0, backend="triton")
+        compiled = torch.compile(loss, fullgraph=True)(z, y)
+        torch.testing.assert_close(compiled, fastdml.mutual_loss(z, y, temperature=2.0))
+        """,
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_import_leaves_triton_alone():
     """Importing Triton costs about a second; without a GPU nothing asks for it."""
     result = run_from_root(

@@ -21,17 +21,12 @@ from fastdml.cohort.optim import OPTIMIZERS, LRSchedule
 from fastdml.data import DATASETS, require
 from fastdml.distributed import DEFAULT_TIMEOUT
 from fastdml.errors import ConfigError
+from fastdml.loss.options import CLI_MODE_NAMES
 from fastdml.loss.options import MODES as LOSS_MODES
 from fastdml.models import ARCHS
 
 # Training modes and the MutualLoss mode each uses ("independent" is alpha = 0).
-TRAINING_MODES = {
-    "independent": "pairwise",
-    "dml": "pairwise",
-    "dml_e": "ensemble",
-    "dml_logits": "ensemble_logits",
-    "distill": "pairwise",  # with peer_weights pointing every student at the teacher
-}
+TRAINING_MODES = {"independent": "pairwise", **CLI_MODE_NAMES}
 assert set(TRAINING_MODES.values()) <= set(LOSS_MODES)
 PER_PEER = ("lr", "momentum", "weight_decay", "clip_norm", "lr_schedule")
 TEACHER_KEYS = ("arch", "checkpoint", "peer", "frozen")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -92,10 +93,13 @@ class LossModule(nn.Module):
         self.options = LossOptions(**options)
 
     def _apply(self, fn, recurse=True):
-        # The peer weights follow the module's moves (`.to`, `.cuda`, `.double`) as a buffer would.
+        # The peer weights follow the module's moves (`.to`, `.cuda`, `.to("meta")`) as a buffer
+        # would; a move is not a new value, so it is not checked again (a meta tensor has none).
         module = super()._apply(fn, recurse)
         if self.options.peer_weights is not None:
-            self.peer_weights = fn(self.options.peer_weights)
+            moved = copy.copy(self.options)
+            object.__setattr__(moved, "peer_weights", fn(moved.peer_weights))
+            self.options = moved
         return module
 
     def extra_repr(self) -> str:

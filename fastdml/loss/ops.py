@@ -56,7 +56,7 @@ def triton_error() -> str | None:
     which imports Triton and registers the ops: about a second, paid only by a caller that asks
     for them (a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1), not by `import fastdml`."""
     if _triton_error is _TRITON_NOT_LOADED:
-        torch.compiler.disable(_load_triton)()  # an import, run once: outside any graph
+        _load_triton()  # under torch.compile too: Dynamo runs the import while it traces
     return _triton_error
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 MODES = ("pairwise", "ensemble", "ensemble_logits")
 # The command line names the modes after the paper; Python names what they compute.
+# (`fastdml.cli.config` adds "independent", which is alpha = 0.)
 CLI_MODE_NAMES = {"dml": "pairwise", "dml_e": "ensemble", "dml_logits": "ensemble_logits"}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
@@ -63,6 +64,7 @@ class LossOptions:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "return_components", bool(self.return_components))
         if self.peer_weights is not None:
             weights = torch.as_tensor(self.peer_weights, dtype=torch.float64).detach()
             object.__setattr__(self, "peer_weights", weights)
@@ -91,10 +93,6 @@ class LossOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}{hint}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if not isinstance(self.return_components, bool):
-            raise TypeError(
-                f"return_components must be a bool, got {type(self.return_components).__name__}"
-            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.peer_weights is not None:
@@ -112,8 +110,6 @@ class LossOptions:
 
 
 def check_peer_weight_values(weights: Tensor) -> None:
-    """Finite and non-negative (reads the data: skipped under torch.compile)."""
-    if not torch.compiler.is_compiling() and not bool(
-        (torch.isfinite(weights) & (weights >= 0)).all()
-    ):
+    """Finite and non-negative (reads the data)."""
+    if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
         raise ValueError(f"peer_weights must be finite and non-negative, got {weights.tolist()}")

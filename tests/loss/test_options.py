@@ -20,7 +20,6 @@ def test_the_record_is_checked_again_when_changed():
 def test_module_attributes_are_the_options():
     criterion = MutualLoss(temperature=2.0, mode="ensemble")
     assert (criterion.temperature, criterion.mode) == (2.0, "ensemble")
-    assert criterion.options is criterion.options  # one record, not a copy per read
     criterion.alpha = 0.25
     assert criterion.options.alpha == 0.25
     with pytest.raises(ValueError, match="temperature"):
@@ -53,11 +52,13 @@ def test_return_components_per_call():
 
 
 def test_peer_weights_follow_the_module():
-    """They stay float64 (each call casts them to the logits' accumulation dtype) on the
-    module's device."""
+    """Kept as float64, they move with the module as a buffer would (each call casts them to
+    the logits' accumulation dtype)."""
     weights = [[0.0, 1.0], [0.0, 0.0]]
-    criterion = MutualLoss(peer_weights=weights).to(torch.float32)
+    criterion = MutualLoss(peer_weights=weights)
     assert criterion.peer_weights.dtype == torch.float64
+    criterion.to(torch.float32)
+    assert criterion.peer_weights.dtype == torch.float32
     assert criterion.options.peer_weights is criterion.peer_weights
     z, y = torch.randn(2, 4, 5), torch.randint(0, 5, (4,))
     torch.testing.assert_close(criterion(z, y), mutual_loss(z, y, peer_weights=weights))
@@ -69,3 +70,15 @@ def test_peer_weights_move_with_the_module():
         pytest.skip("needs a CUDA GPU")
     criterion = MutualLoss(peer_weights=[[0.0, 1.0], [0.0, 0.0]]).cuda()
     assert criterion.peer_weights.device.type == "cuda"
+
+
+def test_a_move_to_meta_keeps_the_peer_weights_unchecked():
+    """A device move is not a new value: meta tensors hold none to check."""
+    criterion = MutualLoss(peer_weights=[[0.0, 1.0], [1.0, 0.0]]).to("meta")
+    assert criterion.peer_weights.device.type == "meta"
+
+
+def test_return_components_is_read_as_a_truth_value():
+    z, y = torch.randn(2, 4, 5), torch.randint(0, 5, (4,))
+    assert isinstance(mutual_loss(z, y, return_components=1), MutualLossOutput)
+    assert isinstance(mutual_loss(z, y, return_components=None), torch.Tensor)

@@ -38,7 +38,6 @@ BAD_INPUTS = [
     (dict(ignore_index=1.0), TypeError, "ignore_index"),
     (dict(mode="mean"), ValueError, "mode must be one of"),
     (dict(mode="dml_e"), ValueError, "'dml_e' is the command line's name for 'ensemble'"),
-    (dict(return_components=1), TypeError, "return_components must be a bool"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(backend="jax"), ValueError, "backend must be one of"),
     (dict(peer_weights=[[0, 1], [1, 0]]), ValueError, "3 x 3"),
