@@ -41,8 +41,9 @@ def eager_pairs(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def vectorized(logits: Tensor, target: Tensor) -> Tensor:
-    """The vectorized form of DESIGN.md §1 as a user would write it in plain PyTorch (T = 1,
-    alpha = 1, pairwise): the K^2 pair sum collapsed to O(K) work per class with S = sum_j q_j."""
+    """The vectorized form of docs/design.md, "The pairwise sum in O(K)", as a user would write it
+    in plain PyTorch (T = 1, alpha = 1, pairwise): the K^2 pair sum collapsed to O(K) work per
+    class with S = sum_j q_j."""
     k, n, _ = logits.shape
     z = logits.float()
     ce = F.cross_entropy(z.flatten(0, 1), target.repeat(k)) * k  # each peer's mean, summed

@@ -31,8 +31,9 @@ DESCRIPTIONS = {
     "eager_pairs": "the per-pair loop of public DML code: `F.cross_entropy` + "
     '`F.kl_div(log_softmax(z_i), softmax(z_j).detach(), reduction="batchmean")` over the other '
     "peers j, / (K-1), summed over peers (baseline)",
-    "torch_compile": "`torch.compile` (static shapes) of the lean vectorized form of DESIGN.md §1 "
-    "in plain PyTorch (`benchmarks/candidates.py: vectorized`: log_softmax, S = Σ_j q_j, "
+    "torch_compile": "`torch.compile` (static shapes) of the lean vectorized form of the loss "
+    "([docs/design.md](docs/design.md#the-pairwise-sum-in-ok)) in plain PyTorch "
+    "(`benchmarks/candidates.py: vectorized`: log_softmax, S = Σ_j q_j, "
     "no option handling), compiled and warmed up per shape and dtype before timing (baseline)",
     "torch": '`fastdml.mutual_loss(..., backend="torch")`: fastdml\'s pure-PyTorch backend, '
     "vectorized over the peers, with every option and argument check",

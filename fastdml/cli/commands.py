@@ -138,7 +138,8 @@ def _run_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
     )
     if train:
         spread = parser.add_argument_group(
-            "distributed (under torchrun: each rank trains its share of the peers; see the README)"
+            "distributed (under torchrun: each rank trains its share of the peers; "
+            "see docs/distributed.md)"
         )
         spread.add_argument(
             "--replicas",

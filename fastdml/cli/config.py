@@ -26,7 +26,11 @@ from fastdml.loss.options import MODES as LOSS_MODES
 from fastdml.models import ARCHS
 
 # Training modes and the MutualLoss mode each uses ("independent" is alpha = 0).
-TRAINING_MODES = {"independent": "pairwise", **CLI_MODE_NAMES}
+TRAINING_MODES = {
+    "independent": "pairwise",
+    **CLI_MODE_NAMES,
+    "distill": "pairwise",  # with peer_weights pointing every student at the teacher
+}
 assert set(TRAINING_MODES.values()) <= set(LOSS_MODES)
 PER_PEER = ("lr", "momentum", "weight_decay", "clip_norm", "lr_schedule")
 TEACHER_KEYS = ("arch", "checkpoint", "peer", "frozen")

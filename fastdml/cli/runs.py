@@ -148,7 +148,7 @@ def _distribution(
         if config.replicas > 1 or config.exchange_every > 1:
             raise ConfigError(
                 "replicas and exchange_every are for a distributed job: launch fastdml train "
-                "with torchrun (see the README)"
+                "with torchrun (docs/distributed.md)"
             )
         return StackedCohort if config.stacked else Cohort, {}
     if config.stacked:

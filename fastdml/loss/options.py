@@ -19,7 +19,7 @@ from torch import Tensor
 
 MODES = ("pairwise", "ensemble", "ensemble_logits")
 # The command line names the modes after the paper; Python names what they compute.
-# (`fastdml.cli.config` adds "independent", which is alpha = 0.)
+# (`fastdml.cli.config` adds "independent", alpha = 0, and "distill", peer weights.)
 CLI_MODE_NAMES = {"dml": "pairwise", "dml_e": "ensemble", "dml_logits": "ensemble_logits"}
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
