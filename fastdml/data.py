@@ -49,7 +49,21 @@ def require(module: str, package: str) -> ModuleType:
 def load_dataset(
     name: str, *, data_dir: str | Path | None = None, train_samples: int | None = None
 ) -> DataSplits:
-    """The named dataset; `train_samples` keeps only the first that many training examples."""
+    """The named dataset; `train_samples` keeps only the first that many training examples.
+
+    Args:
+        name: "mnist1d" or "digits" (generated or bundled offline), "cifar10" or "cifar100"
+            (from torchvision's files in `data_dir`).
+
+    Returns:
+        `DataSplits`: the ``train`` and ``test`` Datasets of (input, target) pairs, with
+        ``input_shape`` (one example's, without the batch) and ``num_classes``.
+
+    Example::
+
+        data = load_dataset("mnist1d")
+        model = build_model("mlp", data.input_shape, data.num_classes)
+    """
     if name == "mnist1d":
         x, y, x_test, y_test = _mnist1d()
         splits = _tensor_splits(name, x.reshape(len(x), -1), y, x_test, y_test, num_classes=10)

@@ -231,7 +231,11 @@ def build_model(
 ) -> nn.Module:
     """A new model of architecture `arch` (one of `ARCHS`) for inputs of `input_shape` (without
     the batch dimension); `options` are the architecture's keyword options (e.g. ``hidden`` of
-    mlp, ``depth`` and ``width`` of wrn28_10)."""
+    mlp, ``depth`` and ``width`` of wrn28_10).
+
+    Returns:
+        An ``nn.Module`` that maps inputs [N, *input_shape] to logits [N, num_classes].
+    """
     if arch not in ARCHS:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     cls, shape = ARCHS[arch], tuple(input_shape)

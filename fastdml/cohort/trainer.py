@@ -60,6 +60,12 @@ class Trainer:
     A DataLoader passed in resumes in the same order when its order comes from the torch RNG
     or its own generator (as with ``shuffle=True``); the batches before the resume point are
     loaded again and skipped.
+
+    Example::
+
+        trainer = Trainer(cohort, data.train, data.test, epochs=30, out="runs/a")
+        trainer.run()  # or cohort.fit(data.train, data.test, epochs=30, out="runs/a")
+        trainer.history[-1]["test_acc/ensemble"]
     """
 
     def __init__(

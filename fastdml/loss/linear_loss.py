@@ -434,6 +434,12 @@ class FusedLinearMutualLoss(LossModule):
 
     Takes the keyword options of `fused_linear_mutual_loss`; they are checked here, at
     construction.
+
+    Example::
+
+        criterion = FusedLinearMutualLoss(temperature=2.0)
+        hidden = torch.stack([body(x) for body in bodies])  # [K, N, H]
+        loss = criterion(hidden, torch.stack([head.weight for head in heads]), y)  # [K, V, H]
     """
 
     def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:

@@ -38,6 +38,12 @@ class StackedCohort(Cohort):
     each peer's running statistics. With ``update="alternating"``, each peer's turn runs the
     whole stacked forward, so a batch norm's running statistics take K updates a batch (the
     unstacked cohort's take one per forward of that peer); the parameters move the same way.
+
+    Example::
+
+        peers = [build_model("resnet32", (3, 32, 32), 100) for _ in range(8)]
+        cohort = StackedCohort(peers, MutualLoss(), peer_options=[{"lr": 0.1}] * 8)
+        cohort.fit(train_data, test_data, epochs=200)
     """
 
     def __init__(
