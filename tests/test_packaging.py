@@ -1,8 +1,10 @@
-"""The source distribution carries what a build needs, and the repository's `kernels/` folder
-never takes the top-level name `kernels` from the PyPI package of that name."""
+"""Installing fastdml: setup.py without torch says what to do, the source distribution carries
+what a build needs, and the repository's `kernels/` folder never takes the top-level name
+`kernels` from the PyPI package of that name."""
 
 import glob
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -147,3 +149,27 @@ def test_import_leaves_triton_alone():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_setup_without_torch_says_to_install_torch_first():
+    """As pip's build backend runs setup.py, in an environment without torch."""
+    result = run_from_root(
+        """
+        import runpy, sys
+        sys.modules["torch"] = None  # `import torch` then fails as if torch were not installed
+        sys.argv = ["setup.py", "--version"]
+        runpy.run_path("setup.py", run_name="__main__")
+        """
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "fastdml builds its C++ op against the installed PyTorch: install torch first "
+        "(pip install torch), then pip install --no-build-isolation .\n"
+    )
+
+
+def test_setup_under_another_name_gives_the_compile_flags():
+    """As .ci/compile_cuda.sh runs it: the flags, and no setup()."""
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="fastdml_setup")
+    assert "-std=c++17" in setup["cxx_flags"]()
+    assert "--expt-relaxed-constexpr" in setup["nvcc_flags"]()
