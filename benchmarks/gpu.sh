@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, staged to fit a short lease (docs/gpu.md). Each stage writes
+# Everything that needs a GPU, in stages (docs/gpu.md). Each stage writes
 # into OUTDIR as it goes and has its own time limit, so a timeout still returns what ran:
 #   a. build the CUDA extension for this GPU's architecture only, translation units in parallel;
 #   b. the correctness smoke (benchmarks/gpu_smoke.py), one process per backend;

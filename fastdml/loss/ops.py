@@ -54,7 +54,8 @@ def _load_triton() -> None:
 def triton_error() -> str | None:
     """Why the Triton ops cannot be used here, or None. The first call imports fastdml.kernels,
     which imports Triton and registers the ops: about a second, paid only by a caller that asks
-    for them (a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1), not by `import fastdml`."""
+    for the Triton backend (by name, or "auto" choosing it on CUDA tensors), not by
+    `import fastdml`."""
     if _triton_error is _TRITON_NOT_LOADED:
         _load_triton()  # under torch.compile too: Dynamo runs the import while it traces
     return _triton_error
