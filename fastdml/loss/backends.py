@@ -95,9 +95,9 @@ def loss_rows_and_grad(
 CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
 # The CPU op range-checks the targets itself, in one pass before its kernel (a ValueError).
 RAISES_ON_BAD_TARGETS = ("cpp",)
-# backend="auto" on CUDA tensors, as measured on an H200 (BENCHMARKS.md, GPU): the CUDA C++ op is
-# 1.5 to 2.3x faster than Triton's up to 8192 classes, they tie at 32000, and Triton's is 1.2x
-# faster at 128256 (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
+# backend="auto" on CUDA tensors, as measured on an H200 (BENCHMARKS.md, "GPU"): the CUDA C++ op
+# is the faster up to 8192 classes, they tie at 32000, and Triton's is the faster at 128256
+# (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
 TRITON_FROM_CLASSES = 65536
 
 

@@ -32,9 +32,8 @@ Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None
 
 # What one chunk's logits may take. Each chunk reads and writes every weight gradient once, so
-# chunks of few rows are slow: on the 2-core CPU of benchmarks/linear_loss.md, K = 2 and 4 peers
-# at V = 32000 (float32) took about as long as the unfused path or less with chunks of 128 to
-# 256 rows (64 MiB), and 4-42% longer with 64 rows. A GPU has room for larger chunks.
+# chunks of few rows are slow: on a 2-core CPU, chunks of 64 MiB were about as fast as the unfused
+# path and chunks of 64 rows slower (benchmarks/linear_loss.md). A GPU has room for larger chunks.
 GPU_CHUNK_BYTES = 256 << 20
 CPU_CHUNK_BYTES = 64 << 20
 
