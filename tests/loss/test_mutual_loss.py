@@ -74,7 +74,7 @@ def test_cohort_sizes(backend, k, mode):
     check_against_naive(logits, target, backend, temperature=2.0, **mode_kwargs(mode, k))
 
 
-@pytest.mark.parametrize("c", [2, 3, 1000, 50000])
+@pytest.mark.parametrize("c", [2, 3, 1000, pytest.param(50000, marks=pytest.mark.slow)])
 def test_class_counts(backend, c):
     logits, target = make_inputs(3, 5, c, ignore_every=0)
     check_against_naive(logits, target, backend, temperature=2.0, label_smoothing=0.1)
