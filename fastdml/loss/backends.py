@@ -123,21 +123,14 @@ def unavailable_reason(backend: str) -> str | None:
     return _NOT_BUILT.get(backend)
 
 
-def _has_device_for(backend: str) -> bool:
-    if backend == "cuda":
-        return torch.cuda.is_available()
-    if backend == "triton":
-        return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    return True
-
-
 def available_backends() -> list[str]:
     """The explicit backend names that can run on this machine: built, and with a device for
     their tensors (Triton runs on CPU tensors only under TRITON_INTERPRET=1)."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     return [
         name
         for name in IMPLEMENTATIONS
-        if _has_device_for(name) and unavailable_reason(name) is None
+        if any(_runs_on(name, device) for device in devices) and unavailable_reason(name) is None
     ]
 
 
