@@ -42,7 +42,8 @@ def cxx_flags() -> list[str]:
 
 
 def nvcc_flags() -> list[str]:
-    # Exact exp/log: no --use_fast_math (the loss must match the reference to rounding).
+    # No --use_fast_math: the kernels choose their approximate instructions themselves (ex2.approx
+    # in the per-class loops) and keep the rest exact (docs/design.md, The kernel plan).
     # --threads 0: the architectures of one translation unit compile in parallel (one thread per CPU
     # at most).
     return ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--threads", "0"]

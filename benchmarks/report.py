@@ -21,7 +21,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import gpu_report, triton_compile
+from benchmarks import gpu_report, sass_report, triton_compile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -423,6 +423,9 @@ otherwise idle machine:
 
 {small_shapes_section(args.small_shapes)}
 
+## CUDA kernels, static (SASS, sm_90)
+
+{sass_section(args.out)}
 ## GPU
 
 {gpu_section(args.gpu)}
@@ -529,6 +532,16 @@ def compile_section() -> str:
         + triton_compile.render(runs)
         + "\n"
     )
+
+
+def sass_section(out: Path) -> str:
+    """The static SASS table as `python -m benchmarks.sass_report` last wrote it into `out` (its
+    markers included), kept verbatim: that script compiles the kernels to make it."""
+    begin, end = sass_report.MARKERS
+    text = out.read_text() if out.exists() else ""
+    if begin not in text or end not in text:
+        return f"{begin}\nNot measured yet: run `python -m benchmarks.sass_report`.\n{end}\n"
+    return text[text.index(begin) : text.index(end) + len(end)] + "\n"
 
 
 def extra_section(path: Path, title: str) -> str:

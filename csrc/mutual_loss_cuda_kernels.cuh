@@ -13,7 +13,13 @@
 // logits), merged across the team by butterfly shuffles and a fixed-order pass over the warps.
 // Pass 2 recomputes q, p and the mimicry target per class, accumulates the loss sums and writes
 // s[k, r] * gradient: peer k's grad_scale in row r (none: 1; one value, or one per peer and row
-// at any strides), times 1 / (counted rows) for "mean", read once per row and peer. The first
+// at any strides), times 1 / (counted rows) for "mean", read once per row and peer, folded into
+// the gradient's coefficients (GradCoefs). The per-class loops are lean: the hot option sets
+// (pairwise or ensemble, T = 1 or not, label smoothing or not, the gradient or not) are template
+// arguments (FixedOptions), so that no option is tested in the loops; the rest share one kernel
+// (RuntimeOptions). In float the exponentials are ex2.approx of max-shifted differences in base 2
+// (Log<float>); float64 stays exact. benchmarks/sass_report.py counts what the loops execute. The
+// first
 // `cached_iters` vectors each thread reads in pass 1 are kept in shared memory, so a row that
 // fits is read from memory once; pass 2 reads the rest again, last read first, so that as much of
 // it as possible comes from L2. Vector loads and stores (16 bytes, 8 with 6 or more peers) when
@@ -39,6 +45,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,7 +62,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxStaticK = 8;
+constexpr int kMaxFixedK = 4;  // the most peers with FixedOptions kernels (launch_k)
 constexpr unsigned kFullMask = 0xffffffffu;
+// Loss sums per peer and row (class_step).
+constexpr int kSums = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Scalars: float accumulation, double for double.
@@ -83,9 +93,51 @@ __device__ __forceinline__ void from_acc(float x, __nv_bfloat16& out) {
   out = __float2bfloat16_rn(x);
 }
 
-// Accurate exp and log (no fast-math intrinsics).
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+// 2^x by the multiprocessor's approximate exponential: ex2.approx.ftz, one MUFU instruction,
+// within 2 ulp, subnormal results flushed to 0. Where no GPU runs the code (the CPU emulation of
+// these kernels), a model of it at its worst: the exact value rounded to float, flushed as the GPU
+// flushes, then moved by 2 ulp, up or down by the last bit of x.
+__device__ __forceinline__ float ex2_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  const float y = static_cast<float>(std::exp2(static_cast<double>(x)));
+  if (!(y >= FLT_MIN)) return y != y ? y : 0.0f;  // NaN stays; subnormal results flush
+  if (y == INFINITY) return y;
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  return y * ((bits & 1u) ? 1.0f + 0x1p-22f : 1.0f - 0x1p-22f);
+#endif
+}
+
+// The logarithms the kernels work in: base 2 in float, with ex2_approx (the exponentials of the
+// per-class loops, 2 instructions where expf takes 9); base e in double, exact. A natural log
+// times kUnit is in these units; a value in them times kToNatural is a natural log again. The
+// once-per-row logs are accurate (log2f, log).
+template <typename A>
+struct Log;
+template <>
+struct Log<float> {
+  static constexpr float kUnit = 1.4426950408889634f;  // log2(e)
+  static constexpr double kUnitExact = 1.4426950408889634;
+  static constexpr float kToNatural = 0.6931471805599453f;
+  static constexpr float kLowest = -FLT_MAX;
+  __device__ static __forceinline__ float pow(float x) { return ex2_approx(x); }
+  __device__ static __forceinline__ float log(float x) { return log2f(x); }
+};
+template <>
+struct Log<double> {
+  static constexpr double kUnit = 1.0;
+  static constexpr double kUnitExact = 1.0;
+  static constexpr double kToNatural = 1.0;
+  static constexpr double kLowest = -DBL_MAX;
+  __device__ static __forceinline__ double pow(double x) { return ::exp(x); }
+  __device__ static __forceinline__ double log(double x) { return ::log(x); }
+};
+
+// Accurate natural logs, once per row (the cross-entropy's log-sum-exp).
 __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 
@@ -103,16 +155,24 @@ __device__ __forceinline__ A neg_inf() {
   return A(-INFINITY);
 }
 
-// Maxima propagate NaN (like torch.max), so a NaN logit reaches the loss instead of being skipped.
-template <typename A>
-__device__ __forceinline__ A nan_max(A a, A b) {
-  return (a > b || a != a) ? a : b;
-}
+// IEEE maxima (one instruction) drop a NaN operand; a NaN logit still reaches the loss, through
+// the sums of exponentials it is part of.
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 
-// p * log_q with 0 * log_q = 0, also where log_q = -inf (a class masked with -inf logits).
-template <typename A>
-__device__ __forceinline__ A plogq(A p, A log_q) {
-  return p == A(0) ? A(0) : p * log_q;
+// Maxima that propagate NaN (max.NaN, one instruction from sm_80 on), for the clamps of the
+// per-class logs: a NaN there must reach the loss.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return a != a || b != b ? a + b : fmaxf(a, b);
+#endif
+}
+__device__ __forceinline__ double max_nan(double a, double b) {
+  return a != a || b != b ? a + b : fmax(a, b);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,6 +231,7 @@ __device__ __forceinline__ void store_pack(S* p, const Pack<S, VEC>& x) {
 
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp: max m, s = sum exp(x - m) and (unless unit_t) s_t = sum exp((x - m) / T).
+// The exponentials are Log<A>::pow of (x - m) in its units; a_t is 1 / T in them (Log<A>::kUnit / T).
 
 template <typename A>
 struct LseState {
@@ -184,33 +245,37 @@ struct LseState {
 
   // Folds N values with one rescale for all of them.
   template <int N>
-  __device__ __forceinline__ void fold(const A (&x)[N], A inv_t, bool unit_t) {
+  __device__ __forceinline__ void fold(const A (&x)[N], A a_t, bool unit_t) {
+    using L = Log<A>;
     A mx = x[0];
 #pragma unroll
-    for (int i = 1; i < N; ++i) mx = nan_max(mx, x[i]);
-    const A m_new = nan_max(m, mx);
-    if (m_new == neg_inf<A>()) return;  // only -inf so far: nothing to add, no (-inf) - (-inf)
-    A add = 0, add_t = 0;
+    for (int i = 1; i < N; ++i) mx = max_of(mx, x[i]);
+    const A m_new = max_of(m, mx);
+    // Only -inf so far: shifted by 0 instead, so that no (-inf) - (-inf) is formed; every
+    // exponential is then 0. No branch: the loop stays one basic block.
+    const A shift = m_new == neg_inf<A>() ? A(0) : m_new;
+    A add = L::pow((x[0] - shift) * L::kUnit);
+    A add_t = unit_t ? A(0) : L::pow((x[0] - shift) * a_t);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const A d = x[i] - m_new;
-      add += acc_exp(d);
-      if (!unit_t) add_t += acc_exp(d * inv_t);
+    for (int i = 1; i < N; ++i) {
+      const A d = x[i] - shift;
+      add += L::pow(d * L::kUnit);
+      if (!unit_t) add_t += L::pow(d * a_t);
     }
-    const A dm = m - m_new;  // -inf on the first fold: the old sums (0) get weight 0
-    s = s * acc_exp(dm) + add;
-    if (!unit_t) s_t = s_t * acc_exp(dm * inv_t) + add_t;
+    const A dm = m - shift;  // -inf on the first fold: the old sums (0) get weight 0
+    s = fma(s, L::pow(dm * L::kUnit), add);
+    if (!unit_t) s_t = fma(s_t, L::pow(dm * a_t), add_t);
     m = m_new;
   }
 
   // Symmetric in its two operands, bit for bit (see sum_of_products).
-  __device__ __forceinline__ void merge(A o_m, A o_s, A o_s_t, A inv_t, bool unit_t) {
-    const A m_new = nan_max(m, o_m);
+  __device__ __forceinline__ void merge(A o_m, A o_s, A o_s_t, A a_t, bool unit_t) {
+    using L = Log<A>;
+    const A m_new = max_of(m, o_m);
     if (m_new == neg_inf<A>()) return;  // both empty
-    s = sum_of_products(s, acc_exp(m - m_new), o_s, acc_exp(o_m - m_new));
+    s = sum_of_products(s, L::pow((m - m_new) * L::kUnit), o_s, L::pow((o_m - m_new) * L::kUnit));
     if (!unit_t) {
-      s_t = sum_of_products(s_t, acc_exp((m - m_new) * inv_t), o_s_t,
-                            acc_exp((o_m - m_new) * inv_t));
+      s_t = sum_of_products(s_t, L::pow((m - m_new) * a_t), o_s_t, L::pow((o_m - m_new) * a_t));
     }
     m = m_new;
   }
@@ -245,7 +310,7 @@ __device__ __forceinline__ void team_sum(A (&v)[N], A* scratch, int warps) {
 }
 
 template <int N, typename A>
-__device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int warps, A inv_t,
+__device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int warps, A a_t,
                                          bool unit_t) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -254,7 +319,7 @@ __device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int w
       const A o_m = __shfl_xor_sync(kFullMask, st[i].m, off);
       const A o_s = __shfl_xor_sync(kFullMask, st[i].s, off);
       const A o_s_t = __shfl_xor_sync(kFullMask, st[i].s_t, off);
-      st[i].merge(o_m, o_s, o_s_t, inv_t, unit_t);
+      st[i].merge(o_m, o_s, o_s_t, a_t, unit_t);
     }
   }
   if (warps > 1) {
@@ -274,7 +339,7 @@ __device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int w
       LseState<A> acc{scratch[i * 3], scratch[i * 3 + 1], scratch[i * 3 + 2]};
       for (int w = 1; w < warps; ++w) {
         const A* src = scratch + (w * N + i) * 3;
-        acc.merge(src[0], src[1], src[2], inv_t, unit_t);
+        acc.merge(src[0], src[1], src[2], a_t, unit_t);
       }
       st[i] = acc;
     }
@@ -318,7 +383,7 @@ struct KernelArgs {
                                  // block counts the rows itself
   A* reduce_partials;            // reduce_rows_kernel: [K][reduce_chunks][2]
   int64_t reduce_chunks;
-  A inv_t;       // 1 / T (exactly 1 when unit_t)
+  A a_t;         // 1 / T in the units of Log<A> (exactly Log<A>::kUnit when unit_t)
   A alpha_t;     // alpha * T: the mimicry gradient's factor
   A alpha_t2;    // alpha * T^2: the mimicry loss's factor
   A eps;         // label smoothing
@@ -330,43 +395,86 @@ struct KernelArgs {
   int warps_per_team;  // 1 or kWarps
   int cached_iters;    // vectors per thread and peer kept in shared memory (fast kernel)
   int64_t chunks;      // split forward: chunks per row
-  A* partials;         // split forward: [R][chunks][K][8]
+  A* partials;         // split forward: [R][chunks][K][kPartialValues]
 };
 
-// Per-peer statistics of a row after pass 1.
+// The options the per-class loops test. FixedOptions makes them compile-time constants, so that
+// no test of them is left in the loop (the hot option sets: each has a kernel of its own);
+// RuntimeOptions reads them from the arguments (one kernel for every other set).
+template <LossMode kMode, bool kUnitT, bool kSmoothing, bool kGrad>
+struct FixedOptions {
+  template <typename A>
+  __device__ static constexpr LossMode mode(const KernelArgs<A>&) {
+    return kMode;
+  }
+  template <typename A>
+  __device__ static constexpr bool unit_t(const KernelArgs<A>&) {
+    return kUnitT;
+  }
+  template <typename A>
+  __device__ static constexpr bool smoothing(const KernelArgs<A>&) {
+    return kSmoothing;
+  }
+  template <typename A>
+  __device__ static constexpr bool grad(const KernelArgs<A>&) {
+    return kGrad;
+  }
+};
+
+struct RuntimeOptions {
+  template <typename A>
+  __device__ static LossMode mode(const KernelArgs<A>& a) {
+    return a.mode;
+  }
+  template <typename A>
+  __device__ static bool unit_t(const KernelArgs<A>& a) {
+    return a.unit_t;
+  }
+  template <typename A>
+  __device__ static bool smoothing(const KernelArgs<A>& a) {
+    return a.smoothing;
+  }
+  template <typename A>
+  __device__ static bool grad(const KernelArgs<A>& a) {
+    return a.compute_grad;
+  }
+};
+
+// Per-peer statistics of a row after pass 1. With d = z - m, in the units of Log<A>:
+// log q = d a_t - b and log p = d kUnit - bs (p = softmax(z), q = softmax(z / T)).
 template <typename A>
 struct PeerRow {
   A m;    // max of z
-  A ls;   // log sum exp(z - m)
-  A lst;  // log sum exp((z - m) / T)  (= ls when T = 1)
+  A ls;   // log sum exp(z - m), natural (the cross-entropy)
+  A b;    // log sum exp((z - m) / T), in units (= bs when T = 1)
+  A bs;   // log sum exp(z - m), in units
   A mu;   // ensemble_logits: max of the target's logits u
-  A lsu;  //                  log sum exp(u - mu)
+  A lsu;  //                  log sum exp(u - mu), natural
 };
 
 template <typename A>
 __device__ __forceinline__ PeerRow<A> finish_row(const LseState<A>& st, const LseState<A>& su,
                                                  bool unit_t) {
-  const A ls = acc_log(st.s);
-  return {st.m, ls, unit_t ? ls : acc_log(st.s_t), su.m, acc_log(su.s)};
+  const A bs = Log<A>::log(st.s);
+  return {st.m, acc_log(st.s), unit_t ? bs : Log<A>::log(st.s_t), bs, su.m, acc_log(su.s)};
 }
 
-// log q = (z - m) / T - lst, never log(q); d = z - m.
+// The gradient of peer k at one class times its row's scale s,
+// s (p - (1 - eps) onehot - eps / C + alpha T (w_k q - t)), is c_p p + c_q q + c_t t plus `on`
+// at the label and `off` elsewhere; with T = 1, p = q and c_q holds c_p.
 template <typename A>
-__device__ __forceinline__ A log_q_of(A d, A inv_t, const PeerRow<A>& pr) {
-  return d * inv_t - pr.lst;
-}
-
-// Coefficients of the gradient of peer k at one class, before its row's scale s:
-// p - (1 - eps) onehot - eps / C + alpha T (w_k q - t). That of q, alpha T w_k, is per peer
-// (coef_q, from own_weight); these are the same for all.
-template <typename A>
-struct Coefs {
-  A t, d, label;  // -alpha T, -eps / C, 1 - eps
+struct GradCoefs {
+  A c_p, c_q, c_t, on, off;
 };
 
+// w_k: the weight of q_k in peer k's mimicry gradient (own_weight); s: the row's grad_scale;
+// t_scale: target_scale (t is what peer_target returns).
 template <typename A>
-__device__ __forceinline__ Coefs<A> make_coefs(const KernelArgs<A>& a) {
-  return {-a.alpha_t, -a.eps_over_c, A(1) - a.eps};
+__device__ __forceinline__ GradCoefs<A> grad_coefs(const KernelArgs<A>& a, A w_k, A s, A t_scale,
+                                                   bool unit_t) {
+  const A off = -s * a.eps_over_c;
+  return {s, s * fma(a.alpha_t, w_k, unit_t ? A(1) : A(0)), -s * a.alpha_t * t_scale,
+          off - s * (A(1) - a.eps), off};
 }
 
 // The factor s of the gradient of peer k in row r: row_scale[k, r] (none: 1) times `factor`,
@@ -527,44 +635,45 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const KernelArgs<
 }
 
 // W[k, j] of the mimicry (the diagonal never counts: it adds KL(q_k || q_k) = 0).
-template <typename A>
+template <typename O, typename A>
 __device__ __forceinline__ A peer_weight(const KernelArgs<A>& a, const A* w, int K, int k, int j) {
   if (j == k) return A(0);
-  return a.mode == LossMode::Weights ? w[k * K + j] : a.inv_km1;
+  return O::mode(a) == LossMode::Weights ? w[k * K + j] : a.inv_km1;
 }
 
 // w_k = sum_{j != k} W[k, j], the weight of q_k in peer k's mimicry gradient (1 if uniform).
-template <typename A>
+template <typename O, typename A>
 __device__ __forceinline__ A own_weight(const KernelArgs<A>& a, const A* w, int K, int k) {
-  if (a.mode != LossMode::Weights) return A(1);
+  if (O::mode(a) != LossMode::Weights) return A(1);
   A sum = 0;
-  for (int j = 0; j < K; ++j) sum += peer_weight(a, w, K, k, j);
+  for (int j = 0; j < K; ++j) sum += peer_weight<O>(a, w, K, k, j);
   return sum;
 }
 
 // sum_{j != k} x_j as a prefix plus a suffix sum, never total - own (NaN at -inf, and it cancels
-// where peer k dominates). The same order as the CPU op and the reference.
+// where peer k dominates). The same order as the CPU op and the reference. Each partial sum
+// starts at its first term (not at 0 + it), so that with K and k known at compile time the
+// compiler shares the partial sums of all k: about 2 additions per peer and class.
 template <typename A, typename Get>
 __device__ __forceinline__ A sum_others(int K, int k, const Get& x) {
   A prefix = 0, suffix = 0;
 #pragma unroll
-  for (int j = 0; j < K; ++j) {
-    if (j < k) prefix += x(j);
-  }
+  for (int j = 0; j < k; ++j) prefix = j == 0 ? x(0) : prefix + x(j);
 #pragma unroll
-  for (int j = K - 1; j >= 0; --j) {
-    if (j > k) suffix += x(j);
-  }
-  return prefix + suffix;
+  for (int j = K - 1; j > k; --j) suffix = j == K - 1 ? x(j) : suffix + x(j);
+  if (k == 0) return suffix;
+  return k == K - 1 ? prefix : prefix + suffix;
 }
 
-// The mimicry target of peer k at one class: t_k, given each peer's q (get_q) and logit (get_z).
-// For ensemble_logits also sets lr = log t_k.
-template <typename A, typename GetQ, typename GetZ>
+// The mimicry target of peer k at one class: t_k / target_scale, given each peer's q (get_q) and
+// logit (get_z);
+// inv_km1 is 1 / (K - 1) (a constant where K is). For ensemble_logits also sets lt = log t_k in
+// the units of Log<A>.
+template <typename O, typename A, typename GetQ, typename GetZ>
 __device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int K, int k,
-                                         const GetQ& get_q, const GetZ& get_z,
-                                         const PeerRow<A>& pr, A& lr) {
-  switch (a.mode) {
+                                         A inv_km1, const GetQ& get_q, const GetZ& get_z,
+                                         const PeerRow<A>& pr, A& lt) {
+  switch (O::mode(a)) {
     case LossMode::Weights: {
       A acc = 0;
 #pragma unroll
@@ -574,60 +683,74 @@ __device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int
       return acc;
     }
     case LossMode::EnsembleLogits:
-      lr = (sum_others<A>(K, k, get_z) * a.u_scale - pr.mu) - pr.lsu;
-      return acc_exp(lr);
+      lt = ((sum_others<A>(K, k, get_z) * a.u_scale - pr.mu) - pr.lsu) * Log<A>::kUnit;
+      return Log<A>::pow(lt);
+    case LossMode::Pairwise:  // unscaled: target_scale
+      return sum_others<A>(K, k, get_q);
     default:
-      return sum_others<A>(K, k, get_q) * a.inv_km1;
+      return sum_others<A>(K, k, get_q) * inv_km1;
   }
 }
 
-// One class of peer k in pass 2: adds to the loss sums (sums[0]: sum q log q, or the KL for the
-// ensemble modes; sums[1]: sum t log q; sums[2]: sum (z - m)) and returns scale * gradient (scale:
-// grad_scale of the peer and row).
-template <typename A>
-__device__ __forceinline__ A class_step(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q,
-                                        A scale, bool is_label, A d, const PeerRow<A>& pr, A q,
-                                        A t, A lr, A* sums) {
-  const A lq = log_q_of(d, a.inv_t, pr);
-  switch (a.mode) {
+// What peer_target leaves out of t_k: 1 / (K - 1) in pairwise mode (folded into the gradient's
+// coefficient and the loss sum, one multiplication a row instead of one a class), else 1.
+template <typename O, typename A>
+__device__ __forceinline__ A target_scale(const KernelArgs<A>& a) {
+  return O::mode(a) == LossMode::Pairwise ? a.inv_km1 : A(1);
+}
+
+// One class of peer k in pass 2, given d = z - m, l = log q (units; q = Log<A>::pow(l)), the
+// target t and, for ensemble_logits, lt = log t (units). Adds to the loss sums, in units:
+// sums[0]: sum q log q, or the KL for the ensemble modes; sums[1]: sum t log q; sums[2]: sum d;
+// sums[3]: the mass of t where q = 0 exactly (a -inf logit), where the KL is infinite. log q and
+// log t are clamped at the lowest finite value, so that 0 log 0 adds 0 and one FMA adds a term;
+// sums[3] restores the infinite KL the clamp hides. Returns s * gradient (s: the row's scale).
+template <typename O, typename A>
+__device__ __forceinline__ A class_step(const KernelArgs<A>& a, const PeerRow<A>& pr,
+                                        const GradCoefs<A>& gc, bool is_label, A d, A l, A q,
+                                        A t, A lt, A* sums) {
+  using L = Log<A>;
+  const A lc = max_nan(l, L::kLowest);
+  switch (O::mode(a)) {
     case LossMode::Pairwise:
     case LossMode::Weights:
-      sums[0] += plogq(q, lq);
-      sums[1] += plogq(t, lq);
+      sums[0] = fma(q, lc, sums[0]);
+      sums[1] = fma(t, lc, sums[1]);
       break;
     case LossMode::Ensemble:
-      sums[0] += plogq(t, acc_log(t) - lq);
+      sums[0] = fma(t, max_nan(L::log(t), L::kLowest) - lc, sums[0]);
       break;
     case LossMode::EnsembleLogits:
-      sums[0] += plogq(t, lr - lq);
+      sums[0] = fma(t, max_nan(lt, L::kLowest) - lc, sums[0]);
       break;
   }
-  if (a.smoothing) sums[2] += d;
-  if (!a.compute_grad) return A(0);
-  const A p = a.unit_t ? q : acc_exp(d - pr.ls);
-  A g = p + fma(coef_q, q, fma(cf.t, t, cf.d));
-  // The one-hot term in A before the scale and the cast to a narrower dtype (p - 1 cancels at
-  // p ~ 1).
-  if (is_label) g -= cf.label;
-  return g * scale;
+  if (l == neg_inf<A>()) sums[3] += t;
+  if (O::smoothing(a)) sums[2] += d;
+  if (!O::grad(a)) return A(0);
+  // The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
+  A g = fma(gc.c_q, q, fma(gc.c_t, t, is_label ? gc.on : gc.off));
+  if (!O::unit_t(a)) g = fma(gc.c_p, L::pow(fma(d, L::kUnit, -pr.bs)), g);
+  return g;
 }
 
-// Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's three sums).
-template <typename A, typename SumsOf>
+// Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's four sums).
+template <typename O, typename A, typename SumsOf>
 __device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, const A* w, int K, int k,
                                               int64_t r, const PeerRow<A>& pr, A z_label,
                                               const SumsOf& sums_of) {
   const A* own = sums_of(k);
   A ce = (A(1) - a.eps) * ((pr.m - z_label) + pr.ls);
   // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
-  if (a.smoothing) ce += a.eps * (pr.ls - own[2] / static_cast<A>(a.C));
+  if (O::smoothing(a)) ce += a.eps * (pr.ls - own[2] / static_cast<A>(a.C));
   A mimicry = own[0];
-  if (a.mode == LossMode::Pairwise || a.mode == LossMode::Weights) {
-    mimicry = -own[1];
+  if (O::mode(a) == LossMode::Pairwise || O::mode(a) == LossMode::Weights) {
+    mimicry = -own[1] * target_scale<O>(a);
     for (int j = 0; j < K; ++j) {
-      if (j != k) mimicry += peer_weight(a, w, K, k, j) * sums_of(j)[0];
+      if (j != k) mimicry += peer_weight<O>(a, w, K, k, j) * sums_of(j)[0];
     }
   }
+  mimicry *= Log<A>::kToNatural;
+  if (own[3] > A(0)) mimicry += INFINITY;
   const int64_t i = static_cast<int64_t>(k) * a.R + r;
   a.ce[i] = ce;
   a.mimicry[i] = mimicry;
@@ -667,21 +790,23 @@ __device__ __forceinline__ void for_each_vector(const S* row0, int64_t stride, i
                                                 int64_t end, int nt, const Body& body) {
   constexpr int B = BatchOf<KT>::value;
   const int64_t n = end > v0 ? (end - v0 + nt - 1) / nt : 0;
-  for (int64_t i = 0; i < n; i += B) {
+  // v steps through the vectors (an induction variable: no index is multiplied in the loop).
+  const int64_t step = kReverse ? -nt : nt;
+  int64_t v = kReverse ? v0 + (n - 1) * nt : v0;
+  for (int64_t i = 0; i < n; i += B, v += B * step) {
     Pack<S, VEC> x[B][KT];
 #pragma unroll
     for (int b = 0; b < B; ++b) {
       if (i + b < n) {
-        const int64_t v = v0 + (kReverse ? n - 1 - (i + b) : i + b) * nt;
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          x[b][k] = load_pack<kStream, S, VEC>(row0 + k * stride + v * VEC);
+          x[b][k] = load_pack<kStream, S, VEC>(row0 + k * stride + (v + b * step) * VEC);
         }
       }
     }
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-      if (i + b < n) body(v0 + (kReverse ? n - 1 - (i + b) : i + b) * nt, x[b]);
+      if (i + b < n) body(v + b * step, x[b]);
     }
   }
 }
@@ -697,32 +822,38 @@ constexpr int blocks_per_sm() {
   return KT >= 7 ? 1 : 2;
 }
 
-template <typename S, int KT, int VEC>
+// The per-row values pass 2 reads for each peer: its statistics and gradient coefficients.
+template <typename A>
+struct PeerPass2 {
+  PeerRow<A> row;
+  GradCoefs<A> coefs;
+};
+
+// O: FixedOptions (a hot option set) or RuntimeOptions.
+template <typename S, int KT, int VEC, typename O>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     mutual_loss_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
+  using L = Log<A>;
   using P = Pack<S, VEC>;
-  __shared__ A scratch[kWarps * 3 * KT];
+  __shared__ A scratch[kWarps * kSums * KT];
   __shared__ A w[KT * KT];
-  // With many peers and 16-byte vectors, registers run out (spills): the per-peer statistics of the
+  // With many peers and 16-byte vectors, registers run out (spills): the per-peer values of the
   // row then live in shared memory, one set per team.
   constexpr bool kRowsInSmem = KT >= 5 && VEC > 1;
-  __shared__ PeerRow<A> rows_smem[kRowsInSmem ? kWarps * KT : 1];
-  PeerRow<A> rows_regs[kRowsInSmem ? 1 : KT];
+  __shared__ PeerPass2<A> peers_smem[kRowsInSmem ? kWarps * KT : 1];
+  PeerPass2<A> peers_regs[kRowsInSmem ? 1 : KT];
   extern __shared__ int4 dyn_smem[];
   // mean_factor, read where it is used rather than held in a register through the rows.
   __shared__ A factor;
+  constexpr A kInvKm1 = static_cast<A>(1.0 / (KT - 1));
 
-  if (a.mode == LossMode::Weights) {
+  if (O::mode(a) == LossMode::Weights) {
     for (int i = threadIdx.x; i < KT * KT; i += kThreads) w[i] = a.weights[i];
   }
   const A mean = mean_factor(a);
   if (threadIdx.x == 0) factor = mean;
   __syncthreads();
-  const Coefs<A> cf = make_coefs(a);
-  A coef_q[KT];
-#pragma unroll
-  for (int k = 0; k < KT; ++k) coef_q[k] = a.alpha_t * own_weight(a, w, KT, k);
 
   const int nt = a.warps_per_team * 32;
   const int slot = threadIdx.x / nt;
@@ -732,11 +863,11 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       reinterpret_cast<P*>(dyn_smem) + static_cast<int64_t>(slot) * a.cached_iters * KT * nt;
   const int64_t nv = a.C / VEC;
   const int64_t v_cached = min(nv, static_cast<int64_t>(a.cached_iters) * nt);
-  PeerRow<A>* pr;
+  PeerPass2<A>* pp;
   if constexpr (kRowsInSmem) {
-    pr = rows_smem + slot * KT;
+    pp = peers_smem + slot * KT;
   } else {
-    pr = rows_regs;
+    pp = peers_regs;
   }
 
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * teams + slot; r < a.R;
@@ -763,9 +894,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
         A z[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) z[e] = to_acc(x[k].v[e]);
-        lse[k].fold(z, a.inv_t, a.unit_t);
+        lse[k].fold(z, a.a_t, O::unit_t(a));
       }
-      if (a.mode == LossMode::EnsembleLogits) {
+      if (O::mode(a) == LossMode::EnsembleLogits) {
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
           A u[VEC];
@@ -773,7 +904,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
           for (int e = 0; e < VEC; ++e) {
             u[e] = sum_others<A>(KT, k, [&](int j) { return to_acc(x[j].v[e]); }) * a.u_scale;
           }
-          lse_u[k].fold(u, A(1), true);
+          lse_u[k].fold(u, L::kUnit, true);
         }
       }
     };
@@ -784,51 +915,59 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     };
     for_each_vector<VEC, KT, true, false>(row0, a.stride_k, tid, v_cached, nt, cache_and_fold);
     for_each_vector<VEC, KT, false, false>(row0, a.stride_k, v_cached + tid, nv, nt, fold);
-    team_lse(lse, scratch, a.warps_per_team, a.inv_t, a.unit_t);
-    if (a.mode == LossMode::EnsembleLogits) team_lse(lse_u, scratch, a.warps_per_team, A(1), true);
+    team_lse(lse, scratch, a.warps_per_team, a.a_t, O::unit_t(a));
+    if (O::mode(a) == LossMode::EnsembleLogits) {
+      team_lse(lse_u, scratch, a.warps_per_team, L::kUnit, true);
+    }
+    const auto finish = [&](int k) {
+      const A s = O::grad(a) ? grad_scale(a, k, r, factor) : A(1);
+      pp[k] = {finish_row(lse[k], lse_u[k], O::unit_t(a)),
+               grad_coefs(a, own_weight<O>(a, w, KT, k), s, target_scale<O>(a), O::unit_t(a))};
+    };
     if constexpr (kRowsInSmem) {
-      team_barrier(a.warps_per_team);  // the team is done with the previous row's statistics
+      team_barrier(a.warps_per_team);  // the team is done with the previous row's values
       if (tid == 0) {
 #pragma unroll
-        for (int k = 0; k < KT; ++k) pr[k] = finish_row(lse[k], lse_u[k], a.unit_t);
+        for (int k = 0; k < KT; ++k) finish(k);
       }
       team_barrier(a.warps_per_team);
     } else {
 #pragma unroll
-      for (int k = 0; k < KT; ++k) pr[k] = finish_row(lse[k], lse_u[k], a.unit_t);
+      for (int k = 0; k < KT; ++k) finish(k);
     }
 
-    // Pass 2: loss sums and the gradient, each peer's scaled by its grad_scale.
-    A scale[KT];
+    // Pass 2: loss sums and the gradient.
+    A sums[kSums * KT];
 #pragma unroll
-    for (int k = 0; k < KT; ++k) scale[k] = a.compute_grad ? grad_scale(a, k, r, factor) : A(1);
-    A sums[3 * KT];
-#pragma unroll
-    for (int i = 0; i < 3 * KT; ++i) sums[i] = A(0);
-    S* const grad0 = a.compute_grad ? static_cast<S*>(a.grad) + r * a.C : nullptr;
+    for (int i = 0; i < kSums * KT; ++i) sums[i] = A(0);
+    S* const grad0 = O::grad(a) ? static_cast<S*>(a.grad) + r * a.C : nullptr;
     const int64_t grad_stride = a.R * a.C;
+    const int y32 = static_cast<int>(y);  // C < 2^31 (the launcher's check): 32-bit compares
     const auto emit = [&](int64_t v, const P(&x)[KT]) {
       P g[KT];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        A z[KT], q[KT];
+        A z[KT], d[KT], l[KT], q[KT];
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
           z[k] = to_acc(x[k].v[e]);
-          q[k] = acc_exp(log_q_of(z[k] - pr[k].m, a.inv_t, pr[k]));
+          d[k] = z[k] - pp[k].row.m;
+          l[k] = fma(d[k], a.a_t, -pp[k].row.b);
+          q[k] = L::pow(l[k]);
         }
-        const bool is_label = v * VEC + e == y;
+        const bool is_label = static_cast<int>(v) * VEC + e == y32;
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          A lr = 0;
-          const A t = peer_target(
-              a, w, KT, k, [&](int j) { return q[j]; }, [&](int j) { return z[j]; }, pr[k], lr);
-          const A gk = class_step(a, cf, coef_q[k], scale[k], is_label, z[k] - pr[k].m, pr[k],
-                                  q[k], t, lr, sums + 3 * k);
+          A lt = 0;
+          const A t = peer_target<O>(
+              a, w, KT, k, kInvKm1, [&](int j) { return q[j]; }, [&](int j) { return z[j]; },
+              pp[k].row, lt);
+          const A gk = class_step<O>(a, pp[k].row, pp[k].coefs, is_label, d[k], l[k], q[k], t,
+                                     lt, sums + kSums * k);
           from_acc(gk, g[k].v[e]);
         }
       }
-      if (a.compute_grad) {
+      if (O::grad(a)) {
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
           store_pack<true, S, VEC>(grad0 + k * grad_stride + v * VEC, g[k]);
@@ -847,8 +986,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     if (tid == 0) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        write_outputs(a, w, KT, k, r, pr[k], to_acc(row0[k * a.stride_k + y]),
-                      [&](int j) { return sums + 3 * j; });
+        write_outputs<O>(a, w, KT, k, r, pp[k].row, to_acc(row0[k * a.stride_k + y]),
+                         [&](int j) { return sums + kSums * j; });
       }
     }
   }
@@ -876,14 +1015,14 @@ __device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k,
   lse_u[0].reset();
   for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
     const A z[1] = {logit_at(a, row0, k, c)};
-    lse[0].fold(z, a.inv_t, a.unit_t);
+    lse[0].fold(z, a.a_t, a.unit_t);
   }
-  team_lse(lse, scratch, kWarps, a.inv_t, a.unit_t);
+  team_lse(lse, scratch, kWarps, a.a_t, a.unit_t);
   if (a.mode == LossMode::EnsembleLogits) {
     for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
       const A u[1] = {
           sum_others<A>(K, k, [&](int j) { return logit_at(a, row0, j, c); }) * a.u_scale};
-      lse_u[0].fold(u, A(1), true);
+      lse_u[0].fold(u, Log<A>::kUnit, true);
     }
     team_lse(lse_u, scratch, kWarps, A(1), true);
   }
@@ -893,51 +1032,53 @@ __device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k,
 // the gradient there (times the peer's grad_scale with `factor`) and returns the loss sums,
 // reduced over the block.
 template <typename S, typename A>
-__device__ void block_emit(const KernelArgs<A>& a, const Coefs<A>& cf, A coef_q, const S* row0,
-                           int K, int k, int64_t r, int64_t y, int64_t c0, int64_t c1,
-                           const PeerRow<A>* prs, A* scratch, A factor, A (&sums)[3]) {
+__device__ void block_emit(const KernelArgs<A>& a, A w_k, const S* row0, int K, int k,
+                           int64_t r, int64_t y, int64_t c0, int64_t c1, const PeerRow<A>* prs,
+                           A* scratch, A factor, A (&sums)[kSums]) {
+  using O = RuntimeOptions;
   const PeerRow<A> pk = prs[k];
-  const A scale = a.compute_grad ? grad_scale(a, k, r, factor) : A(1);
-  sums[0] = sums[1] = sums[2] = A(0);
+  const GradCoefs<A> gc =
+      grad_coefs(a, w_k, a.compute_grad ? grad_scale(a, k, r, factor) : A(1),
+                 target_scale<O>(a), a.unit_t);
+  for (int i = 0; i < kSums; ++i) sums[i] = A(0);
   S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
+  const auto log_q = [&](int j, A z) { return fma(z - prs[j].m, a.a_t, -prs[j].b); };
   for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
     const auto get_z = [&](int j) { return logit_at(a, row0, j, c); };
-    const auto get_q = [&](int j) {
-      return acc_exp(log_q_of(logit_at(a, row0, j, c) - prs[j].m, a.inv_t, prs[j]));
-    };
-    const A d = logit_at(a, row0, k, c) - pk.m;
-    A lr = 0;
-    const A t = peer_target(a, a.weights, K, k, get_q, get_z, pk, lr);
-    const A q = acc_exp(log_q_of(d, a.inv_t, pk));
-    const A g = class_step(a, cf, coef_q, scale, c == y, d, pk, q, t, lr, sums);
+    const auto get_q = [&](int j) { return Log<A>::pow(log_q(j, get_z(j))); };
+    const A z = get_z(k);
+    const A l = log_q(k, z);
+    A lt = 0;
+    const A t = peer_target<O>(a, a.weights, K, k, a.inv_km1, get_q, get_z, pk, lt);
+    const A g = class_step<O>(a, pk, gc, c == y, z - pk.m, l, Log<A>::pow(l), t, lt, sums);
     if (a.compute_grad) from_acc(g, grad_row[c]);
   }
   team_sum(sums, scratch, kWarps);
 }
 
-// Shared memory of the any-K kernels: reduction scratch and, dynamic, prs [K], peer_sums [K][3],
-// coef_q [K].
+// Shared memory of the any-K kernels: reduction scratch and, dynamic, prs [K],
+// peer_sums [K][kSums], own [K] (own_weight).
 template <typename A>
 struct AnyKSmem {
   int K;
   A* scratch;
   PeerRow<A>* prs;
   A* peer_sums;
-  A* coef_q;
+  A* own;
 
   __device__ explicit AnyKSmem(int64_t peers) : K(static_cast<int>(peers)) {
-    __shared__ A reduce[kWarps * 3];
+    __shared__ A reduce[kWarps * kSums];
     extern __shared__ int4 dyn_smem[];
     scratch = reduce;
     prs = reinterpret_cast<PeerRow<A>*>(dyn_smem);
     peer_sums = reinterpret_cast<A*>(prs + K);
-    coef_q = peer_sums + 3 * K;
+    own = peer_sums + kSums * K;
   }
 };
 
 template <typename A>
 constexpr size_t any_k_smem_bytes(int64_t K) {
-  return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + 4 * sizeof(A));
+  return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + (kSums + 1) * sizeof(A));
 }
 
 template <typename A>
@@ -952,10 +1093,9 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
   const AnyKSmem<A> sm(a.K);
   const int K = sm.K;
   const int tid = threadIdx.x;
-  const Coefs<A> cf = make_coefs(a);
   __shared__ A factor;  // mean_factor, as in the fixed-K kernel
   for (int k = tid; k < K; k += kThreads) {
-    sm.coef_q[k] = a.alpha_t * own_weight(a, a.weights, K, k);
+    sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, K, k);
   }
   const A mean = mean_factor(a);
   if (tid == 0) factor = mean;
@@ -976,18 +1116,17 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     }
     __syncthreads();
     for (int k = 0; k < K; ++k) {
-      A sums[3];
-      block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, factor,
-                 sums);
+      A sums[kSums];
+      block_emit(a, sm.own[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, factor, sums);
       if (tid == 0) {
-        for (int i = 0; i < 3; ++i) sm.peer_sums[3 * k + i] = sums[i];
+        for (int i = 0; i < kSums; ++i) sm.peer_sums[kSums * k + i] = sums[i];
       }
     }
     __syncthreads();
     if (tid == 0) {
       for (int k = 0; k < K; ++k) {
-        write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
-                      [&](int j) { return sm.peer_sums + 3 * j; });
+        write_outputs<RuntimeOptions>(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+                                      [&](int j) { return sm.peer_sums + kSums * j; });
       }
     }
     __syncthreads();  // prs and peer_sums are rewritten for the next row
@@ -1000,12 +1139,12 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
 // cut into a.chunks chunks, block r * chunks + p owning chunk p. Three launches: each chunk's
 // log-sum-exps; then each chunk merges all of its row's (in chunk order, so all chunks get the
 // same statistics), writes its gradient and its loss sums; then a block per row adds the sums in
-// chunk order and writes the loss terms. a.partials holds 8 values per (row, chunk, peer): the
-// five statistics (m, s, s_t, mu, su) and the three sums.
+// chunk order and writes the loss terms. a.partials holds kPartialValues per (row, chunk, peer):
+// the five statistics (m, s, s_t, mu, su) and the kSums sums.
 
 template <typename A>
 __device__ __forceinline__ A* partial(const KernelArgs<A>& a, int64_t r, int64_t p, int64_t k) {
-  return a.partials + ((r * a.chunks + p) * a.K + k) * 8;
+  return a.partials + ((r * a.chunks + p) * a.K + k) * kPartialValues;
 }
 
 template <typename A>
@@ -1023,8 +1162,8 @@ __device__ PeerRow<A> merged_row(const KernelArgs<A>& a, int64_t r, int k) {
   LseState<A> lse_u{first[3], first[4], A(0)};
   for (int64_t p = 1; p < a.chunks; ++p) {
     const A* part = partial(a, r, p, k);
-    lse.merge(part[0], part[1], part[2], a.inv_t, a.unit_t);
-    lse_u.merge(part[3], part[4], A(0), A(1), true);
+    lse.merge(part[0], part[1], part[2], a.a_t, a.unit_t);
+    lse_u.merge(part[3], part[4], A(0), Log<A>::kUnit, true);
   }
   return finish_row(lse, lse_u, a.unit_t);
 }
@@ -1077,19 +1216,17 @@ __global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<a
     }
     return;
   }
-  const Coefs<A> cf = make_coefs(a);
   for (int k = threadIdx.x; k < K; k += kThreads) {
     sm.prs[k] = merged_row(a, r, k);
-    sm.coef_q[k] = a.alpha_t * own_weight(a, a.weights, K, k);
+    sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, K, k);
   }
   __syncthreads();
   const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
   for (int k = 0; k < K; ++k) {
-    A sums[3];
-    block_emit(a, cf, sm.coef_q[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch, factor,
-               sums);
+    A sums[kSums];
+    block_emit(a, sm.own[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch, factor, sums);
     if (threadIdx.x == 0) {
-      for (int i = 0; i < 3; ++i) partial(a, r, p, k)[5 + i] = sums[i];
+      for (int i = 0; i < kSums; ++i) partial(a, r, p, k)[5 + i] = sums[i];
     }
   }
 }
@@ -1109,17 +1246,17 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs
   } else {
     for (int k = threadIdx.x; k < K; k += kThreads) {
       sm.prs[k] = merged_row(a, r, k);
-      for (int i = 0; i < 3; ++i) {
+      for (int i = 0; i < kSums; ++i) {
         A sum = 0;
         for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
-        sm.peer_sums[3 * k + i] = sum;
+        sm.peer_sums[kSums * k + i] = sum;
       }
     }
     __syncthreads();
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
     for (int k = threadIdx.x; k < K; k += kThreads) {
-      write_outputs(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
-                    [&](int j) { return sm.peer_sums + 3 * j; });
+      write_outputs<RuntimeOptions>(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+                                    [&](int j) { return sm.peer_sums + kSums * j; });
     }
   }
   reduce_if_last_block(a, mean_factor(a));
@@ -1238,7 +1375,7 @@ KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
     if (layout.count_first) a.counted = reinterpret_cast<unsigned long long*>(workspace + 8);
   }
   a.unit_t = p.temperature == 1.0;
-  a.inv_t = a.unit_t ? A(1) : static_cast<A>(1.0 / p.temperature);
+  a.a_t = static_cast<A>(Log<A>::kUnitExact / p.temperature);
   a.alpha_t = static_cast<A>(p.alpha * p.temperature);
   a.alpha_t2 = static_cast<A>(p.alpha * p.temperature * p.temperature);
   a.eps = static_cast<A>(p.label_smoothing);
@@ -1255,7 +1392,7 @@ KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
   return a;
 }
 
-template <typename S, int KT, int VEC>
+template <typename S, int KT, int VEC, typename O>
 cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
                             cudaStream_t stream) {
   const int64_t nv = a.C / VEC;
@@ -1270,7 +1407,7 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
              8 * 1024);
   a.cached_iters = static_cast<int>(std::min<int64_t>(ceil_div(nv, nt), budget / iter_bytes));
   const size_t smem = static_cast<size_t>(a.cached_iters * iter_bytes);
-  const auto kernel = mutual_loss_kernel<S, KT, VEC>;
+  const auto kernel = mutual_loss_kernel<S, KT, VEC, O>;
   const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid_for(ceil_div(a.R, teams), device, 32), kThreads, smem, stream>>>(a);
@@ -1283,6 +1420,31 @@ constexpr int vector_bytes() {
   return KT >= 6 ? 8 : 16;
 }
 
+// Calls f(std::true_type()) or f(std::false_type()): a flag known at run time made a constant.
+template <typename F>
+cudaError_t with_flag(bool flag, const F& f) {
+  return flag ? f(std::true_type()) : f(std::false_type());
+}
+
+// The kernel of the hot option set of mode M (FixedOptions), with V-element vectors.
+template <typename S, int KT, int V, LossMode M>
+cudaError_t launch_fixed(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
+                         cudaStream_t stream) {
+  return with_flag(a.unit_t, [&](auto unit_t) {
+    return with_flag(a.smoothing, [&](auto smoothing) {
+      return with_flag(a.compute_grad, [&](auto grad) {
+        using O = FixedOptions<M, decltype(unit_t)::value, decltype(smoothing)::value,
+                               decltype(grad)::value>;
+        return launch_static_k<S, KT, V, O>(a, device, stream);
+      });
+    });
+  });
+}
+
+// The hot option sets (pairwise or ensemble, up to 4 peers, with rows aligned to vectors) have
+// kernels of their own; more peers, peer weights, ensemble_logits and unaligned rows share the
+// kernel of RuntimeOptions. Beyond 4 peers the fixed sets would spill in the ensemble loops and
+// pass the instruction budget, and would more than double the build time.
 template <typename S, int KT>
 cudaError_t launch_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
                      cudaStream_t stream) {
@@ -1292,8 +1454,16 @@ cudaError_t launch_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
   };
   const bool vectorized = a.C % V == 0 && a.stride_k % V == 0 && a.stride_r % V == 0 &&
                           aligned(a.logits) && (!a.compute_grad || aligned(a.grad));
-  return vectorized ? launch_static_k<S, KT, V>(a, device, stream)
-                    : launch_static_k<S, KT, 1>(a, device, stream);
+  if (!vectorized) return launch_static_k<S, KT, 1, RuntimeOptions>(a, device, stream);
+  if constexpr (KT > kMaxFixedK) {
+    return launch_static_k<S, KT, V, RuntimeOptions>(a, device, stream);
+  } else {
+    switch (a.mode) {
+      case LossMode::Pairwise: return launch_fixed<S, KT, V, LossMode::Pairwise>(a, device, stream);
+      case LossMode::Ensemble: return launch_fixed<S, KT, V, LossMode::Ensemble>(a, device, stream);
+      default: return launch_static_k<S, KT, V, RuntimeOptions>(a, device, stream);
+    }
+  }
 }
 
 template <typename S>

@@ -38,7 +38,10 @@ constexpr int64_t kRowsPerReduceChunk = 16384;
 // count of the rows (8 bytes at 8), all zeroed by the launcher, then its per-row terms [3][K][R]
 // at `rows`, and, when a kernel of its own adds them up, that kernel's partial sums
 // [K][reduce_chunks][2] at `reduce_partials`; the split forward has its partial statistics
-// [R][chunks][K][8] at `partials`.
+// [R][chunks][K][kPartialValues] at `partials`.
+// Values the split forward keeps per (row, chunk, peer): five statistics and four loss sums.
+constexpr int64_t kPartialValues = 9;
+
 struct WorkspaceLayout {
   bool count_first;       // a counting kernel runs first
   int64_t reduce_chunks;  // 0: the forward's last block adds the rows up
@@ -59,7 +62,7 @@ inline WorkspaceLayout workspace_layout(const MutualLossParams& p, const DeviceI
   w.rows = reduced ? 16 : 0;
   w.reduce_partials = w.rows + (reduced ? 3 * p.K * p.R * acc : 0);
   w.partials = w.reduce_partials + p.K * w.reduce_chunks * 2 * acc;
-  w.bytes = w.partials + (chunks > 1 ? p.R * chunks * p.K * 8 * acc : 0);
+  w.bytes = w.partials + (chunks > 1 ? p.R * chunks * p.K * kPartialValues * acc : 0);
   return w;
 }
 
