@@ -838,9 +838,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   using P = Pack<S, VEC>;
   __shared__ A scratch[kWarps * kSums * KT];
   __shared__ A w[KT * KT];
-  // With many peers and 16-byte vectors, registers run out (spills): the per-peer values of the
-  // row then live in shared memory, one set per team.
-  constexpr bool kRowsInSmem = KT >= 5 && VEC > 1;
+  // With many peers, registers run out (spills): the per-peer values of the row then live in
+  // shared memory, one set per team.
+  constexpr bool kRowsInSmem = KT >= 5;
   __shared__ PeerPass2<A> peers_smem[kRowsInSmem ? kWarps * KT : 1];
   PeerPass2<A> peers_regs[kRowsInSmem ? 1 : KT];
   extern __shared__ int4 dyn_smem[];
@@ -1414,10 +1414,11 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
   return cudaSuccess;
 }
 
-// Vectors of 16 bytes, or of 8 with 6 or more peers (registers: 16 would spill).
-template <int KT>
+// Vectors of 16 bytes, or of 8 with 6 or more peers, or 4 or more of a 2-byte dtype (registers:
+// 16 would spill).
+template <typename S, int KT>
 constexpr int vector_bytes() {
-  return KT >= 6 ? 8 : 16;
+  return KT >= 6 || (sizeof(S) == 2 && KT >= 4) ? 8 : 16;
 }
 
 // Calls f(std::true_type()) or f(std::false_type()): a flag known at run time made a constant.
@@ -1448,7 +1449,7 @@ cudaError_t launch_fixed(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device
 template <typename S, int KT>
 cudaError_t launch_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device,
                      cudaStream_t stream) {
-  constexpr int V = vector_bytes<KT>() / static_cast<int>(sizeof(S));
+  constexpr int V = vector_bytes<S, KT>() / static_cast<int>(sizeof(S));
   const auto aligned = [](const void* p) {
     return reinterpret_cast<uintptr_t>(p) % (V * sizeof(S)) == 0;
   };
