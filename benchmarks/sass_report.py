@@ -61,9 +61,8 @@ peer); the template gives KT * VEC * B for the batched loops of for_each_vector 
 further. The derived count is used when it is a positive multiple of KT * VEC; otherwise the
 template's, with a warning; a derived count that is a multiple but differs from the template's
 is also warned about (the compiler unrolled, or the source changed). For the other kernels the
-element is the loaded value (a logit; a row's int64 target for count_rows_kernel; a float of the
-reduction for reduce_rows_kernel) and their innermost loops may be loops over peers within a
-class: their counts are coarse, not comparable with the row kernel's.
+element is the loaded value (a logit) and their innermost loops may be loops over peers within
+a class: their counts are coarse, not comparable with the row kernel's.
 
 Names: the kernel's demangled template arguments (c++filt). mutual_loss_kernel<S, KT, VEC> (all
 options tested at run time) and mutual_loss_kernel<S, KT, VEC, RuntimeOptions> have mode "any"
@@ -75,12 +74,11 @@ mode is a column of its own), else the ones that differ joined by commas ("T!=1"
 their role (ROLES), their mode "any" and their K null.
 
 Checks (skipped with --no-check): a hot loop with local-memory accesses (LDL, STL), except in the
-kernels that read no logits (WITHOUT_LOGITS); a row kernel that spills (ptxas -v's spill stores;
-cuobjdump's LOCAL, 0 under the ABI, where spills are part of STACK, which also holds local arrays);
-a row kernel without a pass-1 or a pass-2 loop; a budget exceeded (BUDGETS, by mode and path:
-pairwise only, so far). Writes the JSON (a list of rows, one per kernel)
-and the markdown section of BENCHMARKS.md between its markers, prints a summary, and exits
-non-zero on a failure.
+kernels that read no logits (WITHOUT_LOGITS); a row kernel without a pass-1 or a pass-2 loop;
+a budget exceeded (BUDGETS, by mode and path: pairwise only, so far). Spills outside the hot
+loops are reported (spill_bytes, from ptxas -v), not failed. Writes the JSON (a list of rows, one
+per kernel) and the markdown section of BENCHMARKS.md between its markers, prints a summary, and
+exits non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -124,11 +122,9 @@ ROLES = {
     "split_emit_kernel": "split_emit",
     "split_finish_kernel": "split_finish",
     "scale_grad_kernel": "scale_grad",
-    "reduce_rows_kernel": "reduce",
-    "count_rows_kernel": "count",
 }
-# Kernels whose loops read no logits (loss terms, targets): local memory there is no failure.
-WITHOUT_LOGITS = ("split_finish", "reduce", "count")
+# Kernels whose loops read no logits (loss terms): local memory there is no failure.
+WITHOUT_LOGITS = ("split_finish",)
 MODES = ("pairwise", "ensemble", "ensemble_logits", "weights")
 MODE_NAMES = {"pairwise": 0, "ensemble": 1, "ensemblelogits": 2, "weights": 3}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -683,10 +679,6 @@ def _elements(loop: Loop, pass_: int, info: KernelInfo, warnings: list[str]) -> 
 
 
 def element_size(info: KernelInfo) -> int:
-    if info.base == "count_rows_kernel":
-        return 8  # int64 targets
-    if info.base == "reduce_rows_kernel":
-        return 8 if info.dtype == "float64" else 4
     return ITEMSIZE[info.dtype]
 
 

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -79,6 +80,20 @@ gpu::DeviceInfo device_info() {
   return entry.info;
 }
 
+// The forward's ticket on the current stream (MutualLossParams::ticket): a counter per device and
+// stream, zeroed when it is made (on that stream, so also inside a CUDA graph's capture) and left
+// zero by every forward, kept for the life of the process. Forwards on one stream run one after
+// another, so they can share it.
+unsigned* stream_ticket(const at::Device& device) {
+  static std::mutex mutex;
+  static auto& tickets = *new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& ticket = tickets[{stream.device_index(), stream.id()}];
+  if (!ticket.defined()) ticket = at::zeros({1}, at::TensorOptions(device).dtype(at::kInt));
+  return reinterpret_cast<unsigned*>(ticket.mutable_data_ptr<int32_t>());
+}
+
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "fastdml: the CUDA op needs ", name, " on a CUDA device, got ",
               t.device());
@@ -143,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
   params.ignore_index = ignore_index;
   params.compute_grad = compute_grad;
   const gpu::DeviceInfo device = device_info();
-  // Scratch (a reduced loss's per-row terms, the split's partials), freed into the stream's pool
+  // Scratch (a reduced loss's per-block sums, the split's partials), freed into the stream's pool
   // after the launch.
   const int64_t workspace_bytes = gpu::mutual_loss_workspace_bytes(params, device);
   at::Tensor workspace;
@@ -152,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
     params.workspace = workspace.mutable_data_ptr();
   }
   if (R > 0) {
+    if (reduced) params.ticket = stream_ticket(logits.device());
     C10_CUDA_CHECK(gpu::launch_mutual_loss(params, device, c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -62,8 +62,12 @@ struct MutualLossParams {
   int64_t ignore_index;
   bool compute_grad;
   // Scratch of mutual_loss_workspace_bytes(...) bytes on the device (null when that is 0),
-  // aligned for the accumulation dtype. The launcher zeroes what must start at zero.
+  // aligned for the accumulation dtype; nothing in it needs to start at any value.
   void* workspace;
+  // Reduced losses: a counter on the device that is zero before the launch and that the launch
+  // leaves zero (its last block resets it), so that no launch has to clear it. Forwards that may
+  // run at the same time need counters of their own: one per stream.
+  unsigned* ticket;
 };
 
 struct ScaleGradParams {
@@ -80,11 +84,11 @@ struct ScaleGradParams {
 };
 
 // Enqueue the work on `stream`; nothing synchronizes and nothing is read back on the host.
-// The forward is one kernel (three for the split of few long rows), preceded, for a reduced
-// loss, by a 4-byte memset of the workspace and, for "mean" over many rows, by a one-block kernel
-// that counts the rows; the backward is one kernel. They return the error of any CUDA call made
-// before the launches (a kernel attribute, the memset); the caller checks the launches with
-// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK). Empty problems launch nothing.
+// The forward is one kernel (three for the split of few long rows), whatever the reduction; the
+// backward is one kernel. They return the error of any CUDA call made before the launches (a
+// kernel attribute) or cudaErrorInvalidValue for missing scratch or ticket, or more than 2^31 - 1
+// classes; the caller checks the launches with cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// Empty problems launch nothing.
 // Bytes of scratch the forward needs, for the same params (but workspace) and device.
 int64_t mutual_loss_workspace_bytes(const MutualLossParams& params, const DeviceInfo& device);
 cudaError_t launch_mutual_loss(const MutualLossParams& params, const DeviceInfo& device,

@@ -27,13 +27,13 @@
 // multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill); beyond it, and for
 // float64, a simpler kernel loops over the peers with their statistics in shared memory.
 //
-// Reductions "sum" and "mean", with no host sync: for "mean" each block counts the rows whose
-// target is not ignore_index itself (up to 2048 rows; beyond, a counting kernel runs first, its
-// blocks adding integer counts atomically); every row's terms go to the workspace, and the last
-// block to finish (a ticket taken with atomicAdd) adds them up, so that a small problem is one
-// launch. A large one (more than 65536 peer rows) is added up by a kernel of its own, a block per
-// peer and chunk of rows, then the last of those blocks. Every float sum has a fixed order that
-// depends on the shape only, so results are bit-identical run to run.
+// Reductions "sum" and "mean", with no host sync and no launch besides the forward's: the grids
+// are at most kMaxBlocksPerSm blocks per multiprocessor, and for "mean" each block counts the
+// rows whose target is not ignore_index itself. A reduced loss keeps no per-row terms: each team
+// adds its rows' terms, the block its teams', and the last block to finish (a ticket taken with
+// atomicAdd, which it resets for the next forward) adds the blocks' sums. Every float sum has a
+// fixed order that depends on the shape and the device only, so results are bit-identical run to
+// run.
 //
 // Backward (one launch): a team per row (k, r) reads grad_loss[k, r] and leaves the row alone
 // when it is 1; otherwise it multiplies the row by it.
@@ -367,22 +367,17 @@ struct KernelArgs {
   const A* weights;
   const A* row_scale;  // [K, R] at these strides (both 0: one value), or null; see grad_scale
   int64_t scale_stride_k, scale_stride_r;
-  A* loss;     // each row's terms [K, R]: the outputs, or the workspace for a reduced loss
+  // Reduction None: each row's terms [K, R]; else the loss (0-dim) and each peer's cross-entropy
+  // and mimicry [K].
+  A* loss;
   A* ce;
   A* mimicry;
   void* grad;
   int64_t K, R, C;
   LossMode mode;
   LossReduction reduction;
-  A* loss_out;       // reduced: the loss (0-dim), and each peer's cross-entropy and mimicry [K]
-  A* ce_out;
-  A* mimicry_out;
-  unsigned* ticket;              // reduced in the forward's launch: its blocks done; else null
-  unsigned* reduce_ticket;       // reduced by reduce_rows_kernel: its blocks done; else null
-  unsigned long long* counted;   // "mean" over many rows: count_rows_kernel's count; null: each
-                                 // block counts the rows itself
-  A* reduce_partials;            // reduce_rows_kernel: [K][reduce_chunks][2]
-  int64_t reduce_chunks;
+  unsigned* ticket;  // reduced: the blocks done (zero before the launch, reset by its last block)
+  A* block_sums;     // reduced: [gridDim.x][K][2], each block's sums of cross-entropy, mimicry
   A a_t;         // 1 / T in the units of Log<A> (exactly Log<A>::kUnit when unit_t)
   A alpha_t;     // alpha * T: the mimicry gradient's factor
   A alpha_t2;    // alpha * T^2: the mimicry loss's factor
@@ -517,57 +512,17 @@ __device__ __forceinline__ long long count_rows_in_block(const KernelArgs<A>& a)
 }
 
 // What every row's gradient and terms are multiplied by besides grad_scale: 1 / (counted rows,
-// at least 1) for "mean", else 1. Every thread of the block calls it.
+// at least 1) for "mean", else 1. Every thread of the block calls it. Each block counts the rows
+// itself, so that nothing runs before the forward; the forward's grids are at most the blocks a
+// device holds at once, so the targets are read from L2 that many times at most.
 template <typename A>
 __device__ __forceinline__ A mean_factor(const KernelArgs<A>& a) {
   if (a.reduction != LossReduction::Mean) return A(1);
-  const long long n = a.counted != nullptr ? static_cast<long long>(__ldcg(a.counted))
-                                           : count_rows_in_block(a);
-  return A(1) / static_cast<A>(max(n, 1LL));
-}
-
-// "mean" over many rows, ahead of the forward: integer counts, added atomically (exact, in any
-// order) to the count the launcher zeroed.
-template <typename A>
-__global__ void __launch_bounds__(kThreads) count_rows_kernel(const KernelArgs<A> a) {
-  long long n = 0;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < a.R;
-       r += static_cast<int64_t>(gridDim.x) * kThreads) {
-    n += counted_row(a, r);
-  }
-  n = warp_count(n);
-  if ((threadIdx.x & 31) == 0 && n > 0) {
-    atomicAdd(a.counted, static_cast<unsigned long long>(n));
-  }
-}
-
-// Rows [r0, r1) of peer k's cross-entropy and mimicry (other blocks wrote them: read from L2),
-// summed over the block of kThreads: four running sums a thread, so that eight loads are in
-// flight, added in a fixed order. Every thread gets the sums.
-template <typename A>
-__device__ __forceinline__ void sum_rows(const KernelArgs<A>& a, int64_t k, int64_t r0,
-                                         int64_t r1, A* scratch, A (&v)[2]) {
-  const A* const ce = a.ce + k * a.R;
-  const A* const mimicry = a.mimicry + k * a.R;
-  A sums[2][4] = {{A(0), A(0), A(0), A(0)}, {A(0), A(0), A(0), A(0)}};
-  int64_t r = r0 + threadIdx.x;
-  for (; r + 3 * kThreads < r1; r += 4 * kThreads) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      sums[0][u] += __ldcg(ce + r + u * kThreads);
-      sums[1][u] += __ldcg(mimicry + r + u * kThreads);
-    }
-  }
-  for (int u = 0; r < r1; r += kThreads, ++u) {  // fewer than 4 left
-    sums[0][u] += __ldcg(ce + r);
-    sums[1][u] += __ldcg(mimicry + r);
-  }
-  for (int i = 0; i < 2; ++i) v[i] = (sums[i][0] + sums[i][1]) + (sums[i][2] + sums[i][3]);
-  team_sum(v, scratch, kWarps);
+  return A(1) / static_cast<A>(max(count_rows_in_block(a), 1LL));
 }
 
 // Every thread of a block calls it once it is done: whether it is the last of the grid's blocks
-// to be done, all the others' writes then visible to it. `ticket` was zeroed by the launcher.
+// to be done, all the others' writes then visible to it.
 __device__ __forceinline__ bool last_block_done(unsigned* ticket) {
   __shared__ int last;
   __threadfence();  // each thread's writes are visible to every block ...
@@ -578,59 +533,36 @@ __device__ __forceinline__ bool last_block_done(unsigned* ticket) {
   return last;
 }
 
-// Every thread of every block of a forward kernel calls it after the block's last row. When the
-// loss is reduced in this launch (a.ticket), the last block adds every row's terms and writes
-// the loss and each peer's cross-entropy and mimicry, times `factor` (mean_factor).
+// A reduced loss keeps no per-row terms: each team adds its rows' cross-entropy and mimicry per
+// peer, in its rows' order, into team_sums (its [K][2], in shared memory, written by the team's
+// first thread: write_outputs and fill_row). Every thread of every block of a forward kernel calls
+// this after the block's last row: the block adds its `teams` teams' sums in slot order into
+// a.block_sums; the last block adds the blocks' in block order, times `factor` (mean_factor),
+// writes the outputs and resets the ticket for the next forward. The order depends on the shape
+// and the device only: results are bit-identical run to run.
 template <typename A>
-__device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, A factor) {
-  __shared__ A scratch[kWarps * 2];
-  if (a.ticket == nullptr || !last_block_done(a.ticket)) return;
-  A loss = 0;
-  for (int64_t k = 0; k < a.K; ++k) {
-    A v[2];
-    sum_rows(a, k, 0, a.R, scratch, v);
-    const A ce = v[0] * factor, mimicry = v[1] * factor;
-    if (threadIdx.x == 0) {
-      a.ce_out[k] = ce;
-      a.mimicry_out[k] = mimicry;
-    }
-    loss += ce + a.alpha_t2 * mimicry;
+__device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, const A* team_sums,
+                                                     int teams, A factor) {
+  if (a.reduction == LossReduction::None) return;
+  const int n = 2 * static_cast<int>(a.K);
+  __syncthreads();  // every team's sums are written
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    A sum = team_sums[i];
+    for (int t = 1; t < teams; ++t) sum += team_sums[t * n + i];
+    a.block_sums[static_cast<int64_t>(blockIdx.x) * n + i] = sum;
   }
-  if (threadIdx.x == 0) *a.loss_out = loss;
-}
-
-// A large reduced loss, after the forward: block (k, c) adds chunk c (kRowsPerReduceChunk rows)
-// of peer k's rows; the last block adds the chunks in order and writes the outputs as
-// reduce_if_last_block does.
-template <typename A>
-__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(const KernelArgs<A> a) {
-  __shared__ A scratch[kWarps * 2];
-  const int64_t k = blockIdx.x / a.reduce_chunks;
-  const int64_t c = blockIdx.x - k * a.reduce_chunks;
-  const int64_t r0 = c * kRowsPerReduceChunk;
-  A v[2];
-  sum_rows(a, k, r0, min(a.R, r0 + kRowsPerReduceChunk), scratch, v);
-  if (threadIdx.x == 0) {
-    a.reduce_partials[2 * blockIdx.x] = v[0];
-    a.reduce_partials[2 * blockIdx.x + 1] = v[1];
-  }
-  if (!last_block_done(a.reduce_ticket)) return;
-  const A factor = mean_factor(a);
-  for (int64_t j = threadIdx.x; j < a.K; j += kThreads) {
-    A sums[2] = {A(0), A(0)};
-    for (int64_t i = 0; i < a.reduce_chunks; ++i) {
-      const A* const part = a.reduce_partials + 2 * (j * a.reduce_chunks + i);
-      sums[0] += __ldcg(part);
-      sums[1] += __ldcg(part + 1);
-    }
-    a.ce_out[j] = sums[0] * factor;
-    a.mimicry_out[j] = sums[1] * factor;
+  if (!last_block_done(a.ticket)) return;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    A sum = __ldcg(a.block_sums + i);
+    for (unsigned b = 1; b < gridDim.x; ++b) sum += __ldcg(a.block_sums + b * n + i);
+    (i % 2 == 0 ? a.ce : a.mimicry)[i / 2] = sum * factor;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     A loss = 0;
-    for (int64_t j = 0; j < a.K; ++j) loss += a.ce_out[j] + a.alpha_t2 * a.mimicry_out[j];
-    *a.loss_out = loss;
+    for (int64_t k = 0; k < a.K; ++k) loss += a.ce[k] + a.alpha_t2 * a.mimicry[k];
+    *a.loss = loss;
+    *a.ticket = 0;
   }
 }
 
@@ -733,11 +665,28 @@ __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const PeerRow<A>
   return g;
 }
 
-// Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's four sums).
+// Stores peer k's loss terms of row r (reduction None), or adds them to its team's sums
+// (team_sums, see reduce_if_last_block). The team's first thread calls it.
+template <typename A>
+__device__ __forceinline__ void put_terms(const KernelArgs<A>& a, A* team_sums, int64_t k,
+                                          int64_t r, A ce, A mimicry) {
+  if (a.reduction == LossReduction::None) {
+    const int64_t i = k * a.R + r;
+    a.ce[i] = ce;
+    a.mimicry[i] = mimicry;
+    a.loss[i] = ce + a.alpha_t2 * mimicry;
+  } else {
+    team_sums[2 * k] += ce;
+    team_sums[2 * k + 1] += mimicry;
+  }
+}
+
+// Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's four sums), put
+// by put_terms.
 template <typename O, typename A, typename SumsOf>
-__device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, const A* w, int K, int k,
-                                              int64_t r, const PeerRow<A>& pr, A z_label,
-                                              const SumsOf& sums_of) {
+__device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, A* team_sums, const A* w,
+                                              int K, int k, int64_t r, const PeerRow<A>& pr,
+                                              A z_label, const SumsOf& sums_of) {
   const A* own = sums_of(k);
   A ce = (A(1) - a.eps) * ((pr.m - z_label) + pr.ls);
   // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
@@ -751,19 +700,15 @@ __device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, const A* w
   }
   mimicry *= Log<A>::kToNatural;
   if (own[3] > A(0)) mimicry += INFINITY;
-  const int64_t i = static_cast<int64_t>(k) * a.R + r;
-  a.ce[i] = ce;
-  a.mimicry[i] = mimicry;
-  a.loss[i] = ce + a.alpha_t2 * mimicry;
+  put_terms(a, team_sums, k, r, ce, mimicry);
 }
 
 // Rows that are ignored (value 0) or whose target is out of range (NaN): no logits are read.
 template <typename S, int VEC, typename A>
-__device__ void fill_row(const KernelArgs<A>& a, int64_t r, A value, int tid, int nt) {
+__device__ void fill_row(const KernelArgs<A>& a, A* team_sums, int64_t r, A value, int tid,
+                         int nt) {
   if (tid == 0) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      a.ce[k * a.R + r] = a.mimicry[k * a.R + r] = a.loss[k * a.R + r] = value;
-    }
+    for (int64_t k = 0; k < a.K; ++k) put_terms(a, team_sums, k, r, value, value);
   }
   if (!a.compute_grad) return;
   Pack<S, VEC> x;
@@ -846,11 +791,13 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   extern __shared__ int4 dyn_smem[];
   // mean_factor, read where it is used rather than held in a register through the rows.
   __shared__ A factor;
+  __shared__ A team_sums_smem[kWarps * 2 * KT];  // reduced: each team's sums (put_terms)
   constexpr A kInvKm1 = static_cast<A>(1.0 / (KT - 1));
 
   if (O::mode(a) == LossMode::Weights) {
     for (int i = threadIdx.x; i < KT * KT; i += kThreads) w[i] = a.weights[i];
   }
+  for (int i = threadIdx.x; i < kWarps * 2 * KT; i += kThreads) team_sums_smem[i] = A(0);
   const A mean = mean_factor(a);
   if (threadIdx.x == 0) factor = mean;
   __syncthreads();
@@ -863,6 +810,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       reinterpret_cast<P*>(dyn_smem) + static_cast<int64_t>(slot) * a.cached_iters * KT * nt;
   const int64_t nv = a.C / VEC;
   const int64_t v_cached = min(nv, static_cast<int64_t>(a.cached_iters) * nt);
+  A* const team_sums = team_sums_smem + slot * 2 * KT;
   PeerPass2<A>* pp;
   if constexpr (kRowsInSmem) {
     pp = peers_smem + slot * KT;
@@ -874,7 +822,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
        r += static_cast<int64_t>(gridDim.x) * teams) {
     const int64_t y = a.target[r * a.target_stride];
     if (y == a.ignore_index || y < 0 || y >= a.C) {
-      fill_row<S, VEC>(a, r, y == a.ignore_index ? A(0) : A(NAN), tid, nt);
+      fill_row<S, VEC>(a, team_sums, r, y == a.ignore_index ? A(0) : A(NAN), tid, nt);
       continue;
     }
     // Peer k's logits at row0 + k * a.stride_k, its gradient at grad0 + k * R * C: a base and a
@@ -986,12 +934,12 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     if (tid == 0) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        write_outputs<O>(a, w, KT, k, r, pp[k].row, to_acc(row0[k * a.stride_k + y]),
-                         [&](int j) { return sums + kSums * j; });
+        write_outputs<O>(a, team_sums, w, KT, k, r, pp[k].row,
+                         to_acc(row0[k * a.stride_k + y]), [&](int j) { return sums + kSums * j; });
       }
     }
   }
-  reduce_if_last_block(a, factor);
+  reduce_if_last_block(a, team_sums_smem, teams, factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,7 +1005,8 @@ __device__ void block_emit(const KernelArgs<A>& a, A w_k, const S* row0, int K, 
 }
 
 // Shared memory of the any-K kernels: reduction scratch and, dynamic, prs [K],
-// peer_sums [K][kSums], own [K] (own_weight).
+// peer_sums [K][kSums], own [K] (own_weight), team_sums [K][2] (reduced: the block's one team's
+// sums, see reduce_if_last_block).
 template <typename A>
 struct AnyKSmem {
   int K;
@@ -1065,6 +1014,7 @@ struct AnyKSmem {
   PeerRow<A>* prs;
   A* peer_sums;
   A* own;
+  A* team_sums;
 
   __device__ explicit AnyKSmem(int64_t peers) : K(static_cast<int>(peers)) {
     __shared__ A reduce[kWarps * kSums];
@@ -1073,12 +1023,13 @@ struct AnyKSmem {
     prs = reinterpret_cast<PeerRow<A>*>(dyn_smem);
     peer_sums = reinterpret_cast<A*>(prs + K);
     own = peer_sums + kSums * K;
+    team_sums = own + K;
   }
 };
 
 template <typename A>
 constexpr size_t any_k_smem_bytes(int64_t K) {
-  return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + (kSums + 1) * sizeof(A));
+  return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + (kSums + 3) * sizeof(A));
 }
 
 template <typename A>
@@ -1096,6 +1047,7 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
   __shared__ A factor;  // mean_factor, as in the fixed-K kernel
   for (int k = tid; k < K; k += kThreads) {
     sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, K, k);
+    sm.team_sums[2 * k] = sm.team_sums[2 * k + 1] = A(0);
   }
   const A mean = mean_factor(a);
   if (tid == 0) factor = mean;
@@ -1105,7 +1057,7 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     const int64_t y = a.target[r * a.target_stride];
     A value;
     if (ignored_or_invalid(a, y, value)) {
-      fill_row<S, 1>(a, r, value, tid, kThreads);
+      fill_row<S, 1>(a, sm.team_sums, r, value, tid, kThreads);
       continue;
     }
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
@@ -1125,13 +1077,14 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     __syncthreads();
     if (tid == 0) {
       for (int k = 0; k < K; ++k) {
-        write_outputs<RuntimeOptions>(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+        write_outputs<RuntimeOptions>(a, sm.team_sums, a.weights, K, k, r, sm.prs[k],
+                                      logit_at(a, row0, k, y),
                                       [&](int j) { return sm.peer_sums + kSums * j; });
       }
     }
     __syncthreads();  // prs and peer_sums are rewritten for the next row
   }
-  reduce_if_last_block(a, factor);
+  reduce_if_last_block(a, sm.team_sums, 1, factor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1238,11 +1191,11 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs
   const int64_t y = a.target[r * a.target_stride];
   const AnyKSmem<A> sm(a.K);
   const int K = sm.K;
+  // Thread k puts peer k's terms (put_terms): the block's sums start at 0.
+  for (int k = threadIdx.x; k < K; k += kThreads) sm.team_sums[2 * k] = sm.team_sums[2 * k + 1] = 0;
   A value;
   if (ignored_or_invalid(a, y, value)) {
-    for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
-      a.ce[k * a.R + r] = a.mimicry[k * a.R + r] = a.loss[k * a.R + r] = value;
-    }
+    for (int k = threadIdx.x; k < K; k += kThreads) put_terms(a, sm.team_sums, k, r, value, value);
   } else {
     for (int k = threadIdx.x; k < K; k += kThreads) {
       sm.prs[k] = merged_row(a, r, k);
@@ -1255,11 +1208,12 @@ __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs
     __syncthreads();
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
     for (int k = threadIdx.x; k < K; k += kThreads) {
-      write_outputs<RuntimeOptions>(a, a.weights, K, k, r, sm.prs[k], logit_at(a, row0, k, y),
+      write_outputs<RuntimeOptions>(a, sm.team_sums, a.weights, K, k, r, sm.prs[k],
+                                    logit_at(a, row0, k, y),
                                     [&](int j) { return sm.peer_sums + kSums * j; });
     }
   }
-  reduce_if_last_block(a, mean_factor(a));
+  reduce_if_last_block(a, sm.team_sums, 1, mean_factor(a));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1348,32 +1302,11 @@ KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
   a.reduction = p.reduction;
   char* const workspace = static_cast<char*>(p.workspace);
   const WorkspaceLayout layout = workspace_layout(p, device);
-  a.ticket = a.reduce_ticket = nullptr;
-  a.counted = nullptr;
-  a.reduce_partials = nullptr;
-  a.reduce_chunks = 0;
-  if (p.reduction == LossReduction::None) {
-    a.loss = static_cast<A*>(p.loss);
-    a.ce = static_cast<A*>(p.ce);
-    a.mimicry = static_cast<A*>(p.mimicry);
-    a.loss_out = a.ce_out = a.mimicry_out = nullptr;
-  } else {
-    A* const rows = reinterpret_cast<A*>(workspace + layout.rows);
-    a.loss = rows;
-    a.ce = rows + p.K * p.R;
-    a.mimicry = rows + 2 * p.K * p.R;
-    a.loss_out = static_cast<A*>(p.loss);
-    a.ce_out = static_cast<A*>(p.ce);
-    a.mimicry_out = static_cast<A*>(p.mimicry);
-    if (layout.reduce_chunks > 0) {
-      a.reduce_ticket = reinterpret_cast<unsigned*>(workspace + 4);
-      a.reduce_partials = reinterpret_cast<A*>(workspace + layout.reduce_partials);
-      a.reduce_chunks = layout.reduce_chunks;
-    } else {
-      a.ticket = reinterpret_cast<unsigned*>(workspace);
-    }
-    if (layout.count_first) a.counted = reinterpret_cast<unsigned long long*>(workspace + 8);
-  }
+  a.loss = static_cast<A*>(p.loss);
+  a.ce = static_cast<A*>(p.ce);
+  a.mimicry = static_cast<A*>(p.mimicry);
+  a.ticket = p.ticket;
+  a.block_sums = reinterpret_cast<A*>(workspace + layout.block_sums);
   a.unit_t = p.temperature == 1.0;
   a.a_t = static_cast<A>(Log<A>::kUnitExact / p.temperature);
   a.alpha_t = static_cast<A>(p.alpha * p.temperature);
@@ -1410,7 +1343,8 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
   const auto kernel = mutual_loss_kernel<S, KT, VEC, O>;
   const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid_for(ceil_div(a.R, teams), device, 32), kThreads, smem, stream>>>(a);
+  kernel<<<grid_for(ceil_div(a.R, teams), device, blocks_per_sm<KT>()), kThreads, smem, stream>>>(
+      a);
   return cudaSuccess;
 }
 
@@ -1488,7 +1422,7 @@ cudaError_t launch_any_k(const KernelArgs<acc_t<S>>& a, const DeviceInfo& device
   const auto kernel = mutual_loss_any_k_kernel<S>;
   const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid_for(a.R, device, 8), kThreads, smem, stream>>>(a);
+  kernel<<<grid_for(a.R, device, kMaxBlocksPerSm), kThreads, smem, stream>>>(a);
   return cudaSuccess;
 }
 
@@ -1527,23 +1461,11 @@ cudaError_t launch_rows(const KernelArgs<acc_t<S>>& a, const MutualLossParams& p
 template <typename S>
 cudaError_t launch_forward(const MutualLossParams& p, const DeviceInfo& device,
                            cudaStream_t stream) {
-  if (p.workspace == nullptr && workspace_layout(p, device).bytes > 0) {
+  if ((p.workspace == nullptr && workspace_layout(p, device).bytes > 0) ||
+      (p.reduction != LossReduction::None && p.ticket == nullptr) || p.C > INT32_MAX) {
     return cudaErrorInvalidValue;
   }
-  const KernelArgs<acc_t<S>> a = make_args<acc_t<S>>(p, device);
-  if (p.reduction != LossReduction::None) {  // the tickets and the count
-    const cudaError_t err = cudaMemsetAsync(p.workspace, 0, 16, stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (a.counted != nullptr) {
-    count_rows_kernel<acc_t<S>>
-        <<<grid_for(ceil_div(p.R, 8 * kThreads), device, 4), kThreads, 0, stream>>>(a);
-  }
-  const cudaError_t err = launch_rows<S>(a, p, device, stream);
-  if (err != cudaSuccess || a.reduce_ticket == nullptr) return err;
-  reduce_rows_kernel<acc_t<S>>
-      <<<static_cast<int>(p.K * a.reduce_chunks), kThreads, 0, stream>>>(a);
-  return cudaSuccess;
+  return launch_rows<S>(make_args<acc_t<S>>(p, device), p, device, stream);
 }
 
 template <typename S>

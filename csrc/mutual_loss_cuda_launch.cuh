@@ -25,28 +25,19 @@ inline int64_t split_chunks(const MutualLossParams& p, const DeviceInfo& device)
       1, std::min<int64_t>(ceil_div(2 * int64_t(device.num_sms), p.R), p.C / kMinChunk));
 }
 
-// "mean" over at most this many rows: each block of the forward counts the rows itself; over
-// more, a counting kernel runs first.
-constexpr int64_t kMaxRowsCountedPerBlock = 2048;
-// A reduced loss of at most this many peer rows (K * R) is added up by the forward's last block;
-// a larger one by a kernel of its own, chunks of kRowsPerReduceChunk rows a block.
-constexpr int64_t kMaxRowsReducedInForward = 65536;
-constexpr int64_t kRowsPerReduceChunk = 16384;
+// The forward's grids are at most this many blocks per multiprocessor (the blocks a device holds
+// at once, or fewer): each block counts the rows of a "mean" itself, and a reduced loss keeps a
+// partial sum per block.
+constexpr int kMaxBlocksPerSm = 4;
 
-// Where the forward's scratch lies in its workspace, in bytes. A reduced loss has two tickets
-// (4 bytes each at 0 and 4: the blocks done, of the forward and of the reducing kernel) and the
-// count of the rows (8 bytes at 8), all zeroed by the launcher, then its per-row terms [3][K][R]
-// at `rows`, and, when a kernel of its own adds them up, that kernel's partial sums
-// [K][reduce_chunks][2] at `reduce_partials`; the split forward has its partial statistics
-// [R][chunks][K][kPartialValues] at `partials`.
 // Values the split forward keeps per (row, chunk, peer): five statistics and four loss sums.
 constexpr int64_t kPartialValues = 9;
 
+// Where the forward's scratch lies in its workspace, in bytes: a reduced loss's per-block sums
+// [blocks][K][2] at `block_sums`, then the split forward's partial statistics
+// [R][chunks][K][kPartialValues] at `partials`.
 struct WorkspaceLayout {
-  bool count_first;       // a counting kernel runs first
-  int64_t reduce_chunks;  // 0: the forward's last block adds the rows up
-  int64_t rows;
-  int64_t reduce_partials;
+  int64_t block_sums;
   int64_t partials;
   int64_t bytes;
 };
@@ -56,12 +47,8 @@ inline WorkspaceLayout workspace_layout(const MutualLossParams& p, const DeviceI
   const bool reduced = p.reduction != LossReduction::None;
   const int64_t chunks = split_chunks(p, device);
   WorkspaceLayout w;
-  w.count_first = p.reduction == LossReduction::Mean && p.R > kMaxRowsCountedPerBlock;
-  w.reduce_chunks =
-      reduced && p.K * p.R > kMaxRowsReducedInForward ? ceil_div(p.R, kRowsPerReduceChunk) : 0;
-  w.rows = reduced ? 16 : 0;
-  w.reduce_partials = w.rows + (reduced ? 3 * p.K * p.R * acc : 0);
-  w.partials = w.reduce_partials + p.K * w.reduce_chunks * 2 * acc;
+  w.block_sums = 0;
+  w.partials = reduced ? int64_t(device.num_sms) * kMaxBlocksPerSm * p.K * 2 * acc : 0;
   w.bytes = w.partials + (chunks > 1 ? p.R * chunks * p.K * kPartialValues * acc : 0);
   return w;
 }

@@ -238,8 +238,8 @@ def test_source_regions_and_line_info() -> None:
             ("scale_grad_kernel", None, 1, "any", "scale_grad,scalar"),
         ),
         (
-            f"void {ANON}::count_rows_kernel<float>({ANON}::KernelArgs<float>)",
-            ("count_rows_kernel", None, None, "any", "count"),
+            f"void {ANON}::split_finish_kernel<float>({ANON}::KernelArgs<float>)",
+            ("split_finish_kernel", None, None, "any", "split_finish"),
         ),
     ],
 )

@@ -171,14 +171,23 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   const int64_t workspace_bytes = fastdml::gpu::mutual_loss_workspace_bytes(params, device);
   DeviceBuffer d_workspace("workspace", nullptr, static_cast<size_t>(workspace_bytes), kPoison);
   params.workspace = d_workspace.data();
+  // As the binding's: zero before the forward, and it must be left zero for the next one.
+  const bool has_ticket = reduced != fastdml::gpu::LossReduction::None;
+  DeviceBuffer d_ticket("ticket", nullptr, has_ticket ? sizeof(unsigned) : 0, 0);
+  params.ticket = static_cast<unsigned*>(d_ticket.data());
 
   const cudaError_t launched = fastdml::gpu::launch_mutual_loss(params, device, nullptr);
   std::string problem = launch_problem(launched);
   for (const auto& [buffer, read_only] :
        {std::pair{&d_logits, true}, {&d_target, true}, {&d_weights, true}, {&d_row_scale, true},
         {&d_loss, false}, {&d_ce, false}, {&d_mimicry, false}, {&d_grad, false},
-        {&d_workspace, false}}) {
+        {&d_workspace, false}, {&d_ticket, false}}) {
     if (problem.empty()) problem = buffer->check(read_only);
+  }
+  unsigned ticket = 0;
+  d_ticket.copy_to(has_ticket ? &ticket : nullptr);
+  if (problem.empty() && ticket != 0) {
+    problem = "the forward left its ticket at " + std::to_string(ticket) + ", not 0";
   }
   if (!problem.empty()) return report(error, error_size, problem);
   d_loss.copy_to(loss);

@@ -17,7 +17,6 @@ the shapes that ask for exactly 48 KiB of dynamic shared memory are among the ca
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -85,8 +84,8 @@ GRAD_TOLERANCE = {
 
 # Devices that are not an H100. The launchers keep the cache to half a multiprocessor's shared
 # memory less 8 KiB (for static shared memory): SMALL_SMEM's holds one 16 KiB step of it,
-# NO_SMEM's none. ONE_SM's grids are at most 32 blocks (8 for the any-K kernel), so that teams go
-# on to further rows (the grid-stride loops) with a few dozen rows.
+# NO_SMEM's none. ONE_SM's grids are at most 2 blocks (1 with 7 or 8 peers; 4 for the any-K
+# kernel), so that teams go on to further rows (the grid-stride loops) with a few dozen rows.
 SMALL_SMEM = DeviceInfo(num_sms=132, smem_per_sm=48 * 1024, smem_per_block_optin=48 * 1024)
 NO_SMEM = DeviceInfo(num_sms=132, smem_per_sm=16 * 1024, smem_per_block_optin=48 * 1024)
 ONE_SM = DeviceInfo(1, H100.smem_per_sm, H100.smem_per_block_optin)
@@ -331,33 +330,23 @@ def assert_within(name: str, got: Tensor, want: Tensor, bound: Tensor) -> None:
     assert (error <= bound.nan_to_num(0.0)).all(), f"{name}: {got}, want {want} within {bound}"
 
 
-# Thresholds of the launchers (csrc/mutual_loss_cuda_launch.cuh).
-MAX_ROWS_COUNTED_PER_BLOCK = 2048  # "mean" over more: a counting kernel first
-MAX_ROWS_REDUCED_IN_FORWARD = 65536  # K * R over that: a reducing kernel after the forward
-ROWS_PER_REDUCE_CHUNK = 16384
-
-
 def warp_team_barriers(launch: Launch, case: Case, reduction: str) -> int:
     """The block barriers of the fixed-K kernel with a warp per row: once a block after the peer
-    weights, and for a reduced loss once more to count the rows ("mean", unless a kernel ahead
-    counted them) and twice around its ticket (unless a kernel after it reduces); the last block
-    also twice at each peer's sum."""
+    weights, for "mean" once more to count the rows, and for a reduced loss three times at the end
+    (the teams' sums, then twice around the ticket); the last block once more at the peers' sums."""
     per_block, last = 1, 0
-    if reduction == "mean" and case.rows <= MAX_ROWS_COUNTED_PER_BLOCK:
+    if reduction == "mean":
         per_block += 1
-    if reduction != "none" and case.peers * case.rows <= MAX_ROWS_REDUCED_IN_FORWARD:
-        per_block, last = per_block + 2, 2 * case.peers
+    if reduction != "none":
+        per_block, last = per_block + 3, 1
     return launch.blocks * per_block + last
 
 
 def assert_path(
     launches: list[Launch], case: Case, dtype: torch.dtype, reduction: str = "none"
 ) -> None:
-    """The launches took the path the case is there to cover (the rows' kernels, between the
-    counting and the reducing ones)."""
-    launches = [
-        launch for launch in launches if not re.search("count_rows|reduce_rows", launch.kernel)
-    ]
+    """The launches took the path the case is there to cover: the forward's one kernel (three for
+    the split), whatever the reduction."""
     if split_expected(case):
         assert len(launches) == 3, f"expected the split (3 launches), got {launches}"
         assert launches[0].blocks > case.rows, "the split gives a row several blocks"
@@ -576,40 +565,34 @@ def test_every_row_ignored(gpu: EmulatedDevice, name: str, reduction: str):
     assert got.loss == 0 and not got.ce.any() and not got.mimicry.any() and not got.grad.any()
 
 
-@pytest.mark.parametrize("rows", [2048, 2049])
-def test_mean_over_many_rows_is_counted_first(gpu: EmulatedDevice, rows: int):
-    """Up to 2048 rows each block counts them itself; beyond, a kernel ahead of the forward
-    counts them for all, its blocks adding integer counts."""
+@pytest.mark.parametrize("rows", [2048, 2049, 20000])
+def test_mean_over_many_rows_is_one_launch(gpu: EmulatedDevice, rows: int):
+    """Each block counts the rows of a "mean" itself: no kernel runs ahead of the forward."""
     case = Case("many-rows", 2, rows, 8)
     inputs = in_range(make_inputs(case, torch.float32), case.classes)
     got = run_forward(gpu, inputs, "pairwise", reduction="mean")
-    counts = [launch.kernel for launch in got.launches if "count_rows" in launch.kernel]
-    assert len(counts) == (rows > MAX_ROWS_COUNTED_PER_BLOCK), got.launches
     assert_path(got.launches, case, torch.float32, "mean")
     assert_matches_reference(got, inputs, "pairwise", reduction="mean")
 
 
-LARGE_REDUCED = [  # K * R past MAX_ROWS_REDUCED_IN_FORWARD, on one multiprocessor's 32 blocks
-    Case("reduce-apart", 8, 8193, 8, device=ONE_SM),
-    Case("reduce-apart-chunks", 4, 2 * ROWS_PER_REDUCE_CHUNK + 5, 8, device=ONE_SM),
+LARGE_REDUCED = [  # many peer rows, on one multiprocessor's blocks (grid-stride loops)
+    Case("reduce-many-rows", 8, 8193, 8, device=ONE_SM),
+    Case("reduce-many-rows-any-k", 9, 4099, 8, device=ONE_SM, team="block"),
 ]
 
 
 @pytest.mark.parametrize("schedule", ["forward", "reverse"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("case", LARGE_REDUCED, ids=str)
-def test_large_reduced_loss_has_a_kernel_of_its_own(
+def test_large_reduced_loss_is_one_launch(
     gpu: EmulatedDevice, case: Case, reduction: str, schedule: str
 ):
-    """A block per peer and chunk of rows adds them up after the forward, the last adds the
-    chunks (whichever block that is: the reverse schedule runs the blocks last first)."""
+    """The forward's last block adds the blocks' sums, whichever block that is (the reverse
+    schedule runs the blocks last first), and leaves the ticket zero (the driver checks)."""
     inputs = in_range(make_inputs(case, torch.float32), case.classes)
     got = run_forward(
         gpu, inputs, "pairwise", device=case.device, reduction=reduction, schedule=schedule
     )
-    (reduce,) = [launch for launch in got.launches if "reduce_rows" in launch.kernel]
-    assert got.launches[-1] == reduce
-    assert reduce.blocks == case.peers * -(-case.rows // ROWS_PER_REDUCE_CHUNK)
     assert_path(got.launches, case, torch.float32, reduction)
     assert_matches_reference(got, inputs, "pairwise", reduction=reduction)
 
@@ -643,9 +626,9 @@ HALF = (torch.float16, torch.bfloat16)
 # opted in. The fixed-K kernel's row cache is whole steps of 256 * K * (bytes a load) bytes: 48 KiB
 # where steps * K * (bytes a load) = 192. Found by sweeping C for K = 2..8 and each dtype (none
 # for K = 7), the fewest classes of each kind of team and loads (float16 and bfloat16 alike).
-# The any-K kernel's K * 44 bytes (K * 88 for float64) pass 48 KiB less its static shared memory
-# (400 bytes for float64) from K = 555 for float64. A warp per row: 8 rows, one block; a block per row: 2 rows, fewer than 8192
-# classes (not split).
+# The any-K kernel's K * 52 bytes (K * 104 for float64) pass 48 KiB less its static shared memory
+# (272 bytes for float64) from K = 471 for float64. A warp per row: 8 rows, one block; a
+# block per row: 2 rows, fewer than 8192 classes (not split).
 H200Case = partial(Case, device=H200)
 SMEM_48K_CASES = [
     (H200Case("k2-warp-vector", 2, 8, 1288), torch.float16),
@@ -667,7 +650,7 @@ SMEM_48K_CASES = [
     (H200Case("k8-warp-scalar", 8, 8, 161, vector=False), torch.float32),
     (H200Case("k8-block-vector", 8, 2, 1026, team="block"), torch.float32),
     (H200Case("k8-block-scalar", 8, 2, 2817, vector=False, team="block"), torch.bfloat16),
-    (H200Case("any-k", 556, 1, 2), torch.float64),
+    (H200Case("any-k", 471, 1, 2), torch.float64),
 ]
 
 
