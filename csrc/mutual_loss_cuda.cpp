@@ -25,7 +25,9 @@
 namespace fastdml {
 namespace {
 
-// Beyond 8 peers the statistics of a row live in shared memory, K * 72 bytes of it at most.
+// Beyond 8 peers the statistics of a row live in shared memory, K * 104 bytes of it at most
+// (float64). A GPU that gives a block less refuses the launch (cudaErrorInvalidValue): beyond
+// about 970 float64 peers on sm_86 and sm_89 (99 KiB a block).
 constexpr int64_t kMaxPeers = 1024;
 
 gpu::DType gpu_dtype(at::ScalarType dtype) {
@@ -80,18 +82,32 @@ gpu::DeviceInfo device_info() {
   return entry.info;
 }
 
-// The forward's ticket on the current stream (MutualLossParams::ticket): a counter per device and
-// stream, zeroed when it is made (on that stream, so also inside a CUDA graph's capture) and left
-// zero by every forward, kept for the life of the process. Forwards on one stream run one after
-// another, so they can share it.
-unsigned* stream_ticket(const at::Device& device) {
+// The forward's ticket (MutualLossParams::ticket) on `stream`. Eager launches share one counter
+// per device and stream, allocated outside torch's allocator and zeroed once, on that stream:
+// every forward leaves it zero, and forwards on one stream run one after another. A launch being
+// captured into a CUDA graph gets a counter of its own in `scratch`, zeroed by a memset the graph
+// holds, so that the graph is whole whichever stream replays it, and however often.
+unsigned* forward_ticket(cudaStream_t stream, at::Tensor& scratch,
+                         const at::TensorOptions& bytes) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    scratch = at::empty({static_cast<int64_t>(sizeof(unsigned))}, bytes);
+    auto* const ticket = static_cast<unsigned*>(scratch.mutable_data_ptr());
+    C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(unsigned), stream));
+    return ticket;
+  }
   static std::mutex mutex;
-  static auto& tickets = *new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  static auto& tickets = *new std::map<std::pair<int, cudaStream_t>, unsigned*>();
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& ticket = tickets[{stream.device_index(), stream.id()}];
-  if (!ticket.defined()) ticket = at::zeros({1}, at::TensorOptions(device).dtype(at::kInt));
-  return reinterpret_cast<unsigned*>(ticket.mutable_data_ptr<int32_t>());
+  unsigned*& ticket = tickets[{static_cast<int>(c10::cuda::current_device()), stream}];
+  if (ticket == nullptr) {
+    void* memory = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&memory, sizeof(unsigned)));
+    C10_CUDA_CHECK(cudaMemsetAsync(memory, 0, sizeof(unsigned), stream));
+    ticket = static_cast<unsigned*>(memory);
+  }
+  return ticket;
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
@@ -167,8 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
     params.workspace = workspace.mutable_data_ptr();
   }
   if (R > 0) {
-    if (reduced) params.ticket = stream_ticket(logits.device());
-    C10_CUDA_CHECK(gpu::launch_mutual_loss(params, device, c10::cuda::getCurrentCUDAStream()));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor ticket_scratch;
+    if (reduced) {
+      params.ticket = forward_ticket(stream, ticket_scratch, logits.options().dtype(at::kByte));
+    }
+    C10_CUDA_CHECK(gpu::launch_mutual_loss(params, device, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {loss, ce, mimicry, grad};

@@ -18,14 +18,14 @@
 // (pairwise or ensemble, T = 1 or not, label smoothing or not, the gradient or not) are template
 // arguments (FixedOptions), so that no option is tested in the loops; the rest share one kernel
 // (RuntimeOptions). In float the exponentials are ex2.approx of max-shifted differences in base 2
-// (Log<float>); float64 stays exact. benchmarks/sass_report.py counts what the loops execute. The
-// first
-// `cached_iters` vectors each thread reads in pass 1 are kept in shared memory, so a row that
-// fits is read from memory once; pass 2 reads the rest again, last read first, so that as much of
-// it as possible comes from L2. Vector loads and stores (16 bytes, 8 with 6 or more peers) when
-// every row is aligned, scalar ones otherwise. K is a template argument for 2..8 (two blocks per
-// multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill); beyond it, and for
-// float64, a simpler kernel loops over the peers with their statistics in shared memory.
+// (Log<float>); float64 stays exact. benchmarks/sass_report.py counts what the loops execute.
+// The first `cached_iters` vectors each thread reads in pass 1 are kept in shared memory, so a
+// row that fits is read from memory once; pass 2 reads the rest again, last read first, so that as
+// much of it as possible comes from L2. Vector loads and stores (vector_bytes: 16 bytes, 8 with
+// many peers) when every row is aligned, scalar ones otherwise. K is a template argument for 2..8
+// (two blocks per multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill);
+// beyond it, and for float64, a simpler kernel loops over the peers with their statistics in
+// shared memory.
 //
 // Reductions "sum" and "mean", with no host sync and no launch besides the forward's: the grids
 // are at most kMaxBlocksPerSm blocks per multiprocessor, and for "mean" each block counts the
@@ -128,10 +128,10 @@ __device__ __forceinline__ float lg2_approx(float x) {
 #endif
 }
 
-// The logarithms the kernels work in: base 2 in float, with ex2_approx and lg2_approx (the per-class
-// loops: 2 instructions where expf takes 9); base e in double, exact. A natural log times kUnit is
-// in these units; a value in them times kToNatural is a natural log again. The once-per-row logs
-// are accurate (log, per_row_log).
+// The logarithms the kernels work in: base 2 in float, with ex2_approx and lg2_approx (the
+// per-class loops: 2 instructions where expf takes 9); base e in double, exact. A natural log
+// times kUnit is in these units; a value in them times kToNatural is a natural log again. The
+// once-per-row logs are accurate (acc_log, per_row_log).
 template <typename A>
 struct Log;
 template <>
@@ -251,7 +251,8 @@ __device__ __forceinline__ void store_pack(S* p, const Pack<S, VEC>& x) {
 
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp: max m, s = sum exp(x - m) and (unless unit_t) s_t = sum exp((x - m) / T).
-// The exponentials are Log<A>::pow of (x - m) in its units; a_t is 1 / T in them (Log<A>::kUnit / T).
+// The exponentials are Log<A>::pow of (x - m) in its units; a_t is 1 / T in them
+// (Log<A>::kUnit / T).
 
 template <typename A>
 struct LseState {
@@ -522,7 +523,14 @@ template <typename A>
 __device__ __forceinline__ long long count_rows_in_block(const KernelArgs<A>& a) {
   __shared__ long long warp_counts[kWarps];
   long long n = 0;
-  for (int64_t r = threadIdx.x; r < a.R; r += kThreads) n += counted_row(a, r);
+  // Four independent loads in flight a thread (every block reads all the targets).
+  int64_t r = threadIdx.x;
+  for (; r + 3 * kThreads < a.R; r += 4 * kThreads) {
+    const bool c0 = counted_row(a, r), c1 = counted_row(a, r + kThreads);
+    const bool c2 = counted_row(a, r + 2 * kThreads), c3 = counted_row(a, r + 3 * kThreads);
+    n += int(c0) + int(c1) + int(c2) + int(c3);
+  }
+  for (; r < a.R; r += kThreads) n += counted_row(a, r);
   n = warp_count(n);
   if ((threadIdx.x & 31) == 0) warp_counts[threadIdx.x >> 5] = n;
   __syncthreads();
@@ -572,10 +580,14 @@ __device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, con
     a.block_sums[static_cast<int64_t>(blockIdx.x) * n + i] = sum;
   }
   if (!last_block_done(a.ticket)) return;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    A sum = __ldcg(a.block_sums + i);
-    for (unsigned b = 1; b < gridDim.x; ++b) sum += __ldcg(a.block_sums + b * n + i);
-    (i % 2 == 0 ? a.ce : a.mimicry)[i / 2] = sum * factor;
+  // A warp per value: lane l adds blocks l, l + 32, ... in order, then the warp's butterfly.
+  const int lane = threadIdx.x & 31;
+  for (int i = threadIdx.x >> 5; i < n; i += kWarps) {
+    A sum = 0;
+    for (unsigned b = lane; b < gridDim.x; b += 32) sum += __ldcg(a.block_sums + b * n + i);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFullMask, sum, off);
+    if (lane == 0) (i % 2 == 0 ? a.ce : a.mimicry)[i / 2] = sum * factor;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -618,9 +630,8 @@ __device__ __forceinline__ A sum_others(int K, int k, const Get& x) {
 }
 
 // The mimicry target of peer k at one class: t_k / target_scale, given each peer's q (get_q) and
-// logit (get_z);
-// inv_km1 is 1 / (K - 1) (a constant where K is). For ensemble_logits also sets lt = log t_k in
-// the units of Log<A>.
+// logit (get_z); inv_km1 is 1 / (K - 1) (a constant where K is). For ensemble_logits also sets
+// lt = log t_k in the units of Log<A>.
 template <typename O, typename A, typename GetQ, typename GetZ>
 __device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int K, int k,
                                          A inv_km1, const GetQ& get_q, const GetZ& get_z,
@@ -654,9 +665,10 @@ __device__ __forceinline__ A target_scale(const KernelArgs<A>& a) {
 // One class of peer k in pass 2, given d = z - m, l = log q (units; q = Log<A>::pow(l)), the
 // target t and, for ensemble_logits, lt = log t (units). Adds to the loss sums, in units:
 // sums[0]: sum q log q, or the KL for the ensemble modes; sums[1]: sum t log q; sums[2]: sum d;
-// sums[3]: the mass of t where q = 0 exactly (a -inf logit), where the KL is infinite. log q and
-// log t are clamped at the lowest finite value, so that 0 log 0 adds 0 and one FMA adds a term;
-// sums[3] restores the infinite KL the clamp hides. Returns s * gradient (s: the row's scale).
+// sums[3]: the mass of t where the logit is -inf (q = 0), where the KL is infinite. log q is
+// clamped at the lowest finite value, and t at the smallest normal before its log, so that 0 log 0
+// adds 0 and one FMA adds a term; sums[3] restores the infinite KL the clamp hides. Returns
+// s * gradient (s: the row's scale).
 template <typename O, typename A>
 __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const PeerRow<A>& pr,
                                         const GradCoefs<A>& gc, bool is_label, A d, A l, A q,
@@ -677,7 +689,7 @@ __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const PeerRow<A>
       sums[0] = fma(t, max_nan(lt, L::kLowest) - lc, sums[0]);
       break;
   }
-  if (l == neg_inf<A>()) sums[3] += t;
+  if (d == neg_inf<A>()) sums[3] += t;  // a -inf logit (not a finite one whose l overflows)
   if (O::smoothing(a)) sums[2] += d;
   if (!O::grad(a)) return A(0);
   // The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
@@ -742,7 +754,7 @@ __device__ void fill_row(const KernelArgs<A>& a, A* team_sums, int64_t r, A valu
   }
 }
 
-// Loads are batched so that each thread has several 16-byte loads in flight.
+// Loads are batched so that each thread has several vector loads in flight.
 template <int KT>
 struct BatchOf {
   static constexpr int value = KT <= 2 ? 2 : 1;
@@ -1289,8 +1301,8 @@ int grid_for(int64_t work_items, const DeviceInfo& device, int blocks_per_sm) {
       std::max<int64_t>(1, std::min<int64_t>(work_items, int64_t(device.num_sms) * blocks_per_sm)));
 }
 
-// A bound on the static shared memory of every kernel here (2.3 KB at most: the fixed-K kernel's
-// scratch, weights and row statistics for K = 8).
+// A bound on the static shared memory of every kernel here (about 4.7 KB at most: the fixed-K
+// kernel's scratch, weights, teams' sums and row values for K = 8).
 constexpr size_t kStaticSmemBound = 8 * 1024;
 
 // A block whose shared memory, static and dynamic together, passes 48 KB needs the kernel's
