@@ -483,16 +483,6 @@ struct GradCoefs {
   A c_p, c_q, c_t, on, off;
 };
 
-// w_k: the weight of q_k in peer k's mimicry gradient (own_weight); s: the row's grad_scale;
-// t_scale: target_scale (t is what peer_target returns).
-template <typename A>
-__device__ __forceinline__ GradCoefs<A> grad_coefs(const KernelArgs<A>& a, A w_k, A s, A t_scale,
-                                                   bool unit_t) {
-  const A off = -s * a.eps_over_c;
-  return {s, s * fma(a.alpha_t, w_k, unit_t ? A(1) : A(0)), -s * a.alpha_t * t_scale,
-          off - s * (A(1) - a.eps), off};
-}
-
 // The factor s of the gradient of peer k in row r: row_scale[k, r] (none: 1) times `factor`,
 // the mean's (mean_factor). Read once per row and peer.
 template <typename A>
@@ -660,6 +650,18 @@ __device__ __forceinline__ A peer_target(const KernelArgs<A>& a, const A* w, int
 template <typename O, typename A>
 __device__ __forceinline__ A target_scale(const KernelArgs<A>& a) {
   return O::mode(a) == LossMode::Pairwise ? a.inv_km1 : A(1);
+}
+
+// Peer k's gradient coefficients in row r (the row's scale: grad_scale with `factor`, when the
+// gradient is computed). w_k: the weight of q_k in the mimicry gradient (own_weight); c_t is that
+// of what peer_target returns (target_scale).
+template <typename O, typename A>
+__device__ __forceinline__ GradCoefs<A> grad_coefs(const KernelArgs<A>& a, A w_k, int64_t k,
+                                                   int64_t r, A factor) {
+  const A s = O::grad(a) ? grad_scale(a, k, r, factor) : A(1);
+  const A off = -s * a.eps_over_c;
+  return {s, s * fma(a.alpha_t, w_k, O::unit_t(a) ? A(1) : A(0)),
+          -s * a.alpha_t * target_scale<O>(a), off - s * (A(1) - a.eps), off};
 }
 
 // One class of peer k in pass 2, given d = z - m, l = log q (units; q = Log<A>::pow(l)), the
@@ -901,9 +903,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       team_lse(lse_u, scratch, a.warps_per_team, L::kUnit, true);
     }
     const auto finish = [&](int k) {
-      const A s = O::grad(a) ? grad_scale(a, k, r, factor) : A(1);
       pp[k] = {finish_row(lse[k], lse_u[k], O::unit_t(a)),
-               grad_coefs(a, own_weight<O>(a, w, KT, k), s, target_scale<O>(a), O::unit_t(a))};
+               grad_coefs<O>(a, own_weight<O>(a, w, KT, k), k, r, factor)};
     };
     if constexpr (kRowsInSmem) {
       team_barrier(a.warps_per_team);  // the team is done with the previous row's values
@@ -1018,9 +1019,7 @@ __device__ void block_emit(const KernelArgs<A>& a, A w_k, const S* row0, int K, 
                            A* scratch, A factor, A (&sums)[kSums]) {
   using O = RuntimeOptions;
   const PeerRow<A> pk = prs[k];
-  const GradCoefs<A> gc =
-      grad_coefs(a, w_k, a.compute_grad ? grad_scale(a, k, r, factor) : A(1),
-                 target_scale<O>(a), a.unit_t);
+  const GradCoefs<A> gc = grad_coefs<O>(a, w_k, k, r, factor);
   for (int i = 0; i < kSums; ++i) sums[i] = A(0);
   S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
   const auto log_q = [&](int j, A z) { return fma(z - prs[j].m, a.a_t, -prs[j].b); };
