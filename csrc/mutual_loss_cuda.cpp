@@ -77,7 +77,7 @@ gpu::DeviceInfo device_info() {
     cudaDeviceProp prop;
     C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     entry.info = {prop.multiProcessorCount, static_cast<int>(prop.sharedMemPerMultiprocessor),
-                  static_cast<int>(prop.sharedMemPerBlockOptin)};
+                  static_cast<int>(prop.sharedMemPerBlockOptin), prop.clusterLaunch != 0};
   });
   return entry.info;
 }

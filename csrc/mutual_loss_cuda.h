@@ -26,6 +26,7 @@ struct DeviceInfo {
   int num_sms;
   int smem_per_sm;          // shared memory per multiprocessor, bytes
   int smem_per_block_optin;  // the most dynamic + static shared memory one block may opt into
+  bool clusters;             // launches of thread-block clusters (sm_90 on)
 };
 
 struct MutualLossParams {

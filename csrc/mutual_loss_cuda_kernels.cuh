@@ -21,7 +21,11 @@
 // (Log<float>); float64 stays exact. benchmarks/sass_report.py counts what the loops execute.
 // The first `cached_iters` vectors each thread reads in pass 1 are kept in shared memory, so a
 // row that fits is read from memory once; pass 2 reads the rest again, last read first, so that as
-// much of it as possible comes from L2. Vector loads and stores (vector_bytes: 16 bytes, 8 with
+// much of it as possible comes from L2. On sm_90 a block team's row that does not fit goes to a
+// thread-block cluster instead (launch_cluster): each CTA caches a chunk of it, all of it, and the
+// CTAs combine their per-peer maxima, then their sums, then their loss sums through distributed
+// shared memory in rank order (cluster_reduce), so that the row is read once at any length the
+// cluster holds. Vector loads and stores (vector_bytes: 16 bytes, 8 with
 // many peers) when every row is aligned, scalar ones otherwise. K is a template argument for 2..8
 // (two blocks per multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill);
 // beyond it, and for float64, a simpler kernel loops over the peers with their statistics in
@@ -40,6 +44,7 @@
 
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -289,6 +294,26 @@ struct LseState {
     m = m_new;
   }
 
+  // A resident row's maxima come first: takes N values into m only.
+  template <int N>
+  __device__ __forceinline__ void take_max(const A (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) m = max_of(m, x[i]);
+  }
+
+  // Adds N values at a max m that is already the final one (a resident row: no rescale).
+  template <int N>
+  __device__ __forceinline__ void add(const A (&x)[N], A a_t, bool unit_t) {
+    using L = Log<A>;
+    const A shift = m == neg_inf<A>() ? A(0) : m;  // only -inf: every exponential is 0
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const A d = x[i] - shift;
+      s += L::pow(d * L::kUnit);
+      if (!unit_t) s_t += L::pow(d * a_t);
+    }
+  }
+
   // Symmetric in its two operands, bit for bit (see sum_of_products).
   __device__ __forceinline__ void merge(A o_m, A o_s, A o_s_t, A a_t, bool unit_t) {
     using L = Log<A>;
@@ -306,12 +331,13 @@ struct LseState {
 // Team reductions. A team is one warp or the whole block (warps == kWarps); every thread of the
 // team ends with the same result. scratch holds kWarps * 3 * N values.
 
-template <int N, typename A>
-__device__ __forceinline__ void team_sum(A (&v)[N], A* scratch, int warps) {
+// op: A(A, A), commutative (the two lanes of a butterfly get the same value).
+template <int N, typename A, typename Op>
+__device__ __forceinline__ void team_reduce(A (&v)[N], A* scratch, int warps, const Op& op) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], off);
+    for (int i = 0; i < N; ++i) v[i] = op(v[i], __shfl_xor_sync(kFullMask, v[i], off));
   }
   if (warps > 1) {
     const int warp = threadIdx.x >> 5;
@@ -323,11 +349,25 @@ __device__ __forceinline__ void team_sum(A (&v)[N], A* scratch, int warps) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A acc = scratch[i];
-      for (int w = 1; w < warps; ++w) acc += scratch[w * N + i];
+      for (int w = 1; w < warps; ++w) acc = op(acc, scratch[w * N + i]);
       v[i] = acc;
     }
     __syncthreads();
   }
+}
+
+template <typename A>
+struct Add {
+  __device__ __forceinline__ A operator()(A x, A y) const { return x + y; }
+};
+template <typename A>
+struct Max {
+  __device__ __forceinline__ A operator()(A x, A y) const { return max_of(x, y); }
+};
+
+template <int N, typename A>
+__device__ __forceinline__ void team_sum(A (&v)[N], A* scratch, int warps) {
+  team_reduce(v, scratch, warps, Add<A>());
 }
 
 template <int N, typename A>
@@ -366,6 +406,59 @@ __device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int w
     }
     __syncthreads();
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90 on): the CTAs of a cluster share a row, each holding a chunk of it
+// in its shared memory, and exchange their partial statistics through distributed shared memory.
+// The launchers launch clusters only where the device has them (DeviceInfo::clusters); for older
+// architectures the cluster code compiles to nothing.
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+constexpr bool kHasClusters = true;
+#else
+constexpr bool kHasClusters = false;
+#endif
+// The most CTAs of a cluster without opting into non-portable sizes.
+constexpr int kMaxClusterCtas = 8;
+
+// Every thread of every CTA of the cluster waits here for all the others.
+__device__ __forceinline__ void cluster_sync() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// The address p (in this CTA's shared memory) has in the shared memory of the cluster's CTA `rank`.
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  return p;
+#endif
+}
+
+// Every thread of every one of the cluster's `ctas` CTAs calls it, v the same in all the threads of
+// a CTA; every thread ends with op over the CTAs' v in rank order, the same in every CTA.
+// exchange and merged: N values each in shared memory.
+template <int N, typename A, typename Op>
+__device__ __forceinline__ void cluster_reduce(A (&v)[N], A* exchange, A* merged, int ctas,
+                                               const Op& op) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) exchange[i] = v[i];
+  }
+  cluster_sync();  // every CTA's values are in place
+  for (int i = threadIdx.x; i < N; i += kThreads) {
+    A acc = *cluster_peer(exchange + i, 0);
+    for (int c = 1; c < ctas; ++c) acc = op(acc, *cluster_peer(exchange + i, c));
+    merged[i] = acc;
+  }
+  cluster_sync();  // every CTA is done reading `exchange` (the next call rewrites it), and `merged`
+                   // is visible to the whole CTA
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = merged[i];
 }
 
 __device__ __forceinline__ void team_barrier(int warps) {
@@ -410,6 +503,7 @@ struct KernelArgs {
   int64_t ignore_index;
   int warps_per_team;  // 1 or kWarps
   int cached_iters;    // vectors per thread and peer kept in shared memory (fast kernel)
+  int cluster;         // CTAs per row (a cluster of them; 1: none), each caching a chunk of it
   int64_t chunks;      // split forward: chunks per row
   A* partials;         // split forward: [R][chunks][K][kPartialValues]
 };
@@ -738,21 +832,21 @@ __device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, A* team_su
   put_terms(a, team_sums, k, r, ce, mimicry);
 }
 
-// Rows that are ignored (value 0) or whose target is out of range (NaN): no logits are read.
+// Rows that are ignored (value 0) or whose target is out of range (NaN): no logits are read. The
+// caller's vectors v0, v0 + nt, ... < v1 of the gradient are filled; `puts`: it puts the terms.
 template <typename S, int VEC, typename A>
-__device__ void fill_row(const KernelArgs<A>& a, A* team_sums, int64_t r, A value, int tid,
-                         int nt) {
-  if (tid == 0) {
+__device__ void fill_row(const KernelArgs<A>& a, A* team_sums, int64_t r, A value, bool puts,
+                         int64_t v0, int64_t v1, int nt) {
+  if (puts) {
     for (int64_t k = 0; k < a.K; ++k) put_terms(a, team_sums, k, r, value, value);
   }
   if (!a.compute_grad) return;
   Pack<S, VEC> x;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) from_acc(value, x.v[e]);
-  const int64_t nv = a.C / VEC;
   for (int64_t k = 0; k < a.K; ++k) {
     S* g = static_cast<S*>(a.grad) + (k * a.R + r) * a.C;
-    for (int64_t v = tid; v < nv; v += nt) store_pack<true, S, VEC>(g + v * VEC, x);
+    for (int64_t v = v0; v < v1; v += nt) store_pack<true, S, VEC>(g + v * VEC, x);
   }
 }
 
@@ -809,8 +903,9 @@ struct PeerPass2 {
   GradCoefs<A> coefs;
 };
 
-// O: FixedOptions (a hot option set) or RuntimeOptions.
-template <typename S, int KT, int VEC, typename O>
+// O: FixedOptions (a hot option set) or RuntimeOptions. kClustered: launched in clusters of
+// a.cluster CTAs (launch_cluster), a kernel of its own so that its registers are its own.
+template <typename S, int KT, int VEC, typename O, bool kClustered>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     mutual_loss_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
@@ -827,6 +922,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   // mean_factor, read where it is used rather than held in a register through the rows.
   __shared__ A factor;
   __shared__ A team_sums_smem[kWarps * 2 * KT];  // reduced: each team's sums (put_terms)
+  __shared__ A cluster_smem[2][kSums * KT];      // a cluster's exchange (cluster_reduce)
   constexpr A kInvKm1 = static_cast<A>(1.0 / (KT - 1));
 
   if (O::mode(a) == LossMode::Weights) {
@@ -841,10 +937,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   const int slot = threadIdx.x / nt;
   const int tid = threadIdx.x - slot * nt;
   const int teams = kThreads / nt;
+  const int64_t nv = a.C / VEC;
   P* const cache =
       reinterpret_cast<P*>(dyn_smem) + static_cast<int64_t>(slot) * a.cached_iters * KT * nt;
-  const int64_t nv = a.C / VEC;
-  const int64_t v_cached = min(nv, static_cast<int64_t>(a.cached_iters) * nt);
   A* const team_sums = team_sums_smem + slot * 2 * KT;
   PeerPass2<A>* pp;
   if constexpr (kRowsInSmem) {
@@ -853,126 +948,205 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     pp = peers_regs;
   }
 
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * teams + slot; r < a.R;
-       r += static_cast<int64_t>(gridDim.x) * teams) {
-    const int64_t y = a.target[r * a.target_stride];
-    if (y == a.ignore_index || y < 0 || y >= a.C) {
-      fill_row<S, VEC>(a, team_sums, r, y == a.ignore_index ? A(0) : A(NAN), tid, nt);
-      continue;
-    }
-    // Peer k's logits at row0 + k * a.stride_k, its gradient at grad0 + k * R * C: a base and a
-    // stride, not KT pointers (registers).
-    const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+  // The rows (a function of their own, so that a cluster kernel compiles to nothing where the
+  // architecture has no clusters).
+  const auto rows = [&]() {
+    // A cluster of `ctas` CTAs (a team each) owns a row: CTA `rank` its vectors [v0, v1), all of
+    // them in its shared memory (the launcher sized the cache so), the row's maxima taken before
+    // its sums. Without a cluster, a team owns a row, and its first v_cached vectors are cached.
+    const int ctas = kClustered ? a.cluster : 1;
+    const int rank = kClustered ? static_cast<int>(blockIdx.x % ctas) : 0;
+    const int64_t chunk = kClustered ? (nv + ctas - 1) / ctas : nv;
+    const int64_t v0 = kClustered ? min(nv, rank * chunk) : 0;
+    const int64_t v1 = kClustered ? min(nv, v0 + chunk) : nv;
+    const int64_t v_cached = min(v1, v0 + static_cast<int64_t>(a.cached_iters) * nt);
+    // The cache slot of vector v of peer k.
+    const auto cached = [&](int64_t v, int k) -> P& {
+      return cache[(v - v0 - tid) * KT + k * nt + tid];
+    };
+    for (int64_t r = static_cast<int64_t>(blockIdx.x / ctas) * teams + slot; r < a.R;
+         r += static_cast<int64_t>(gridDim.x / ctas) * teams) {
+      const int64_t y = a.target[r * a.target_stride];
+      if (y == a.ignore_index || y < 0 || y >= a.C) {
+        fill_row<S, VEC>(a, team_sums, r, y == a.ignore_index ? A(0) : A(NAN),
+                         tid == 0 && rank == 0, v0 + tid, v1, nt);
+        continue;
+      }
+      // Peer k's logits at row0 + k * a.stride_k, its gradient at grad0 + k * R * C: a base and a
+      // stride, not KT pointers (registers).
+      const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
 
-    // Pass 1: online log-sum-exps.
-    LseState<A> lse[KT], lse_u[KT];
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      lse[k].reset();
-      lse_u[k].reset();
-    }
-    const auto fold = [&](int64_t, const P(&x)[KT]) {
+      // Pass 1: the log-sum-exps.
+      LseState<A> lse[KT], lse_u[KT];
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        A z[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) z[e] = to_acc(x[k].v[e]);
-        lse[k].fold(z, a.a_t, O::unit_t(a));
+        lse[k].reset();
+        lse_u[k].reset();
       }
-      if (O::mode(a) == LossMode::EnsembleLogits) {
+      // Calls f(state, values, a_t, unit_t) for each log-sum-exp of pass 1 at a vector: each
+      // peer's, of its logits, and for ensemble_logits its target's, of the others' mean logits.
+      const auto for_each_lse = [&](const P(&x)[KT], const auto& f) {
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          A u[VEC];
+          A z[VEC];
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            u[e] = sum_others<A>(KT, k, [&](int j) { return to_acc(x[j].v[e]); }) * a.u_scale;
+          for (int e = 0; e < VEC; ++e) z[e] = to_acc(x[k].v[e]);
+          f(lse[k], z, a.a_t, O::unit_t(a));
+        }
+        if (O::mode(a) == LossMode::EnsembleLogits) {
+#pragma unroll
+          for (int k = 0; k < KT; ++k) {
+            A u[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              u[e] = sum_others<A>(KT, k, [&](int j) { return to_acc(x[j].v[e]); }) * a.u_scale;
+            }
+            f(lse_u[k], u, L::kUnit, true);
           }
-          lse_u[k].fold(u, L::kUnit, true);
+        }
+      };
+      const auto fold = [&](int64_t, const P(&x)[KT]) {
+        for_each_lse(x, [](LseState<A>& st, const A(&vals)[VEC], A a_t, bool unit_t) {
+          st.fold(vals, a_t, unit_t);
+        });
+      };
+      if constexpr (!kClustered) {
+        const auto cache_and_fold = [&](int64_t v, const P(&x)[KT]) {
+#pragma unroll
+          for (int k = 0; k < KT; ++k) cached(v, k) = x[k];
+          fold(v, x);
+        };
+        for_each_vector<VEC, KT, true, false>(row0, a.stride_k, v0 + tid, v_cached, nt,
+                                              cache_and_fold);
+        for_each_vector<VEC, KT, false, false>(row0, a.stride_k, v_cached + tid, v1, nt, fold);
+        team_lse(lse, scratch, a.warps_per_team, a.a_t, O::unit_t(a));
+        if (O::mode(a) == LossMode::EnsembleLogits) {
+          team_lse(lse_u, scratch, a.warps_per_team, L::kUnit, true);
+        }
+      } else {
+        // The chunk is resident: its maxima first, then the sums at the row's maxima.
+        const auto cache_and_max = [&](int64_t v, const P(&x)[KT]) {
+#pragma unroll
+          for (int k = 0; k < KT; ++k) cached(v, k) = x[k];
+          for_each_lse(x, [](LseState<A>& st, const A(&vals)[VEC], A, bool) { st.take_max(vals); });
+        };
+        for_each_vector<VEC, KT, true, false>(row0, a.stride_k, v0 + tid, v1, nt, cache_and_max);
+        A maxima[2 * KT];
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          maxima[k] = lse[k].m;
+          maxima[KT + k] = lse_u[k].m;
+        }
+        team_reduce(maxima, scratch, kWarps, Max<A>());
+        cluster_reduce(maxima, cluster_smem[0], cluster_smem[1], ctas, Max<A>());
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          lse[k].m = maxima[k];
+          lse_u[k].m = maxima[KT + k];
+        }
+        const auto add_at_max = [&](int64_t v) {
+          P x[KT];
+#pragma unroll
+          for (int k = 0; k < KT; ++k) x[k] = cached(v, k);
+          for_each_lse(x, [](LseState<A>& st, const A(&vals)[VEC], A a_t, bool unit_t) {
+            st.add(vals, a_t, unit_t);
+          });
+        };
+        for (int64_t v = v0 + tid; v < v1; v += nt) add_at_max(v);
+        A sums[3 * KT];
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          sums[k] = lse[k].s;
+          sums[KT + k] = lse[k].s_t;
+          sums[2 * KT + k] = lse_u[k].s;
+        }
+        team_sum(sums, scratch, kWarps);
+        cluster_reduce(sums, cluster_smem[0], cluster_smem[1], ctas, Add<A>());
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+          lse[k].s = sums[k];
+          lse[k].s_t = sums[KT + k];
+          lse_u[k].s = sums[2 * KT + k];
         }
       }
-    };
-    const auto cache_and_fold = [&](int64_t v, const P(&x)[KT]) {
+      const auto finish = [&](int k) {
+        pp[k] = {finish_row(lse[k], lse_u[k], O::unit_t(a)),
+                 grad_coefs<O>(a, own_weight<O>(a, w, KT, k), k, r, factor)};
+      };
+      if constexpr (kRowsInSmem) {
+        team_barrier(a.warps_per_team);  // the team is done with the previous row's values
+        if (tid == 0) {
 #pragma unroll
-      for (int k = 0; k < KT; ++k) cache[(v - tid) * KT + k * nt + tid] = x[k];
-      fold(v, x);
-    };
-    for_each_vector<VEC, KT, true, false>(row0, a.stride_k, tid, v_cached, nt, cache_and_fold);
-    for_each_vector<VEC, KT, false, false>(row0, a.stride_k, v_cached + tid, nv, nt, fold);
-    team_lse(lse, scratch, a.warps_per_team, a.a_t, O::unit_t(a));
-    if (O::mode(a) == LossMode::EnsembleLogits) {
-      team_lse(lse_u, scratch, a.warps_per_team, L::kUnit, true);
-    }
-    const auto finish = [&](int k) {
-      pp[k] = {finish_row(lse[k], lse_u[k], O::unit_t(a)),
-               grad_coefs<O>(a, own_weight<O>(a, w, KT, k), k, r, factor)};
-    };
-    if constexpr (kRowsInSmem) {
-      team_barrier(a.warps_per_team);  // the team is done with the previous row's values
-      if (tid == 0) {
+          for (int k = 0; k < KT; ++k) finish(k);
+        }
+        team_barrier(a.warps_per_team);
+      } else {
 #pragma unroll
         for (int k = 0; k < KT; ++k) finish(k);
       }
-      team_barrier(a.warps_per_team);
-    } else {
-#pragma unroll
-      for (int k = 0; k < KT; ++k) finish(k);
-    }
 
-    // Pass 2: loss sums and the gradient.
-    A sums[kSums * KT];
+      // Pass 2: loss sums and the gradient.
+      A sums[kSums * KT];
 #pragma unroll
-    for (int i = 0; i < kSums * KT; ++i) sums[i] = A(0);
-    S* const grad0 = O::grad(a) ? static_cast<S*>(a.grad) + r * a.C : nullptr;
-    const int64_t grad_stride = a.R * a.C;
-    const int y32 = static_cast<int>(y);  // C < 2^31 (the launcher's check): 32-bit compares
-    const auto emit = [&](int64_t v, const P(&x)[KT]) {
-      P g[KT];
+      for (int i = 0; i < kSums * KT; ++i) sums[i] = A(0);
+      S* const grad0 = O::grad(a) ? static_cast<S*>(a.grad) + r * a.C : nullptr;
+      const int64_t grad_stride = a.R * a.C;
+      const int y32 = static_cast<int>(y);  // C < 2^31 (the launcher's check): 32-bit compares
+      const auto emit = [&](int64_t v, const P(&x)[KT]) {
+        P g[KT];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        A z[KT], d[KT], l[KT], q[KT];
+        for (int e = 0; e < VEC; ++e) {
+          A z[KT], d[KT], l[KT], q[KT];
 #pragma unroll
-        for (int k = 0; k < KT; ++k) {
-          z[k] = to_acc(x[k].v[e]);
-          d[k] = z[k] - pp[k].row.m;
-          l[k] = fma(d[k], a.a_t, -pp[k].row.b);
-          q[k] = L::pow(l[k]);
+          for (int k = 0; k < KT; ++k) {
+            z[k] = to_acc(x[k].v[e]);
+            d[k] = z[k] - pp[k].row.m;
+            l[k] = fma(d[k], a.a_t, -pp[k].row.b);
+            q[k] = L::pow(l[k]);
+          }
+          const bool is_label = static_cast<int>(v) * VEC + e == y32;
+#pragma unroll
+          for (int k = 0; k < KT; ++k) {
+            A lt = 0;
+            const A t = peer_target<O>(
+                a, w, KT, k, kInvKm1, [&](int j) { return q[j]; }, [&](int j) { return z[j]; },
+                pp[k].row, lt);
+            const A gk = class_step<O>(a, pp[k].row, pp[k].coefs, is_label, d[k], l[k], q[k], t,
+                                       lt, sums + kSums * k);
+            from_acc(gk, g[k].v[e]);
+          }
         }
-        const bool is_label = static_cast<int>(v) * VEC + e == y32;
+        if (O::grad(a)) {
 #pragma unroll
-        for (int k = 0; k < KT; ++k) {
-          A lt = 0;
-          const A t = peer_target<O>(
-              a, w, KT, k, kInvKm1, [&](int j) { return q[j]; }, [&](int j) { return z[j]; },
-              pp[k].row, lt);
-          const A gk = class_step<O>(a, pp[k].row, pp[k].coefs, is_label, d[k], l[k], q[k], t,
-                                     lt, sums + kSums * k);
-          from_acc(gk, g[k].v[e]);
+          for (int k = 0; k < KT; ++k) {
+            store_pack<true, S, VEC>(grad0 + k * grad_stride + v * VEC, g[k]);
+          }
         }
+      };
+      if constexpr (!kClustered) {
+        for_each_vector<VEC, KT, true, true>(row0, a.stride_k, v_cached + tid, v1, nt, emit);
       }
-      if (O::grad(a)) {
+      for (int64_t v = v0 + tid; v < v_cached; v += nt) {
+        P x[KT];
 #pragma unroll
-        for (int k = 0; k < KT; ++k) {
-          store_pack<true, S, VEC>(grad0 + k * grad_stride + v * VEC, g[k]);
-        }
+        for (int k = 0; k < KT; ++k) x[k] = cached(v, k);
+        emit(v, x);
       }
-    };
-    for_each_vector<VEC, KT, true, true>(row0, a.stride_k, v_cached + tid, nv, nt, emit);
-    for (int64_t v = tid; v < v_cached; v += nt) {
-      P x[KT];
-#pragma unroll
-      for (int k = 0; k < KT; ++k) x[k] = cache[(v - tid) * KT + k * nt + tid];
-      emit(v, x);
-    }
 
-    team_sum(sums, scratch, a.warps_per_team);
-    if (tid == 0) {
+      team_sum(sums, scratch, a.warps_per_team);
+      if constexpr (kClustered) {
+        cluster_reduce(sums, cluster_smem[0], cluster_smem[1], ctas, Add<A>());
+      }
+      if (tid == 0 && rank == 0) {
 #pragma unroll
-      for (int k = 0; k < KT; ++k) {
-        write_outputs<O>(a, team_sums, w, KT, k, r, pp[k].row,
-                         to_acc(row0[k * a.stride_k + y]), [&](int j) { return sums + kSums * j; });
+        for (int k = 0; k < KT; ++k) {
+          write_outputs<O>(a, team_sums, w, KT, k, r, pp[k].row, to_acc(row0[k * a.stride_k + y]),
+                           [&](int j) { return sums + kSums * j; });
+        }
       }
     }
-  }
+  };
+  if constexpr (kHasClusters || !kClustered) rows();
   reduce_if_last_block(a, team_sums_smem, teams, factor);
 }
 
@@ -1089,7 +1263,7 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     const int64_t y = a.target[r * a.target_stride];
     A value;
     if (ignored_or_invalid(a, y, value)) {
-      fill_row<S, 1>(a, sm.team_sums, r, value, tid, kThreads);
+      fill_row<S, 1>(a, sm.team_sums, r, value, tid == 0, tid, a.C, kThreads);
       continue;
     }
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
@@ -1352,9 +1526,55 @@ KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
   a.ignore_index = p.ignore_index;
   a.warps_per_team = kWarps;
   a.cached_iters = 0;
+  a.cluster = 1;
   a.chunks = 1;
   a.partials = reinterpret_cast<A*>(workspace + layout.partials);
   return a;
+}
+
+// Launches the kernel for rows of a block team that pass one block's cache (`iters` vectors a
+// thread and peer, `iter_bytes` of shared memory each, `budget` a block) on clusters of CTAs that
+// together hold the row in shared memory, a chunk each, if the device has clusters, the chunks
+// fit at most kMaxClusterCtas CTAs, and the device can hold such a cluster. Sets `launched`;
+// returns the error of a CUDA call.
+template <typename S, int KT, int VEC, typename O>
+cudaError_t launch_cluster(KernelArgs<acc_t<S>> a, const DeviceInfo& device, cudaStream_t stream,
+                           int64_t iters, int64_t iter_bytes, int64_t budget, bool& launched) {
+  const auto kernel = mutual_loss_kernel<S, KT, VEC, O, true>;
+  launched = false;
+  const int64_t max_iters = budget / iter_bytes;  // vectors a thread caches per peer, at most
+  if (!device.clusters || max_iters == 0) return cudaSuccess;
+  const int64_t ctas = ceil_div(iters, max_iters);
+  if (ctas > kMaxClusterCtas) return cudaSuccess;
+  a.cluster = static_cast<int>(ctas);
+  a.cached_iters = static_cast<int>(ceil_div(iters, ctas));  // each CTA's chunk, all of it
+  const size_t smem = static_cast<size_t>(a.cached_iters * iter_bytes);
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(ctas);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int active = 0;
+  if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // not the launch's error: the cache-and-L2 path runs instead
+    return cudaSuccess;
+  }
+  // Clusters at once, at most one a row and kMaxBlocksPerSm CTAs a multiprocessor (block_sums).
+  const int64_t clusters = std::min<int64_t>(
+      {a.R, active, int64_t(device.num_sms) * kMaxBlocksPerSm / ctas});
+  if (clusters < 1) return cudaSuccess;
+  config.gridDim = dim3(static_cast<unsigned>(clusters * ctas));
+  launched = true;
+  return cudaLaunchKernelEx(&config, kernel, a);
 }
 
 template <typename S, int KT, int VEC, typename O>
@@ -1370,9 +1590,17 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
   const int64_t budget = std::max<int64_t>(
       0, std::min<int64_t>(device.smem_per_block_optin, device.smem_per_sm / blocks_per_sm<KT>()) -
              8 * 1024);
-  a.cached_iters = static_cast<int>(std::min<int64_t>(ceil_div(nv, nt), budget / iter_bytes));
+  const int64_t iters = ceil_div(nv, nt);  // vectors a thread reads per peer
+  if (VEC > 1 && teams == 1 && iters * iter_bytes > budget) {
+    bool launched;
+    const cudaError_t err =
+        launch_cluster<S, KT, VEC, O>(a, device, stream, iters, iter_bytes, budget, launched);
+    if (err != cudaSuccess || launched) return err;
+  }
+  const auto kernel = mutual_loss_kernel<S, KT, VEC, O, false>;
+  // Else the first vectors of each row are cached, the rest read again from L2 or memory.
+  a.cached_iters = static_cast<int>(std::min<int64_t>(iters, budget / iter_bytes));
   const size_t smem = static_cast<size_t>(a.cached_iters * iter_bytes);
-  const auto kernel = mutual_loss_kernel<S, KT, VEC, O>;
   const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid_for(ceil_div(a.R, teams), device, blocks_per_sm<KT>()), kThreads, smem, stream>>>(

@@ -1,10 +1,11 @@
 """Builds csrc/*.cu as plain C++ for the CPU emulation of the CUDA kernels (cuda_emulation.h).
 
 Every csrc/*.cu and *.cuh is rewritten where CUDA is not C++ (the launch syntax and __shared__
-declarations), and each .cu is compiled by the host C++ compiler as its own translation unit,
-in parallel, then linked with the emulator and the ctypes driver into one shared library. The
-library is cached under a key of everything that goes into it, so a test session builds it once
-and later sessions on an unchanged tree not at all.
+declarations) or where the emulator needs more than the call gives (cudaLaunchKernelEx: the
+launcher's name and the kernel expression, as for <<<>>>), and each .cu is compiled by the host
+C++ compiler as its own translation unit, in parallel, then linked with the emulator and the
+ctypes driver into one shared library. The library is cached under a key of everything that goes
+into it, so a test session builds it once and later sessions on an unchanged tree not at all.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ _LAUNCH = re.compile(
     r"<<<(?P<config>.*?)>>>\s*\((?P<args>.*?)\)\s*;",
     re.DOTALL,
 )
+# cudaLaunchKernelEx(config, kernel, ...: the kernel may carry template arguments as above.
+_LAUNCH_EX = re.compile(
+    r"\bcudaLaunchKernelEx\s*\(\s*(?P<config>[^,;()]+?)\s*,\s*"
+    r"(?P<kernel>[A-Za-z_][\w:]*(?:\s*<(?:[^<>;()]|<[^<>;()]*>)*>)?)\s*(?P<end>[,)])"
+)
 _ALIGN = r"(?:__align__\s*\(\s*\d+\s*\)\s+)?"
 _EXTERN_SHARED = re.compile(
     rf"extern\s+__shared__\s+{_ALIGN}(?P<type>[\w:<>,\s*]+?)\s*(?P<name>\b\w+)\s*\[\s*\]\s*;"
@@ -69,6 +75,15 @@ def _launch(match: re.Match[str]) -> str:
     return _same_lines(match[0], call)
 
 
+def _launch_ex(match: re.Match[str]) -> str:
+    kernel = match["kernel"]
+    call = (
+        f'::cuda_emu::launch(__PRETTY_FUNCTION__, "{" ".join(kernel.split())}", '
+        f"{match['config']}, {kernel}{match['end']}"
+    )
+    return _same_lines(match[0], call)
+
+
 def _extern_shared(match: re.Match[str]) -> str:
     declaration = (
         f"{match['type']}* const {match['name']} = ::cuda_emu::dynamic_shared<{match['type']}>();"
@@ -89,6 +104,7 @@ def rewrite(source: str, path: Path) -> str:
     """The CUDA source as C++ for the emulator; line numbers and file name kept for messages."""
     text = _COMMENT_OR_LITERAL.sub(_drop_comment, source)
     text = _LAUNCH.sub(_launch, text)
+    text = _LAUNCH_EX.sub(_launch_ex, text)
     text = _EXTERN_SHARED.sub(_extern_shared, text)
     text = _SHARED.sub(_shared, text)
     if "<<<" in text or ">>>" in text:

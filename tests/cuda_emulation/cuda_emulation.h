@@ -1,16 +1,19 @@
 // What nvcc and the CUDA runtime would give the kernels of csrc/*.cu, for g++ on the CPU
 // (tests/test_cuda_emulation.py). Force-included (-include) before every emulated translation unit.
 //
-// A launch runs its blocks one after another; the threads of a block are fibers of one OS thread,
-// switched at every barrier (emulator.cpp), so __syncthreads, __syncwarp and the warp shuffles are
-// exact and deterministic, and a barrier that not every thread reaches is reported, not hung on.
+// A launch runs its clusters of blocks (thread-block clusters, cudaLaunchKernelEx; a plain launch
+// has clusters of one block) one after another; the threads of a cluster are fibers of one OS
+// thread, switched at every barrier (emulator.cpp), so __syncthreads, cluster.sync(), __syncwarp
+// and the warp shuffles are exact and deterministic, and a barrier that not every thread reaches
+// is reported, not hung on.
 // The half types and their conversions are the real cuda_fp16.h / cuda_bf16.h host code; the
 // runtime types (dim3, int4, cudaError_t, cudaStream_t) are the toolkit's own.
 //
 // build.py rewrites what is not C++ before compiling: `k<<<grid, block, smem, stream>>>(args)`
-// becomes cuda_emu::launch(...), and `__shared__` / `extern __shared__` declarations become
-// references to the block's emulated shared memory (poisoned with NaN bytes at each block's start,
-// so that a read before any write shows).
+// and `cudaLaunchKernelEx(&config, k, args)` become cuda_emu::launch(...), and `__shared__` /
+// `extern __shared__` declarations become references to the block's emulated shared memory
+// (poisoned with NaN bytes at its cluster's start and its end, so that a read before any write or
+// after the block ended shows).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,7 +47,7 @@
 #define __noinline__
 #define __launch_bounds__(...)
 // Only for a declaration build.py did not rewrite: one static per kernel instantiation is right
-// while blocks run one at a time, just not poisoned.
+// while clusters of one block run one at a time, just not poisoned.
 #define __shared__ static
 #define __constant__ static
 
@@ -65,6 +68,13 @@ void syncthreads(const Site& site);
 // __syncthreads that returns how many threads of the block passed a nonzero predicate.
 int syncthreads_count(int predicate, const Site& site);
 void syncwarp(unsigned mask, const Site& site);
+// cooperative_groups::this_cluster(): its barrier (every live thread of every block of the
+// cluster), the rank of the current block in it and its size in blocks, and the address in block
+// `rank`'s shared memory of what `p` points to in the current block's.
+void cluster_sync(const Site& site);
+unsigned cluster_block_rank();
+unsigned cluster_blocks();
+void* map_shared_rank(const void* p, int rank, const Site& site);
 enum class ShuffleKind : int { Idx, Up, Down, Xor };
 uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t bits, int lane_arg, int width,
                  const Site& site);
@@ -73,7 +83,8 @@ void threadfence();
 void check_alignment(const void* p, size_t bytes, const Site& site);
 
 // Shared memory of the running block: the dynamic buffer, and one buffer per __shared__
-// declaration (keyed by its type and place), both poisoned at the block's start.
+// declaration (keyed by its type and place), both poisoned at its cluster's start and when the
+// block has ended (a read by another block of the cluster after that shows).
 void* dynamic_shared_memory();
 void* static_shared_memory(std::type_index type, const char* file, int line, size_t bytes,
                            size_t align);
@@ -127,31 +138,38 @@ T shuffle_value(ShuffleKind kind, unsigned mask, T value, int lane_arg, int widt
   return out;
 }
 
-// One launch: grid, block, dynamic shared memory and stream, as between <<< and >>>.
+// One launch: grid, block, dynamic shared memory and stream, as between <<< and >>>, or as a
+// cudaLaunchConfig_t of cudaLaunchKernelEx has them, with its cluster dimensions.
 struct LaunchConfig {
   dim3 grid, block;
   size_t shared_bytes;
   cudaStream_t stream;
+  dim3 cluster{1, 1, 1};
+  bool cluster_attribute = false;   // whether the cluster dimensions were given
+  int unsupported_attribute = -1;   // a launch attribute the emulator does not model, if any
   LaunchConfig(dim3 g, dim3 b, size_t smem = 0, cudaStream_t s = nullptr)
       : grid(g), block(b), shared_bytes(smem), stream(s) {}
+  explicit LaunchConfig(const cudaLaunchConfig_t& config);
 };
 
 // Runs body once per thread of every block (emulator.cpp); a bad configuration sets the error
-// that cudaGetLastError returns, as a real launch does.
-void run_grid(const char* where, const char* kernel, const void* entry, const LaunchConfig& config,
-              void (*body)(void*), void* context);
+// that cudaGetLastError returns, as a real launch does. Returns what the launch call returns:
+// the error of a refused launch (or an earlier sticky one), else cudaSuccess.
+cudaError_t run_grid(const char* where, const char* kernel, const void* entry,
+                     const LaunchConfig& config, void (*body)(void*), void* context);
 
-// What `kernel<<<config>>>(args...)` becomes. The arguments are converted to the kernel's
-// parameter types once, as at a real launch, and every thread gets its own copy.
+// What `kernel<<<config>>>(args...)` and `cudaLaunchKernelEx(&config, kernel, args...)` become.
+// The arguments are converted to the kernel's parameter types once, as at a real launch, and
+// every thread gets its own copy.
 template <typename... Params, typename... Args>
-void launch(const char* where, const char* what, const LaunchConfig& config,
-            void (*kernel)(Params...), Args&&... args) {
+cudaError_t launch(const char* where, const char* what, const LaunchConfig& config,
+                   void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
   struct Context {
     void (*kernel)(Params...);
     std::tuple<std::decay_t<Params>...> params;
   } context{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
-  run_grid(
+  return run_grid(
       where, what, reinterpret_cast<const void*>(kernel), config,
       [](void* p) {
         auto* c = static_cast<Context*>(p);
@@ -160,8 +178,15 @@ void launch(const char* where, const char* what, const LaunchConfig& config,
       &context);
 }
 
+template <typename... Params, typename... Args>
+cudaError_t launch(const char* where, const char* what, const cudaLaunchConfig_t* config,
+                   void (*kernel)(Params...), Args&&... args) {
+  return launch(where, what, LaunchConfig(*config), kernel, std::forward<Args>(args)...);
+}
+
 void set_function_attribute(const void* entry, cudaFuncAttribute attribute, int value,
                             cudaError_t& result);
+cudaError_t max_active_clusters(int* clusters, const void* entry, const cudaLaunchConfig_t& config);
 cudaError_t take_last_error();
 cudaError_t peek_last_error();
 
@@ -297,4 +322,10 @@ cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attribute, int valu
   cudaError_t result = cudaSuccess;
   cuda_emu::set_function_attribute(reinterpret_cast<const void*>(entry), attribute, value, result);
   return result;
+}
+// How many clusters of config's size the device holds at once (emulator.cpp models it).
+template <typename T>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, T* entry,
+                                           const cudaLaunchConfig_t* config) {
+  return cuda_emu::max_active_clusters(clusters, reinterpret_cast<const void*>(entry), *config);
 }

@@ -13,7 +13,7 @@ from torch import Tensor
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-# The orders a block's threads may run in (emulator.h): a round of every thread at a time, or a
+# The orders a cluster's threads may run in (emulator.h): a round of every thread at a time, or a
 # warp at a time as far as it goes.
 SCHEDULES = ("forward", "reverse", "shuffled", "warps_forward", "warps_reverse")
 
@@ -25,10 +25,12 @@ class DeviceInfo:
     num_sms: int
     smem_per_sm: int
     smem_per_block_optin: int
+    clusters: bool = False  # launches of thread-block clusters (sm_90 on)
 
 
-H100 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448)
-H200 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448)  # as an H100
+H100 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448, clusters=True)
+# As an H100.
+H200 = DeviceInfo(num_sms=132, smem_per_sm=233472, smem_per_block_optin=232448, clusters=True)
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,11 @@ class Launch:
     where: str  # the launching function, with its template arguments
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    cluster: int  # blocks per cluster (1 for a launch without clusters)
     dynamic_shared: int
     static_shared: int
     block_barriers: int  # __syncthreads episodes over all blocks
+    cluster_barriers: int  # cluster.sync() episodes over all clusters
     warp_barriers: int
     shuffles: int
 
@@ -95,16 +99,16 @@ class EmulatedDevice:
         self._lib.emu_mutual_loss.argtypes = (
             [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
             + [i64, i64, i64, i32, i32, i32, dbl, dbl, dbl, i64, i32]
-            + [i32, i32, i32, i32, ctypes.c_char_p, i64]
+            + [i32, i32, i32, i32, i32, ctypes.c_char_p, i64]
         )
         self._lib.emu_mutual_loss.restype = i32
         self._lib.emu_scale_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i32]
-        self._lib.emu_scale_grad.argtypes += [i32, i32, i32, i32, ctypes.c_char_p, i64]
+        self._lib.emu_scale_grad.argtypes += [i32, i32, i32, i32, i32, ctypes.c_char_p, i64]
         self._lib.emu_scale_grad.restype = i32
         self._lib.emu_launches.argtypes = [ctypes.c_char_p, i64]
         self._lib.emu_launches.restype = i64
-        self._lib.emu_selftest.argtypes = [ctypes.c_char_p, i32, i32, i32, i32, i32, ptr]
-        self._lib.emu_selftest.argtypes += [ctypes.c_char_p, i64]
+        self._lib.emu_selftest.argtypes = [ctypes.c_char_p] + [i32] * 10
+        self._lib.emu_selftest.argtypes += [ptr, ctypes.c_char_p, i64]
         self._lib.emu_selftest.restype = i32
 
     def mutual_loss(
@@ -167,6 +171,7 @@ class EmulatedDevice:
             device.num_sms,
             device.smem_per_sm,
             device.smem_per_block_optin,
+            int(device.clusters),
             SCHEDULES.index(schedule),
             error,
             len(error),
@@ -203,6 +208,7 @@ class EmulatedDevice:
             device.num_sms,
             device.smem_per_sm,
             device.smem_per_block_optin,
+            int(device.clusters),
             SCHEDULES.index(schedule),
             error,
             len(error),
@@ -220,8 +226,13 @@ class EmulatedDevice:
         width: int = 32,
         schedule: str = "forward",
         smem_per_block_optin: int = 48 * 1024,
+        threads: int = 256,
+        cluster: int = 0,
+        device: DeviceInfo = H100,
     ) -> list[int]:
-        """Runs a kernel of selftest.cu on blocks of 256 threads; returns what each wrote."""
+        """Runs a kernel of selftest.cu on blocks of 256 threads (`threads` for the cluster tests,
+        in clusters of `cluster` blocks, 0 for a plain launch, on `device`, whose
+        smem_per_block_optin is the argument's); returns what the first 256 wrote."""
         out = (ctypes.c_int * 256)(*([-7] * 256))
         error = ctypes.create_string_buffer(4096)
         status = self._lib.emu_selftest(
@@ -230,7 +241,12 @@ class EmulatedDevice:
             arg,
             width,
             SCHEDULES.index(schedule),
+            threads,
+            cluster,
+            device.num_sms,
+            device.smem_per_sm,
             smem_per_block_optin,
+            int(device.clusters),
             out,
             error,
             len(error),
@@ -247,18 +263,13 @@ class EmulatedDevice:
         launches = []
         for line in text.value.decode().splitlines():
             kernel, where, grid, block, *numbers = line.split("\t")
-            dyn, static, barriers, warp_barriers, shuffles = map(int, numbers)
             launches.append(
                 Launch(
                     kernel,
                     where,
                     tuple(map(int, grid.split())),
                     tuple(map(int, block.split())),
-                    dyn,
-                    static,
-                    barriers,
-                    warp_barriers,
-                    shuffles,
+                    *map(int, numbers),
                 )
             )
         return launches

@@ -103,11 +103,20 @@ std::string launch_problem(cudaError_t launched) {
   return out.str();
 }
 
+// A fresh emulated device (no launches, no errors) as `device` describes it.
+void configure(const DeviceInfo& device, int schedule) {
+  cuda_emu::reset();
+  cuda_emu::configure(device.num_sms, static_cast<size_t>(device.smem_per_sm),
+                      static_cast<size_t>(device.smem_per_block_optin), device.clusters,
+                      static_cast<cuda_emu::Schedule>(schedule));
+}
+
 }  // namespace
 
 extern "C" {
 
-// launch_mutual_loss on a device with `num_sms` multiprocessors and these shared memory sizes.
+// launch_mutual_loss on a device with `num_sms` multiprocessors, these shared memory sizes, and
+// thread-block clusters if `clusters` is nonzero.
 // logits: `logits_bytes` bytes from `logits` hold the [K, R, C] view (unit class stride, peer and
 // row strides in elements); row_scale (null: none): `row_scale_bytes` bytes hold it, at these
 // strides (0 and 0: one value). Outputs of the accumulation dtype: loss, ce, mimicry [K, R] for
@@ -119,12 +128,11 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
                     int64_t row_scale_stride_r, void* loss, void* ce, void* mimicry, void* grad,
                     int64_t K, int64_t R, int64_t C, int dtype, int mode, int reduction,
                     double temperature, double alpha, double label_smoothing,
-                    int64_t ignore_index, int compute_grad, int num_sms, int smem_per_sm, int smem_per_block_optin, int schedule,
-                    char* error, int64_t error_size) {
-  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
-  cuda_emu::reset();
-  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
-                      static_cast<cuda_emu::Schedule>(schedule));
+                    int64_t ignore_index, int compute_grad, int num_sms, int smem_per_sm,
+                    int smem_per_block_optin, int clusters, int schedule, char* error,
+                    int64_t error_size) {
+  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin, clusters != 0};
+  configure(device, schedule);
   const auto type = static_cast<DType>(dtype);
   const size_t acc = acc_bytes(type);
   const size_t rows = static_cast<size_t>(K * R);
@@ -203,11 +211,9 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
 int emu_scale_grad(void* grad, const void* grad_loss, int64_t grad_loss_bytes,
                    int64_t grad_loss_stride_k, int64_t grad_loss_stride_r, int64_t K, int64_t R,
                    int64_t C, int dtype, int num_sms, int smem_per_sm, int smem_per_block_optin,
-                   int schedule, char* error, int64_t error_size) {
-  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin};
-  cuda_emu::reset();
-  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
-                      static_cast<cuda_emu::Schedule>(schedule));
+                   int clusters, int schedule, char* error, int64_t error_size) {
+  const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin, clusters != 0};
+  configure(device, schedule);
   const auto type = static_cast<DType>(dtype);
   DeviceBuffer d_grad("grad", grad, static_cast<size_t>(K * R * C) * dtype_bytes(type), 0);
   DeviceBuffer d_grad_loss("grad_loss", grad_loss, static_cast<size_t>(grad_loss_bytes), 0);
@@ -231,15 +237,17 @@ int emu_scale_grad(void* grad, const void* grad_loss, int64_t grad_loss_bytes,
 }
 
 // The launches of the last call, one line each: kernel, launcher, grid (x y z), block (x y z),
-// dynamic and static shared bytes, __syncthreads, __syncwarp and shuffle episodes; tab-separated.
+// blocks per cluster, dynamic and static shared bytes, __syncthreads, cluster barrier, __syncwarp
+// and shuffle episodes; tab-separated.
 // Returns the length of the whole text (written up to `size` - 1 bytes).
 int64_t emu_launches(char* out, int64_t size) {
   std::ostringstream text;
   for (const cuda_emu::LaunchRecord& r : cuda_emu::launches()) {
     text << r.kernel << '\t' << r.where << '\t' << r.grid.x << ' ' << r.grid.y << ' ' << r.grid.z
-         << '\t' << r.block.x << ' ' << r.block.y << ' ' << r.block.z << '\t'
-         << r.dynamic_shared_bytes << '\t' << r.static_shared_bytes << '\t' << r.block_barriers
-         << '\t' << r.warp_barriers << '\t' << r.shuffles << '\n';
+         << '\t' << r.block.x << ' ' << r.block.y << ' ' << r.block.z << '\t' << r.cluster
+         << '\t' << r.dynamic_shared_bytes << '\t' << r.static_shared_bytes << '\t'
+         << r.block_barriers << '\t' << r.cluster_barriers << '\t' << r.warp_barriers << '\t'
+         << r.shuffles << '\n';
   }
   const std::string s = text.str();
   if (size > 0) std::snprintf(out, static_cast<size_t>(size), "%s", s.c_str());

@@ -1,7 +1,8 @@
-// The emulated device: blocks run one after another, the threads of a block are fibers of the
-// calling OS thread. A thread runs until it reaches a barrier or a shuffle; the last one to arrive
-// completes it (every participant checked: same barrier, same mask, no exited lane; the predicates
-// of a __syncthreads_count counted) and the others become runnable again. Shuffles follow PTX's
+// The emulated device: clusters of blocks run one after another (a plain launch has clusters of
+// one block), the threads of all blocks of a cluster are fibers of the calling OS thread. A
+// thread runs until it reaches a barrier or a shuffle; the last one to arrive completes it (every
+// participant checked: same barrier, same mask, no exited lane; the predicates of a
+// __syncthreads_count counted) and the others become runnable again. Shuffles follow PTX's
 // shfl.sync lane arithmetic. Switching fibers is a few instructions on x86-64 (swapcontext would
 // make a system call for the signal mask at every switch, a hundred times slower); ucontext
 // elsewhere.
@@ -18,8 +19,8 @@
 #include <cstdio>
 #include <map>
 #include <memory>
-#include <numeric>
 #include <random>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
@@ -39,8 +40,18 @@ constexpr unsigned char kGuard = 0xa5;
 // Shared memory (static + dynamic) a kernel may have unless it opted in to more with
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, n).
 constexpr size_t kDefaultSharedLimit = 48 << 10;
+// The most blocks a cluster may have without cudaFuncAttributeNonPortableClusterSizeAllowed, which
+// the kernels never set.
+constexpr unsigned kMaxClusterBlocks = 8;
+// Occupancy (max_active_clusters): the shared memory the driver reserves per block on sm_80 on
+// (cudaDeviceProp::reservedSharedMemPerBlock), the most blocks and threads a multiprocessor holds
+// (sm_90), and what a kernel's static shared memory is taken to be before it has been launched.
+constexpr size_t kReservedSharedPerBlock = 1 << 10;
+constexpr size_t kMaxBlocksPerSm = 32;
+constexpr size_t kMaxThreadsPerSm = 2048;
+constexpr size_t kUnknownStaticShared = 8 << 10;
 
-enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+enum class State { Runnable, AtBlockBarrier, AtClusterBarrier, AtWarpBarrier, Done };
 
 #if defined(__x86_64__)
 // The callee-saved registers, MXCSR and the x87 control word of the System V ABI, on the stack.
@@ -128,7 +139,7 @@ struct WarpOp {
 struct Thread {
   Context context;
   State state = State::Runnable;
-  Site block_site;
+  Site barrier_site;             // of the block or cluster barrier it waits at
   bool block_predicate = false;  // its __syncthreads_count's predicate (false at __syncthreads)
   int block_count = 0;           // what the block barrier it was released from returns
   WarpOp op;
@@ -178,6 +189,10 @@ struct SharedBuffer {
     }
     return true;
   }
+  bool holds(const void* p) const {
+    const auto address = reinterpret_cast<uintptr_t>(p), start = reinterpret_cast<uintptr_t>(data);
+    return address >= start && address - start < bytes;
+  }
 };
 
 struct Kernel {
@@ -185,9 +200,12 @@ struct Kernel {
   void* context;
 };
 
-// Everything about the launch and the block that run now.
+// Everything about the device, the launch and the cluster that runs now.
 struct Emulator {
+  int num_sms = 0;
+  size_t shared_per_sm = 0;
   size_t shared_limit = kDefaultSharedLimit;
+  bool clusters = false;
   Schedule schedule = Schedule::Forward;
   cudaError_t last_error = cudaSuccess;
   std::string error;  // the first kernel error (sticky)
@@ -196,22 +214,31 @@ struct Emulator {
   cudaError_t error_code = cudaErrorLaunchFailure;
   std::vector<LaunchRecord> records;
   std::map<const void*, int> max_dynamic_shared;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+  std::map<const void*, size_t> static_shared_of;  // a kernel's static size, as its launch found
   std::vector<std::unique_ptr<Stack>> stacks;
 
   // The running launch.
   LaunchRecord* record = nullptr;
   const void* entry = nullptr;  // the kernel function, as cudaFuncSetAttribute names it
   Kernel kernel{};
-  SharedBuffer dynamic_shared;
-  std::map<std::tuple<std::type_index, std::string, int>, SharedBuffer> static_shared;
-  size_t static_shared_sum = 0;  // bytes of the static_shared buffers
+  int cluster = 1;  // blocks per cluster
+  int block_threads = 0;
+  int block_warps = 0;
+  // Per block rank of the cluster: the dynamic buffer, and each __shared__ variable's buffers.
+  std::vector<SharedBuffer> dynamic_shared;
+  std::map<std::tuple<std::type_index, std::string, int>, std::vector<SharedBuffer>> static_shared;
+  size_t static_shared_sum = 0;  // bytes of one block's static_shared buffers
 
-  // The running block.
+  // The running cluster: its threads block after block (a thread's index here is its gid), its
+  // warps block after block (none spans two blocks).
+  uint3 first_block{};  // blockIdx of its block of rank 0
   std::vector<Thread> threads;
   std::vector<unsigned> warp_live;  // live lanes per warp, a bit each
   std::vector<int> warp_arrived;    // lanes waiting in a warp operation, per warp
+  std::vector<int> block_live;      // live threads per block
+  std::vector<int> at_block_barrier;  // threads waiting at a __syncthreads, per block
   int live = 0;
-  int at_block_barrier = 0;
+  int at_cluster_barrier = 0;
   int current = -1;
   bool failed = false;
   Context scheduler;
@@ -233,43 +260,77 @@ bool same_site(const Site& a, const Site& b) {
          std::strcmp(a.file_name(), b.file_name()) == 0;
 }
 
-void set_thread_index(int tid) {
+// Where thread `gid` of the running cluster is: its block's rank, its index in the block, its warp
+// (of the cluster's) and its lane.
+int rank_of(int gid) { return gid / emu().block_threads; }
+int tid_of(int gid) { return gid % emu().block_threads; }
+int warp_of(int gid) { return rank_of(gid) * emu().block_warps + tid_of(gid) / 32; }
+int lane_of(int gid) { return tid_of(gid) % 32; }
+int first_of_warp(int warp) {
+  const Emulator& e = emu();
+  return warp / e.block_warps * e.block_threads + warp % e.block_warps * 32;
+}
+int lane_count(int warp) {
+  return std::min(32, emu().block_threads - warp % emu().block_warps * 32);
+}
+
+std::span<Thread> block_of_rank(int rank) {
+  Emulator& e = emu();
+  return std::span(e.threads).subspan(static_cast<size_t>(rank) * e.block_threads,
+                                      e.block_threads);
+}
+
+// The built-in variables of thread `gid`, before the scheduler switches to it.
+void set_thread_index(int gid) {
+  const Emulator& e = emu();
+  const int tid = tid_of(gid);
   threadIdx.x = tid % blockDim.x;
   threadIdx.y = (tid / blockDim.x) % blockDim.y;
   threadIdx.z = tid / (blockDim.x * blockDim.y);
+  blockIdx = e.first_block;
+  blockIdx.x += rank_of(gid);
 }
 
-// Ends the running block, from inside a thread: the scheduler never resumes it.
-[[noreturn]] void end_block() {
+// "thread 5", or in a cluster of several blocks "block 2 thread 5".
+std::string thread_name(int gid) {
+  const Emulator& e = emu();
+  const std::string thread = "thread " + std::to_string(tid_of(gid));
+  if (e.cluster == 1) return thread;
+  return "block " + std::to_string(e.first_block.x + rank_of(gid)) + " " + thread;
+}
+
+// Ends the running cluster, from inside a thread: the scheduler never resumes it.
+[[noreturn]] void end_cluster() {
   Emulator& e = emu();
   e.failed = true;
   switch_context(e.threads[e.current].context, e.scheduler);
   std::abort();  // not reached
 }
 
-// Ends the running block with a kernel error, from inside a thread.
+// Ends the running cluster with a kernel error, from inside a thread.
 [[noreturn]] void fail(const std::string& message) {
   Emulator& e = emu();
   if (e.error.empty()) {
     std::ostringstream out;
     out << e.record->kernel << " in " << e.record->where << ", block (" << blockIdx.x << ","
-        << blockIdx.y << "," << blockIdx.z << "), thread " << e.current << ": " << message;
+        << blockIdx.y << "," << blockIdx.z << "), thread " << tid_of(e.current) << ": "
+        << message;
     e.error = out.str();
     e.error_code = cudaErrorLaunchFailure;
   }
-  end_block();
+  end_cluster();
 }
 
-// Why a GPU would refuse to launch the running kernel with this much shared memory (static: of
-// the __shared__ variables reached so far), or "" if it would not. The rules of the CUDA runtime:
+// Why a GPU would refuse to launch kernel `entry` with this much shared memory (static: of the
+// __shared__ variables reached so far), or "" if it would not. The rules of the CUDA runtime:
 // the dynamic size may not exceed the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, which
 // is 48 KiB less the static size unless cudaFuncSetAttribute set it; cudaFuncSetAttribute refuses
 // a value that with the static size exceeds the device's smem_per_block_optin; and no block has
 // more than that. All refusals are cudaErrorInvalidValue.
-std::string shared_memory_refusal(size_t static_bytes, size_t dynamic_bytes) {
+std::string shared_memory_refusal(const void* entry, size_t static_bytes, size_t dynamic_bytes) {
   const Emulator& e = emu();
   const size_t total = static_bytes + dynamic_bytes;
-  const auto attribute = e.max_dynamic_shared.find(e.entry);
+  const auto attribute = e.max_dynamic_shared.find(entry);
   const std::string sizes =
       static_bytes == 0 ? std::to_string(dynamic_bytes) + " bytes of dynamic shared memory"
                         : std::to_string(dynamic_bytes) + " bytes of dynamic and " +
@@ -308,32 +369,47 @@ void wait() {
   switch_context(e.threads[self].context, e.scheduler);
 }
 
-void complete_block_barrier_if_ready() {
-  Emulator& e = emu();
-  if (e.at_block_barrier == 0 || e.at_block_barrier < e.live) return;
+// Fails the kernel unless all `threads` in `state` wait at the same call site; `what` begins the
+// message ("threads of the block wait at different __syncthreads").
+void check_one_site(std::span<const Thread> threads, State state, const char* what) {
   const Site* first = nullptr;
-  int count = 0;  // what __syncthreads_count returns
-  for (Thread& t : e.threads) {
-    if (t.state != State::AtBlockBarrier) continue;
-    count += t.block_predicate;
+  for (const Thread& t : threads) {
+    if (t.state != state) continue;
     if (first == nullptr) {
-      first = &t.block_site;
-    } else if (!same_site(*first, t.block_site)) {
-      fail("threads of the block wait at different __syncthreads: " + where(*first) + " and " +
-           where(t.block_site));
+      first = &t.barrier_site;
+    } else if (!same_site(*first, t.barrier_site)) {
+      fail(std::string(what) + ": " + where(*first) + " and " + where(t.barrier_site));
     }
   }
-  for (Thread& t : e.threads) {
+}
+
+void complete_block_barrier_if_ready(int rank) {
+  Emulator& e = emu();
+  if (e.at_block_barrier[rank] == 0 || e.at_block_barrier[rank] < e.block_live[rank]) return;
+  const std::span<Thread> block = block_of_rank(rank);
+  check_one_site(block, State::AtBlockBarrier,
+                 "threads of the block wait at different __syncthreads");
+  int count = 0;  // what __syncthreads_count returns
+  for (const Thread& t : block) count += t.state == State::AtBlockBarrier && t.block_predicate;
+  for (Thread& t : block) {
     if (t.state != State::AtBlockBarrier) continue;
     t.block_count = count;
     t.state = State::Runnable;
   }
-  e.at_block_barrier = 0;
+  e.at_block_barrier[rank] = 0;
   ++e.record->block_barriers;
 }
 
-int lane_count(int warp) {
-  return std::min(32, static_cast<int>(emu().threads.size()) - warp * 32);
+void complete_cluster_barrier_if_ready() {
+  Emulator& e = emu();
+  if (e.at_cluster_barrier == 0 || e.at_cluster_barrier < e.live) return;
+  check_one_site(e.threads, State::AtClusterBarrier,
+                 "threads of the cluster wait at different cluster barriers (cluster.sync())");
+  for (Thread& t : e.threads) {
+    if (t.state == State::AtClusterBarrier) t.state = State::Runnable;
+  }
+  e.at_cluster_barrier = 0;
+  ++e.record->cluster_barriers;
 }
 
 // The source lane of `lane` in a shuffle, by PTX's shfl.sync rules (c = the clamp operand that
@@ -375,7 +451,7 @@ void complete_warp_op_if_ready(int warp, unsigned mask) {
          std::to_string(mask & ~e.warp_live[warp]));
   }
   if (e.warp_arrived[warp] < std::popcount(mask)) return;  // not all there yet
-  const int first_tid = warp * 32;
+  const int first_tid = first_of_warp(warp);
   const WarpOp* op = nullptr;
   for (int lane = 0; lane < 32; ++lane) {
     if (!(mask >> lane & 1u)) continue;
@@ -423,7 +499,7 @@ void complete_warp_op_if_ready(int warp, unsigned mask) {
 void warp_op(const WarpOp& op) {
   Emulator& e = emu();
   const int self = e.current;
-  const int lane = self % 32;
+  const int lane = lane_of(self);
   if (!(op.mask >> lane & 1u)) {
     fail("a lane calls a warp operation whose mask leaves it out, at " + where(op.site));
   }
@@ -433,26 +509,51 @@ void warp_op(const WarpOp& op) {
   Thread& t = e.threads[self];
   t.op = op;
   t.state = State::AtWarpBarrier;
-  ++e.warp_arrived[self / 32];
-  complete_warp_op_if_ready(self / 32, op.mask);
+  ++e.warp_arrived[warp_of(self)];
+  complete_warp_op_if_ready(warp_of(self), op.mask);
   if (t.state != State::Runnable) wait();
+}
+
+// Whether a block that has ended wrote past its shared memory (a kernel error), then poisons that
+// memory: another block of the cluster that reads it after (undefined on a GPU) reads NaN.
+void block_ends(int rank) {
+  Emulator& e = emu();
+  if (e.error.empty() && !e.dynamic_shared[rank].guard_intact()) {
+    e.error = e.record->kernel + ": a block wrote past its " +
+              std::to_string(e.record->dynamic_shared_bytes) + " bytes of dynamic shared memory";
+    e.error_code = cudaErrorLaunchFailure;
+  }
+  for (const auto& [key, buffers] : e.static_shared) {
+    if (e.error.empty() && !buffers[rank].guard_intact()) {
+      e.error = e.record->kernel + ": a block wrote past the __shared__ variable " +
+                std::get<1>(key) + ":" + std::to_string(std::get<2>(key));
+      e.error_code = cudaErrorLaunchFailure;
+    }
+  }
+  if (!e.error.empty()) e.failed = true;
+  e.dynamic_shared[rank].poison();
+  for (auto& [key, buffers] : e.static_shared) buffers[rank].poison();
 }
 
 void thread_exits() {
   Emulator& e = emu();
   const int self = e.current;
+  const int rank = rank_of(self);
   e.threads[self].state = State::Done;
   --e.live;
-  const int warp = self / 32;
-  e.warp_live[warp] &= ~(1u << (self % 32));
+  --e.block_live[rank];
+  const int warp = warp_of(self);
+  e.warp_live[warp] &= ~(1u << lane_of(self));
   // A lane waiting for this one in a warp operation would wait forever.
   for (int lane = 0; lane < lane_count(warp); ++lane) {
-    const Thread& t = e.threads[warp * 32 + lane];
-    if (t.state == State::AtWarpBarrier && (t.op.mask >> (self % 32) & 1u)) {
+    const Thread& t = e.threads[first_of_warp(warp) + lane];
+    if (t.state == State::AtWarpBarrier && (t.op.mask >> lane_of(self) & 1u)) {
       fail("exits while lane " + std::to_string(lane) + " waits for it at " + where(t.op.site));
     }
   }
-  complete_block_barrier_if_ready();
+  complete_block_barrier_if_ready(rank);
+  complete_cluster_barrier_if_ready();
+  if (e.block_live[rank] == 0) block_ends(rank);
 }
 
 [[noreturn]] void thread_main() {
@@ -466,72 +567,161 @@ void thread_exits() {
 std::string describe_waits() {
   std::ostringstream out;
   const Emulator& e = emu();
-  for (size_t tid = 0; tid < e.threads.size(); ++tid) {
-    const Thread& t = e.threads[tid];
+  for (size_t gid = 0; gid < e.threads.size(); ++gid) {
+    const Thread& t = e.threads[gid];
+    const std::string thread = " " + thread_name(static_cast<int>(gid));
     if (t.state == State::AtBlockBarrier) {
-      out << " thread " << tid << " at __syncthreads " << where(t.block_site) << ";";
+      out << thread << " at __syncthreads " << where(t.barrier_site) << ";";
+    } else if (t.state == State::AtClusterBarrier) {
+      out << thread << " at cluster.sync() " << where(t.barrier_site) << ";";
     } else if (t.state == State::AtWarpBarrier) {
-      out << " thread " << tid << " at a warp operation " << where(t.op.site) << ";";
+      out << thread << " at a warp operation " << where(t.op.site) << ";";
     }
     if (out.tellp() > 600) break;
   }
   return out.str();
 }
 
-// Runs one block to its end (or its first error).
-void run_block(int threads) {
+// The running cluster's threads in the schedule's first order: warp after warp (the cluster's last
+// first, each last lane first, for the reverse schedules), and where each warp's end is in it.
+struct Order {
+  std::vector<int> threads;
+  std::vector<size_t> warp_ends;
+};
+
+Order first_order() {
+  const Emulator& e = emu();
+  const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
+  const int warps = e.cluster * e.block_warps;
+  Order order;
+  for (int i = 0; i < warps; ++i) {
+    const int warp = reverse ? warps - 1 - i : i;
+    const int lanes = lane_count(warp);
+    for (int lane = 0; lane < lanes; ++lane) {
+      order.threads.push_back(first_of_warp(warp) + (reverse ? lanes - 1 - lane : lane));
+    }
+    order.warp_ends.push_back(order.threads.size());
+  }
+  return order;
+}
+
+// Fresh fibers for every thread of the running cluster, all runnable.
+void start_threads() {
   Emulator& e = emu();
+  const int threads = e.cluster * e.block_threads;
+  const int warps = e.cluster * e.block_warps;
   while (static_cast<int>(e.stacks.size()) < threads) e.stacks.push_back(std::make_unique<Stack>());
   e.threads.assign(threads, Thread{});
-  e.warp_live.assign((threads + 31) / 32, 0);
-  e.warp_arrived.assign((threads + 31) / 32, 0);
-  for (int tid = 0; tid < threads; ++tid) e.warp_live[tid / 32] |= 1u << (tid % 32);
+  e.warp_live.assign(warps, 0);
+  e.warp_arrived.assign(warps, 0);
+  for (int gid = 0; gid < threads; ++gid) e.warp_live[warp_of(gid)] |= 1u << lane_of(gid);
+  e.block_live.assign(e.cluster, e.block_threads);
+  e.at_block_barrier.assign(e.cluster, 0);
   e.live = threads;
-  e.at_block_barrier = 0;
+  e.at_cluster_barrier = 0;
   e.failed = false;
-  for (int tid = 0; tid < threads; ++tid) {
-    make_context(e.threads[tid].context, e.stacks[tid]->top(), thread_main);
+  for (int gid = 0; gid < threads; ++gid) {
+    make_context(e.threads[gid].context, e.stacks[gid]->top(), thread_main);
   }
-  std::vector<int> order(threads);
-  std::iota(order.begin(), order.end(), 0);
-  const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
+}
+
+// Runs the cluster whose block of rank 0 is e.first_block to its end (or its first error).
+void run_cluster() {
+  Emulator& e = emu();
+  start_threads();
+  Order order = first_order();
   const bool by_warp = e.schedule == Schedule::WarpsForward || e.schedule == Schedule::WarpsReverse;
-  if (reverse) std::reverse(order.begin(), order.end());
-  std::mt19937 random(blockIdx.x * 7919u + blockIdx.y * 104729u + blockIdx.z);
-  // Runs each runnable thread of order[begin, end) once; whether any ran.
+  const uint3 b = e.first_block;
+  std::mt19937 random(b.x * 7919u + b.y * 104729u + b.z);
+  // Runs each runnable thread of order.threads[begin, end) once; whether any ran.
   const auto sweep = [&](size_t begin, size_t end) {
     bool ran = false;
     for (size_t i = begin; i < end && !e.failed; ++i) {
-      const int tid = order[i];
-      if (e.threads[tid].state != State::Runnable) continue;
-      e.current = tid;
-      set_thread_index(tid);
-      switch_context(e.scheduler, e.threads[tid].context);
+      const int gid = order.threads[i];
+      if (e.threads[gid].state != State::Runnable) continue;
+      e.current = gid;
+      set_thread_index(gid);
+      switch_context(e.scheduler, e.threads[gid].context);
       ran = true;
     }
     return ran;
   };
   while (e.live > 0 && !e.failed) {
-    if (e.schedule == Schedule::Shuffled) std::shuffle(order.begin(), order.end(), random);
+    if (e.schedule == Schedule::Shuffled) {
+      std::shuffle(order.threads.begin(), order.threads.end(), random);
+    }
     bool ran = false;
-    if (by_warp) {  // order holds whole warps, one after another
-      for (size_t begin = 0; begin < order.size(); begin += 32) {
-        const size_t end = std::min(order.size(), begin + 32);
+    if (by_warp) {
+      size_t begin = 0;
+      for (const size_t end : order.warp_ends) {
         while (sweep(begin, end)) ran = true;
+        begin = end;
       }
     } else {
-      ran = sweep(0, order.size());
+      ran = sweep(0, order.threads.size());
     }
     if (!ran && !e.failed) {
       std::ostringstream out;
-      out << e.record->kernel << " in " << e.record->where << ", block " << blockIdx.x
-          << ": deadlock, no thread can go on:" << describe_waits();
+      out << e.record->kernel << " in " << e.record->where << ", ";
+      if (e.cluster == 1) {
+        out << "block " << b.x;
+      } else {
+        out << "cluster of blocks " << b.x << ".." << b.x + e.cluster - 1;
+      }
+      out << ": deadlock, no thread can go on:" << describe_waits();
       e.error = out.str();
       e.error_code = cudaErrorLaunchFailure;
       e.failed = true;
     }
   }
   e.current = -1;
+}
+
+// Why a GPU would refuse the launch's cluster dimensions, and with what error, or "" if it would
+// not. What the runtime returns for a cluster launch on a device without clusters is not
+// documented; cudaErrorNotSupported here.
+std::pair<cudaError_t, std::string> cluster_refusal(const LaunchConfig& config) {
+  const Emulator& e = emu();
+  const dim3 c = config.cluster;
+  if (config.unsupported_attribute >= 0) {
+    return {cudaErrorInvalidValue,
+            "launch attribute " + std::to_string(config.unsupported_attribute) +
+                " is not emulated (only cudaLaunchAttributeClusterDimension)"};
+  }
+  if (!config.cluster_attribute) return {cudaSuccess, ""};
+  if (!e.clusters) {
+    return {cudaErrorNotSupported, "a cluster launch on a device without thread-block clusters"};
+  }
+  if (c.y != 1 || c.z != 1) {
+    return {cudaErrorNotSupported,
+            "cluster dimensions (" + std::to_string(c.x) + "," + std::to_string(c.y) + "," +
+                std::to_string(c.z) + "): the emulator supports 1-D clusters (y = z = 1) only"};
+  }
+  if (c.x < 1 || c.x > kMaxClusterBlocks || config.grid.x % c.x != 0) {
+    return {cudaErrorInvalidClusterSize,
+            "a cluster of " + std::to_string(c.x) + " blocks with " +
+                std::to_string(config.grid.x) + " blocks in x: a cluster has 1 to " +
+                std::to_string(kMaxClusterBlocks) + " blocks and divides the grid"};
+  }
+  return {cudaSuccess, ""};
+}
+
+// Allocates the launch's shared memory: one dynamic buffer per block of a cluster (the __shared__
+// variables get theirs as the blocks reach them).
+void allocate_shared(size_t dynamic_bytes) {
+  Emulator& e = emu();
+  e.dynamic_shared.resize(e.cluster);
+  for (SharedBuffer& buffer : e.dynamic_shared) buffer.allocate(dynamic_bytes, 16);
+  e.static_shared.clear();
+  e.static_shared_sum = 0;
+}
+
+void poison_shared() {
+  Emulator& e = emu();
+  for (SharedBuffer& buffer : e.dynamic_shared) buffer.poison();
+  for (auto& [key, buffers] : e.static_shared) {
+    for (SharedBuffer& buffer : buffers) buffer.poison();
+  }
 }
 
 }  // namespace
@@ -542,16 +732,53 @@ void run_block(int threads) {
 int syncthreads_count(int predicate, const Site& site) {
   Emulator& e = emu();
   Thread& t = e.threads[e.current];
-  t.block_site = site;
+  t.barrier_site = site;
   t.block_predicate = predicate != 0;
   t.state = State::AtBlockBarrier;
-  ++e.at_block_barrier;
-  complete_block_barrier_if_ready();
+  const int rank = rank_of(e.current);
+  ++e.at_block_barrier[rank];
+  complete_block_barrier_if_ready(rank);
   if (t.state != State::Runnable) wait();
   return t.block_count;
 }
 
 void syncthreads(const Site& site) { syncthreads_count(0, site); }
+
+void cluster_sync(const Site& site) {
+  Emulator& e = emu();
+  Thread& t = e.threads[e.current];
+  t.barrier_site = site;
+  t.state = State::AtClusterBarrier;
+  ++e.at_cluster_barrier;
+  complete_cluster_barrier_if_ready();
+  if (t.state != State::Runnable) wait();
+}
+
+unsigned cluster_block_rank() { return static_cast<unsigned>(rank_of(emu().current)); }
+
+unsigned cluster_blocks() { return static_cast<unsigned>(emu().cluster); }
+
+void* map_shared_rank(const void* p, int rank, const Site& site) {
+  Emulator& e = emu();
+  if (rank < 0 || rank >= e.cluster) {
+    fail("map_shared_rank to rank " + std::to_string(rank) + " in a cluster of " +
+         std::to_string(e.cluster) + " blocks, at " + where(site));
+  }
+  const int own = rank_of(e.current);
+  const auto offset = [p](const SharedBuffer& buffer) {
+    return reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(buffer.data);
+  };
+  if (e.dynamic_shared[own].holds(p)) {
+    return e.dynamic_shared[rank].data + offset(e.dynamic_shared[own]);
+  }
+  for (auto& [key, buffers] : e.static_shared) {
+    if (buffers[own].holds(p)) return buffers[rank].data + offset(buffers[own]);
+  }
+  std::ostringstream out;
+  out << "map_shared_rank of " << p << ", which is not in the block's shared memory, at "
+      << where(site);
+  fail(out.str());
+}
 
 void syncwarp(unsigned mask, const Site& site) {
   WarpOp op;
@@ -584,16 +811,19 @@ void check_alignment(const void* p, size_t bytes, const Site& site) {
   }
 }
 
-void* dynamic_shared_memory() { return emu().dynamic_shared.data; }
+void* dynamic_shared_memory() { return emu().dynamic_shared[rank_of(emu().current)].data; }
 
 void* static_shared_memory(std::type_index type, const char* file, int line, size_t bytes,
                            size_t align) {
   Emulator& e = emu();
   auto [it, inserted] = e.static_shared.try_emplace({type, file, line});
-  SharedBuffer& buffer = it->second;
+  std::vector<SharedBuffer>& buffers = it->second;
   if (inserted) {
-    buffer.allocate(bytes, align);
-    buffer.poison();
+    buffers.resize(e.cluster);
+    for (SharedBuffer& buffer : buffers) {
+      buffer.allocate(bytes, align);
+      buffer.poison();
+    }
     // A kernel's static shared memory is the sum of its __shared__ variables rounded up to 16
     // bytes, where the dynamic shared memory starts: what ptxas reports for csrc's kernels (it
     // pads so in a module with extern __shared__; it may order the variables any way, so where
@@ -608,8 +838,8 @@ void* static_shared_memory(std::type_index type, const char* file, int line, siz
     // no launch of csrc's has a dynamic size that close to the limit.
     e.static_shared_sum += bytes;
     e.record->static_shared_bytes = (e.static_shared_sum + 15) / 16 * 16;
-    const std::string why =
-        shared_memory_refusal(e.record->static_shared_bytes, e.record->dynamic_shared_bytes);
+    const std::string why = shared_memory_refusal(e.entry, e.record->static_shared_bytes,
+                                                  e.record->dynamic_shared_bytes);
     if (!why.empty()) {
       if (e.error.empty()) {
         e.error = e.record->kernel + " in " + e.record->where +
@@ -618,17 +848,31 @@ void* static_shared_memory(std::type_index type, const char* file, int line, siz
                   std::to_string(line);
         e.error_code = cudaErrorInvalidValue;
       }
-      end_block();
+      end_cluster();
     }
   }
-  return buffer.data;
+  return buffers[rank_of(e.current)].data;
 }
 
-void run_grid(const char* where_launched, const char* kernel_name, const void* entry,
-              const LaunchConfig& config, void (*body)(void*), void* context) {
+LaunchConfig::LaunchConfig(const cudaLaunchConfig_t& config)
+    : LaunchConfig(config.gridDim, config.blockDim, config.dynamicSmemBytes, config.stream) {
+  for (unsigned i = 0; i < config.numAttrs; ++i) {
+    const cudaLaunchAttribute& attribute = config.attrs[i];
+    if (attribute.id == cudaLaunchAttributeClusterDimension) {
+      const auto& d = attribute.val.clusterDim;
+      cluster = dim3(d.x, d.y, d.z);
+      cluster_attribute = true;
+    } else {
+      unsupported_attribute = attribute.id;
+    }
+  }
+}
+
+cudaError_t run_grid(const char* where_launched, const char* kernel_name, const void* entry,
+                     const LaunchConfig& config, void (*body)(void*), void* context) {
   Emulator& e = emu();
   e.records.push_back(LaunchRecord{where_launched, kernel_name, config.grid, config.block,
-                                   config.shared_bytes});
+                                   config.cluster.x, config.shared_bytes});
   e.record = &e.records.back();
   e.entry = entry;
   const auto invalid = [&](cudaError_t code, const std::string& why) {
@@ -637,8 +881,9 @@ void run_grid(const char* where_launched, const char* kernel_name, const void* e
       e.error = std::string(kernel_name) + " in " + where_launched + ": " + why;
       e.error_code = code;
     }
+    return code;
   };
-  if (!e.error.empty()) return;  // a sticky error: nothing runs any more
+  if (!e.error.empty()) return e.error_code;  // a sticky error: nothing runs any more
   const dim3 g = config.grid, b = config.block;
   const long long threads = static_cast<long long>(b.x) * b.y * b.z;
   if (threads < 1 || threads > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64) {
@@ -647,46 +892,45 @@ void run_grid(const char* where_launched, const char* kernel_name, const void* e
   if (g.x < 1 || g.y < 1 || g.z < 1 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
     return invalid(cudaErrorInvalidConfiguration, "invalid grid size");
   }
+  if (const auto [code, why] = cluster_refusal(config); code != cudaSuccess) {
+    return invalid(code, "the launch is refused: " + why);
+  }
   // The dynamic size alone; with the static one as the blocks reach it (static_shared_memory).
-  const std::string why = shared_memory_refusal(0, config.shared_bytes);
+  const std::string why = shared_memory_refusal(entry, 0, config.shared_bytes);
   if (!why.empty()) {
     return invalid(cudaErrorInvalidValue, "the launch is refused (cudaErrorInvalidValue): " + why);
   }
 
   e.kernel = Kernel{body, context};
-  e.dynamic_shared.allocate(config.shared_bytes, 16);
-  e.static_shared.clear();
-  e.static_shared_sum = 0;
+  e.cluster = static_cast<int>(config.cluster.x);
+  e.block_threads = static_cast<int>(threads);
+  e.block_warps = (e.block_threads + 31) / 32;
+  allocate_shared(config.shared_bytes);
   gridDim = g;
   blockDim = b;
-  // The reverse schedules also run the blocks last first: a GPU runs them in any order, and a
+  // The reverse schedules also run the clusters last first: a GPU runs them in any order, and a
   // kernel that takes "the last block to finish" for the one of the highest index shows.
   const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
+  const unsigned clusters_x = g.x / config.cluster.x;
   for (unsigned z = 0; z < g.z && e.error.empty(); ++z) {
     for (unsigned y = 0; y < g.y && e.error.empty(); ++y) {
-      for (unsigned x = 0; x < g.x && e.error.empty(); ++x) {
-        blockIdx = reverse ? uint3{g.x - 1 - x, g.y - 1 - y, g.z - 1 - z} : uint3{x, y, z};
-        e.dynamic_shared.poison();
-        for (auto& [key, buffer] : e.static_shared) buffer.poison();
-        run_block(static_cast<int>(threads));
-        if (e.error.empty() && !e.dynamic_shared.guard_intact()) {
-          e.error = std::string(kernel_name) + ": a block wrote past its " +
-                    std::to_string(config.shared_bytes) + " bytes of dynamic shared memory";
-          e.error_code = cudaErrorLaunchFailure;
-        }
-        for (auto& [key, buffer] : e.static_shared) {
-          if (e.error.empty() && !buffer.guard_intact()) {
-            e.error = std::string(kernel_name) + ": a block wrote past the __shared__ variable " +
-                      std::get<1>(key) + ":" + std::to_string(std::get<2>(key));
-            e.error_code = cudaErrorLaunchFailure;
-          }
-        }
+      for (unsigned x = 0; x < clusters_x && e.error.empty(); ++x) {
+        const uint3 cluster = reverse ? uint3{clusters_x - 1 - x, g.y - 1 - y, g.z - 1 - z}
+                                      : uint3{x, y, z};
+        e.first_block = uint3{cluster.x * config.cluster.x, cluster.y, cluster.z};
+        poison_shared();
+        run_cluster();
       }
     }
   }
-  if (!e.error.empty()) e.last_error = e.error_code;
+  e.static_shared_of[entry] = e.record->static_shared_bytes;
   e.record = nullptr;
   e.entry = nullptr;
+  if (e.error.empty()) return cudaSuccess;
+  e.last_error = e.error_code;
+  // A refusal found as the blocks reached the static size is the launch's result; a kernel's
+  // fault shows later, as on a GPU, where the launch itself succeeds.
+  return e.error_code == cudaErrorLaunchFailure ? cudaSuccess : e.error_code;
 }
 
 void set_function_attribute(const void* entry, cudaFuncAttribute attribute, int value,
@@ -700,6 +944,41 @@ void set_function_attribute(const void* entry, cudaFuncAttribute attribute, int 
   e.max_dynamic_shared[entry] = value;
 }
 
+// cudaOccupancyMaxActiveClusters, modelled on shared memory and threads alone (registers are
+// ignored): a multiprocessor holds as many blocks as its shared memory has room for, each with the
+// 1 KiB the driver reserves per block, at most 32 and at most 2048 threads; the device num_sms
+// times that, in clusters. A GPU places a cluster's blocks within one GPC (about 16 to 18 SMs),
+// which can leave some SMs unused; that is ignored. A cluster of more than 8 blocks, or dynamic
+// shared memory a launch of the kernel would be refused, fits 0 times. The kernel's static size is
+// what its last launch since configure() reached (a GPU knows it before any launch), or 8 KiB.
+// Without clusters (before sm_90) an error, as is a configuration without the cluster size: what
+// the runtime returns there is not documented.
+cudaError_t max_active_clusters(int* clusters, const void* entry,
+                                const cudaLaunchConfig_t& config) {
+  const Emulator& e = emu();
+  *clusters = 0;
+  const LaunchConfig c(config);
+  if (!e.clusters) return cudaErrorNotSupported;
+  if (!c.cluster_attribute || c.unsupported_attribute >= 0) return cudaErrorInvalidValue;
+  const size_t threads = static_cast<size_t>(c.block.x) * c.block.y * c.block.z;
+  const size_t size = static_cast<size_t>(c.cluster.x) * c.cluster.y * c.cluster.z;
+  if (threads < 1 || threads > 1024) return cudaErrorInvalidValue;
+  if (size < 1) return cudaErrorInvalidClusterSize;
+  const auto known = e.static_shared_of.find(entry);
+  const size_t static_bytes = known != e.static_shared_of.end() ? known->second : 0;
+  if (size > kMaxClusterBlocks ||
+      !shared_memory_refusal(entry, static_bytes, c.shared_bytes).empty()) {
+    return cudaSuccess;
+  }
+  const size_t block_bytes = c.shared_bytes + kReservedSharedPerBlock +
+                             (known != e.static_shared_of.end() ? static_bytes
+                                                                : kUnknownStaticShared);
+  const size_t blocks_per_sm =
+      std::min({kMaxBlocksPerSm, kMaxThreadsPerSm / threads, e.shared_per_sm / block_bytes});
+  *clusters = static_cast<int>(static_cast<size_t>(e.num_sms) * blocks_per_sm / size);
+  return cudaSuccess;
+}
+
 cudaError_t take_last_error() {
   const cudaError_t error = emu().last_error;
   emu().last_error = cudaSuccess;
@@ -711,10 +990,16 @@ cudaError_t peek_last_error() { return emu().last_error; }
 // ---------------------------------------------------------------------------------------------
 // What the driver calls.
 
-void configure(size_t shared_bytes_per_block, Schedule schedule) {
-  emu().shared_limit = shared_bytes_per_block;
-  emu().schedule = schedule;
-  emu().max_dynamic_shared.clear();
+void configure(int num_sms, size_t shared_bytes_per_sm, size_t shared_bytes_per_block,
+               bool clusters, Schedule schedule) {
+  Emulator& e = emu();
+  e.num_sms = num_sms;
+  e.shared_per_sm = shared_bytes_per_sm;
+  e.shared_limit = shared_bytes_per_block;
+  e.clusters = clusters;
+  e.schedule = schedule;
+  e.max_dynamic_shared.clear();
+  e.static_shared_of.clear();
 }
 
 const std::vector<LaunchRecord>& launches() { return emu().records; }

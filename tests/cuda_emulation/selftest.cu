@@ -1,8 +1,9 @@
 // Kernels that check the emulator itself, not fastdml (test_cuda_emulation.py::test_emulator_*):
-// the shuffles against the hardware's lane arithmetic, __syncthreads_count, atomicAdd and
-// cudaMemsetAsync, and that a kernel a GPU would hang on, give undefined results for, or refuse to
-// launch is reported. Built like csrc/*.cu, so the rewrite of launches and shared memory is
-// exercised too.
+// the shuffles against the hardware's lane arithmetic, __syncthreads_count, atomicAdd,
+// cudaMemsetAsync, thread-block clusters and their occupancy, and that a kernel a GPU would hang
+// on, give undefined results for, or refuse to launch is reported. Built like csrc/*.cu, so the
+// rewrite of launches and shared memory is exercised too.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <bit>
@@ -10,8 +11,11 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "emulator.h"
+
+namespace cg = cooperative_groups;
 
 namespace {
 
@@ -163,6 +167,108 @@ __global__ void misaligned_load_kernel(int* out) {
   out[threadIdx.x] = v.x;
 }
 
+// Each block of a cluster publishes blockIdx.x + 1 (static shared memory) and 1000 * that + t in
+// dynamic word t, then thread t sums both of every block of its cluster, in rank order, through
+// map_shared_rank, plus 100000 * its warp's first thread's index / 32 (through a shuffle of its
+// warp: none spans two blocks). Bit 0 of `barriers`: the cluster barrier before the reads; bit 1:
+// the one after, that keeps every block's memory until all have read it.
+__global__ void cluster_sum_kernel(int* out, int barriers) {
+  __shared__ int published;
+  extern __shared__ int words[];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) published = static_cast<int>(blockIdx.x) + 1;
+  words[t] = 1000 * (static_cast<int>(blockIdx.x) + 1) + t;
+  if (barriers & 1) cluster.sync();
+  int sum = 0;
+  for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) {
+    sum += *cluster.map_shared_rank(&published, static_cast<int>(rank));
+    const int* remote = cluster.map_shared_rank(static_cast<const int*>(words), rank);
+    sum += remote[t];
+  }
+  const int lanes = min(32, static_cast<int>(blockDim.x) - t / 32 * 32);
+  const unsigned mask = lanes == 32 ? kFullMask : (1u << lanes) - 1;
+  const int first = __shfl_sync(mask, t, 0);
+  const bool rank_right = cluster.block_rank() == blockIdx.x % cluster.num_blocks();
+  if (barriers & 2) cluster.sync();
+  out[blockIdx.x * blockDim.x + t] = sum + 100000 * (first / 32) + (rank_right ? 0 : 1000000);
+}
+
+// The blocks of odd rank wait at another cluster barrier than the others.
+__global__ void divergent_cluster_barrier_kernel(int* out) {
+  if (cg::this_cluster().block_rank() % 2 == 1) {
+    cg::this_cluster().sync();
+  } else {
+    cg::this_cluster().sync();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Warp 0 waits at a cluster barrier, the others at a __syncthreads: neither completes.
+__global__ void cluster_deadlock_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    cg::this_cluster().sync();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// map_shared_rank of shared memory to rank `rank`, or (rank < 0) of global memory to rank 0.
+__global__ void map_shared_rank_kernel(int* out, int rank) {
+  __shared__ int word;
+  if (threadIdx.x == 0) word = 1;
+  cg::this_cluster().sync();
+  const int* p = rank < 0 ? cg::this_cluster().map_shared_rank(out, 0)
+                          : cg::this_cluster().map_shared_rank(&word, rank);
+  cg::this_cluster().sync();
+  out[threadIdx.x] = *p;
+}
+
+// A launcher as csrc's launch clusters: `kernel` in clusters of cluster_x by cluster_y blocks.
+template <typename... Params, typename... Args>
+cudaError_t launch_clusters(void (*const kernel)(Params...), int blocks, int threads,
+                            unsigned cluster_x, unsigned cluster_y, size_t smem, Args... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster_x;
+  attribute.val.clusterDim.y = cluster_y;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = nullptr;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// cudaOccupancyMaxActiveClusters of cluster_sum_kernel in clusters of `cluster` blocks of
+// `threads` threads with `smem` bytes of dynamic shared memory: out[0], its error out[1]; then,
+// if `launch`, a launch of one such cluster, and the same query in out[2], its error in out[3].
+cudaError_t occupancy(int* out, int threads, int cluster, size_t smem, bool launch) {
+  const auto kernel = cluster_sum_kernel;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  out[1] = cudaOccupancyMaxActiveClusters(&out[0], kernel, &config);
+  if (!launch) return cudaSuccess;
+  std::vector<int> results(static_cast<size_t>(cluster * threads));
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, results.data(), 3);
+  if (launched != cudaSuccess) return launched;
+  out[3] = cudaOccupancyMaxActiveClusters(&out[2], kernel, &config);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 extern "C" {
@@ -173,11 +279,18 @@ extern "C" {
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kind) if kind >= 0.
 // "atomic_ticket": `arg` blocks (at most 256) on a counter zeroed by cudaMemsetAsync.
 // "memset_after_error": cudaMemsetAsync after a failed launch; its result and what it left in the
-// word it was to zero (7 before) are the error.
-int emu_selftest(const char* name, int kind, int arg, int width, int schedule,
-                 int smem_per_block_optin, int* out, char* error, int64_t error_size) {
+// word it was to zero (7 before) are the error. The cluster tests run on a device of `num_sms`
+// multiprocessors with `smem_per_sm` bytes of shared memory each and thread-block clusters if
+// `clusters`: "cluster_sum": `arg` blocks of `threads` threads in clusters of `cluster` (0: a
+// plain <<<>>> launch), barriers `kind`; "cluster_2d": the same in clusters of (cluster, 2);
+// "occupancy": kind bytes of dynamic shared memory, cudaFuncSetAttribute to that first if arg & 1,
+// a launch between two queries if arg & 2; "map_shared_rank": to rank `arg` (-1: of global memory).
+int emu_selftest(const char* name, int kind, int arg, int width, int schedule, int threads,
+                 int cluster, int num_sms, int smem_per_sm, int smem_per_block_optin,
+                 int clusters, int* out, char* error, int64_t error_size) {
   cuda_emu::reset();
-  cuda_emu::configure(static_cast<size_t>(smem_per_block_optin),
+  cuda_emu::configure(num_sms, static_cast<size_t>(smem_per_sm),
+                      static_cast<size_t>(smem_per_block_optin), clusters != 0,
                       static_cast<cuda_emu::Schedule>(schedule));
   const std::string test = name;
   constexpr int kThreads = 256;
@@ -238,6 +351,39 @@ int emu_selftest(const char* name, int kind, int arg, int width, int schedule,
       }
     }
     static_and_dynamic_smem_kernel<<<2, kThreads, static_cast<size_t>(arg)>>>(out);
+  } else if (test == "cluster_sum" || test == "cluster_2d") {
+    const size_t smem = static_cast<size_t>(threads) * sizeof(int);
+    if (cluster == 0) {
+      cluster_sum_kernel<<<arg, threads, smem>>>(out, kind);
+    } else {
+      const unsigned y = test == "cluster_2d" ? 2 : 1;
+      const cudaError_t launched = launch_clusters(
+          cluster_sum_kernel, arg, threads, static_cast<unsigned>(cluster), y, smem, out, kind);
+      if (launched != cudaSuccess) {  // refused: the last error too
+        const cudaError_t last = cudaGetLastError();
+        std::snprintf(error, static_cast<size_t>(error_size),
+                      "cudaLaunchKernelEx: CUDA error %d (last error %d): %s", int(launched),
+                      int(last), cuda_emu::kernel_error().c_str());
+        return 1;
+      }
+    }
+  } else if (test == "divergent_cluster_barrier") {
+    launch_clusters(divergent_cluster_barrier_kernel, 4, kThreads, 4, 1, 0, out);
+  } else if (test == "cluster_deadlock") {
+    launch_clusters(cluster_deadlock_kernel, 2, kThreads, 2, 1, 0, out);
+  } else if (test == "map_shared_rank") {
+    launch_clusters(map_shared_rank_kernel, 2, 128, 2, 1, 0, out, arg);
+  } else if (test == "occupancy") {
+    const size_t smem = static_cast<size_t>(kind);
+    if (arg & 1) {
+      cudaFuncSetAttribute(cluster_sum_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kind);
+    }
+    const cudaError_t launched = occupancy(out, threads, cluster, smem, (arg & 2) != 0);
+    if (launched != cudaSuccess) {
+      std::snprintf(error, static_cast<size_t>(error_size), "CUDA error %d: %s", int(launched),
+                    cuda_emu::kernel_error().c_str());
+      return 1;
+    }
   } else {
     std::snprintf(error, static_cast<size_t>(error_size), "no self-test %s", name);
     return 1;

@@ -89,6 +89,12 @@ GRAD_TOLERANCE = {
 SMALL_SMEM = DeviceInfo(num_sms=132, smem_per_sm=48 * 1024, smem_per_block_optin=48 * 1024)
 NO_SMEM = DeviceInfo(num_sms=132, smem_per_sm=16 * 1024, smem_per_block_optin=48 * 1024)
 ONE_SM = DeviceInfo(1, H100.smem_per_sm, H100.smem_per_block_optin)
+# sm_90 devices with thread-block clusters and little shared memory, so that rows of a few thousand
+# classes need a cluster: SM90_SMALL's blocks cache 16 KiB each, SM90_MEDIUM's 40 KiB (88 KiB with
+# 7 or 8 peers, one block a multiprocessor). 4 multiprocessors: rows of 8192 classes or more are
+# not split from 4 rows on, and the clusters go on to further rows.
+SM90_SMALL = DeviceInfo(4, 48 * 1024, 48 * 1024, clusters=True)
+SM90_MEDIUM = DeviceInfo(4, 96 * 1024, 96 * 1024, clusters=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +131,9 @@ class Case:
     device: DeviceInfo = H100
     vector: bool = True
     team: str = "warp"  # a warp per row, or the whole "block"
-    cache: str = "all"  # the row is kept in shared memory: "all" of it, "part", or "none"
+    # The row is kept in shared memory: "all" of it, "part", "none", or all of it across a
+    # thread-block "cluster" of CTAs, a chunk each.
+    cache: str = "all"
     dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)  # those worth the time
     options: dict[str, float] = field(default_factory=lambda: dict(OPTIONS))
 
@@ -154,6 +162,32 @@ PATHS = [
     Case("grid-stride-warp", 6, 264, 24, device=ONE_SM, dtypes=FIXED_K_DTYPES),
     Case("grid-stride-block", 5, 40, 2304, device=ONE_SM, team="block", dtypes=FIXED_K_DTYPES),
     Case("grid-stride-any-k", 9, 20, 40, device=ONE_SM, dtypes=(torch.float32, torch.float64)),
+    # Clusters of 3 CTAs (float32) or 2 (bfloat16), 4 to 5 (uneven chunks of a row, some shorter
+    # than a block), of 2 with 5 or 8 peers (the row values in shared memory), and a row too long
+    # for 8 CTAs (float32: 12), which goes without a cluster.
+    Case("cluster", 2, 6, 6144, device=SM90_SMALL, team="block", cache="cluster"),
+    Case("cluster-uneven", 3, 5, 5000, device=SM90_SMALL, team="block", cache="cluster"),
+    Case(
+        "cluster-5-peers",
+        5,
+        4,
+        4096,
+        device=SM90_MEDIUM,
+        team="block",
+        cache="cluster",
+        dtypes=(torch.float32, torch.float64),
+    ),
+    Case("cluster-8-peers", 8, 4, 8192, device=SM90_MEDIUM, team="block", cache="cluster"),
+    Case(
+        "cluster-too-long",
+        2,
+        4,
+        24576,
+        device=SM90_SMALL,
+        team="block",
+        cache="part",
+        dtypes=(torch.float32,),
+    ),
 ]
 PATH_CASES = {case.name: case for case in PATHS}
 
@@ -367,7 +401,10 @@ def assert_path(
     assert team == case.team, f"expected a {case.team} per row, got {launch}"
     teams = 256 // 32 if team == "warp" else 1
     row_bytes = teams * case.peers * case.classes * torch.finfo(dtype).bits // 8
-    if launch.dynamic_shared == 0:
+    if launch.cluster > 1:
+        cache = "cluster"
+        assert launch.blocks % launch.cluster == 0 and launch.cluster_barriers > 0, launch
+    elif launch.dynamic_shared == 0:
         cache = "none"
     else:
         cache = "all" if launch.dynamic_shared >= row_bytes else "part"
@@ -428,6 +465,7 @@ SPECIAL_CASES = [  # 6 rows: the targets of make_target, and row 5 with a random
     Case("warp", 3, 6, 40),
     Case("block", 3, 6, 2304, team="block"),
     Case("any-k", 9, 6, 40),
+    Case("cluster", 3, 6, 6144, device=SM90_SMALL, team="block", cache="cluster"),
     Case("split", 3, 6, 8192),
 ]
 
@@ -454,6 +492,7 @@ def test_masked_and_nan_logits(
 
 SCHEDULED = ["warp-scalar-padded-rows", "block-vector-8-peers", "cache-part-block", "split"]
 SCHEDULED += ["any-k-long-rows", "grid-stride-warp", "grid-stride-block", "grid-stride-any-k"]
+SCHEDULED += ["cluster-uneven", "cluster-8-peers"]
 
 
 @pytest.mark.parametrize("name", SCHEDULED)
@@ -475,7 +514,9 @@ def test_schedule_independent(gpu: EmulatedDevice, schedule: str, name: str):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", ["warp-vector", "block-vector", "any-k-long-rows", "split"])
+@pytest.mark.parametrize(
+    "name", ["warp-vector", "block-vector", "any-k-long-rows", "split", "cluster"]
+)
 def test_without_grad(gpu: EmulatedDevice, name: str):
     """compute_grad = False: the same loss terms, and no gradient written (the driver hands the
     kernels a null gradient pointer, and checks that nothing was written around any buffer)."""
@@ -487,7 +528,7 @@ def test_without_grad(gpu: EmulatedDevice, name: str):
 
 
 @pytest.mark.parametrize(
-    "name", ["warp-vector", "block-vector-8-peers", "any-k-long-rows", "split"]
+    "name", ["warp-vector", "block-vector-8-peers", "any-k-long-rows", "split", "cluster-8-peers"]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_row_scale_per_row(gpu: EmulatedDevice, dtype: torch.dtype, name: str):
@@ -505,7 +546,7 @@ def test_row_scale_per_row(gpu: EmulatedDevice, dtype: torch.dtype, name: str):
 # Reductions "sum" and "mean", in the forward's own launch.
 
 REDUCED = ["warp-vector", "block-vector", "cache-part-block", "any-k-long-rows", "split"]
-REDUCED += ["grid-stride-warp", "grid-stride-block", "grid-stride-any-k"]
+REDUCED += ["grid-stride-warp", "grid-stride-block", "grid-stride-any-k", "cluster-uneven"]
 
 
 def in_range(inputs: tuple[Tensor, Tensor, Tensor], classes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -597,7 +638,7 @@ def test_large_reduced_loss_is_one_launch(
     assert_matches_reference(got, inputs, "pairwise", reduction=reduction)
 
 
-@pytest.mark.parametrize("name", ["grid-stride-warp", "grid-stride-any-k", "split"])
+@pytest.mark.parametrize("name", ["grid-stride-warp", "grid-stride-any-k", "split", "cluster"])
 def test_reduced_schedule_independent(gpu: EmulatedDevice, name: str):
     case = PATH_CASES[name]
     inputs = in_range(make_inputs(case, torch.float32), case.classes)
@@ -911,3 +952,132 @@ def test_emulator_atomic_add(gpu: EmulatedDevice, schedule: str):
 def test_emulator_reports_misused_counts_and_atomics(gpu: EmulatedDevice, name: str, message: str):
     with pytest.raises(EmulationError, match=message):
         gpu.selftest(name)
+
+
+# Thread-block clusters: the selftest's kernel publishes each block's index + 1 (a __shared__
+# word) and 1000 * that + t (dynamic word t); thread t sums both over its cluster's blocks, through
+# map_shared_rank, plus 100000 * its warp's index in the block (a shuffle within the warp).
+BOTH_CLUSTER_BARRIERS = 3
+
+
+def cluster_sums(blocks: int, threads: int, cluster: int) -> list[int]:
+    want = []
+    for block in range(blocks):
+        first = block // cluster * cluster
+        published = sum(b + 1 for b in range(first, first + cluster))
+        want += [1001 * published + cluster * t + 100000 * (t // 32) for t in range(threads)]
+    return want + [-7] * (256 - blocks * threads)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(
+    ("blocks", "threads", "cluster"),
+    [(8, 32, 4), (4, 48, 4), (6, 40, 2), (8, 32, 8), (3, 64, 1), (2, 128, 0)],
+)
+def test_emulator_cluster_shared_memory(
+    gpu: EmulatedDevice, schedule: str, blocks: int, threads: int, cluster: int
+):
+    """Each block of a cluster has its own shared memory, which the cluster's blocks read through
+    map_shared_rank after a cluster barrier, under every schedule; a plain launch (cluster 0) is a
+    cluster of one block. Warps stay within their block where its size is not a multiple of 32.
+    Each cluster barrier is one episode per cluster."""
+    out = gpu.selftest(
+        "cluster_sum",
+        kind=BOTH_CLUSTER_BARRIERS,
+        arg=blocks,
+        threads=threads,
+        cluster=cluster,
+        schedule=schedule,
+    )
+    assert out == cluster_sums(blocks, threads, max(cluster, 1))
+    (launch,) = gpu.launches()
+    assert (launch.cluster, launch.cluster_barriers, launch.block_barriers) == (
+        max(cluster, 1),
+        2 * blocks // max(cluster, 1),
+        0,
+    )
+
+
+def test_emulator_schedules_expose_a_missing_cluster_barrier(gpu: EmulatedDevice):
+    """Without the cluster barrier between the writes and the reads of the other blocks' shared
+    memory, a block reads another's before that one wrote it (the poison it starts with)."""
+    want = cluster_sums(8, 32, 4)
+    run = partial(gpu.selftest, "cluster_sum", kind=2, arg=8, threads=32, cluster=4)
+    assert any(run(schedule=schedule) != want for schedule in SCHEDULES)
+
+
+def test_emulator_poisons_the_shared_memory_of_an_ended_block(gpu: EmulatedDevice):
+    """Without the cluster barrier before the end, a block may end while the others still read
+    its shared memory (undefined on a GPU). Run a warp at a time, the warp that completes the
+    cluster barrier (block 3's, the last to arrive) runs on to its end, and block 0 then reads
+    poison (-1) where block 3's words were."""
+    out = gpu.selftest(
+        "cluster_sum", kind=1, arg=4, threads=32, cluster=4, schedule="warps_forward"
+    )
+    want = cluster_sums(4, 32, 4)
+    assert out[96:128] == want[96:128]
+    assert out[:32] == [w - (4 + 4000 + t) - 2 for t, w in enumerate(want[:32])]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("divergent_cluster_barrier", {}, "different cluster barriers"),
+        ("cluster_deadlock", {}, r"blocks 0..1: deadlock.*block 0 thread 0 at cluster\.sync\(\)"),
+        ("map_shared_rank", {"arg": 2}, "map_shared_rank to rank 2 in a cluster of 2 blocks"),
+        ("map_shared_rank", {"arg": -1}, "not in the block's shared memory"),
+        # cudaErrorInvalidClusterSize, from the launch and as the last error
+        (
+            "cluster_sum",
+            {"arg": 6, "threads": 32, "cluster": 4},
+            r"CUDA error 912 \(last error 912\).*a cluster of 4 blocks with 6 blocks",
+        ),
+        ("cluster_sum", {"arg": 8, "threads": 32, "cluster": 16}, r"CUDA error 912 \("),
+        ("cluster_2d", {"arg": 8, "threads": 32, "cluster": 2}, "supports 1-D clusters"),
+        # cudaErrorNotSupported on a device without clusters
+        (
+            "cluster_sum",
+            {"arg": 4, "threads": 32, "cluster": 2, "device": NO_SMEM},
+            r"CUDA error 801 \(last error 801\).*without thread-block clusters",
+        ),
+    ],
+)
+def test_emulator_reports_misused_clusters(
+    gpu: EmulatedDevice, name: str, options: dict, message: str
+):
+    with pytest.raises(EmulationError, match=message):
+        gpu.selftest(name, **options)
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "arg", "threads", "cluster", "want"),
+    [
+        # 2048 threads a multiprocessor: 8 blocks of 256, in clusters of 4 on 132 SMs.
+        pytest.param(0, 0, 256, 4, [264, 0], id="threads"),
+        # Shared memory: 228 KiB / (1 KiB reserved + 8 KiB taken for the static size) = 25.
+        pytest.param(0, 0, 64, 4, [825, 0], id="unknown-static"),
+        # 110 KiB of dynamic: 1 block a multiprocessor with 8 KiB for the static size, 2 with the
+        # 16 bytes the launch found.
+        pytest.param(110 * KIB, 3, 64, 2, [66, 0, 132, 0], id="known-static"),
+        pytest.param(110 * KIB, 0, 64, 2, [0, 0], id="past-48k-without-attribute"),
+        pytest.param(0, 0, 64, 16, [0, 0], id="non-portable-size"),
+    ],
+)
+def test_emulator_max_active_clusters(
+    gpu: EmulatedDevice, dynamic: int, arg: int, threads: int, cluster: int, want: list[int]
+):
+    out = gpu.selftest(
+        "occupancy",
+        kind=dynamic,
+        arg=arg,
+        threads=threads,
+        cluster=cluster,
+        smem_per_block_optin=H100.smem_per_block_optin,
+    )
+    assert out[: len(want)] == want
+
+
+def test_emulator_max_active_clusters_without_clusters(gpu: EmulatedDevice):
+    """A device before sm_90 has no clusters: an error (cudaErrorNotSupported) and 0."""
+    out = gpu.selftest("occupancy", threads=64, cluster=2, device=NO_SMEM)
+    assert out[:2] == [0, 801]
