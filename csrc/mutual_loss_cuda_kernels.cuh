@@ -415,6 +415,7 @@ __device__ __forceinline__ void team_lse(LseState<A> (&st)[N], A* scratch, int w
 // architectures the cluster code compiles to nothing.
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define FASTDML_CLUSTERS 1
 constexpr bool kHasClusters = true;
 #else
 constexpr bool kHasClusters = false;
@@ -424,7 +425,7 @@ constexpr int kMaxClusterCtas = 8;
 
 // Every thread of every CTA of the cluster waits here for all the others.
 __device__ __forceinline__ void cluster_sync() {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#ifdef FASTDML_CLUSTERS
   cooperative_groups::this_cluster().sync();
 #endif
 }
@@ -432,7 +433,7 @@ __device__ __forceinline__ void cluster_sync() {
 // The address p (in this CTA's shared memory) has in the shared memory of the cluster's CTA `rank`.
 template <typename T>
 __device__ __forceinline__ T* cluster_peer(T* p, int rank) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#ifdef FASTDML_CLUSTERS
   return cooperative_groups::this_cluster().map_shared_rank(p, rank);
 #else
   return p;
@@ -954,15 +955,18 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     // A cluster of `ctas` CTAs (a team each) owns a row: CTA `rank` its vectors [v0, v1), all of
     // them in its shared memory (the launcher sized the cache so), the row's maxima taken before
     // its sums. Without a cluster, a team owns a row, and its first v_cached vectors are cached.
+    // The passes index the CTA's chunk from 0 (vectors v0 + v): the cluster kernel's loops are
+    // the other's, with no register more.
     const int ctas = kClustered ? a.cluster : 1;
     const int rank = kClustered ? static_cast<int>(blockIdx.x % ctas) : 0;
     const int64_t chunk = kClustered ? (nv + ctas - 1) / ctas : nv;
     const int64_t v0 = kClustered ? min(nv, rank * chunk) : 0;
     const int64_t v1 = kClustered ? min(nv, v0 + chunk) : nv;
-    const int64_t v_cached = min(v1, v0 + static_cast<int64_t>(a.cached_iters) * nt);
+    const int64_t n = v1 - v0;
+    const int64_t v_cached = min(n, static_cast<int64_t>(a.cached_iters) * nt);
     // The cache slot of vector v of peer k.
     const auto cached = [&](int64_t v, int k) -> P& {
-      return cache[(v - v0 - tid) * KT + k * nt + tid];
+      return cache[(v - tid) * KT + k * nt + tid];
     };
     for (int64_t r = static_cast<int64_t>(blockIdx.x / ctas) * teams + slot; r < a.R;
          r += static_cast<int64_t>(gridDim.x / ctas) * teams) {
@@ -973,8 +977,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
         continue;
       }
       // Peer k's logits at row0 + k * a.stride_k, its gradient at grad0 + k * R * C: a base and a
-      // stride, not KT pointers (registers).
+      // stride, not KT pointers (registers); chunk0 and grad0 start at the CTA's chunk.
       const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+      const S* const chunk0 = row0 + v0 * VEC;
 
       // Pass 1: the log-sum-exps.
       LseState<A> lse[KT], lse_u[KT];
@@ -1016,9 +1021,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
           for (int k = 0; k < KT; ++k) cached(v, k) = x[k];
           fold(v, x);
         };
-        for_each_vector<VEC, KT, true, false>(row0, a.stride_k, v0 + tid, v_cached, nt,
+        for_each_vector<VEC, KT, true, false>(chunk0, a.stride_k, tid, v_cached, nt,
                                               cache_and_fold);
-        for_each_vector<VEC, KT, false, false>(row0, a.stride_k, v_cached + tid, v1, nt, fold);
+        for_each_vector<VEC, KT, false, false>(chunk0, a.stride_k, v_cached + tid, n, nt, fold);
         team_lse(lse, scratch, a.warps_per_team, a.a_t, O::unit_t(a));
         if (O::mode(a) == LossMode::EnsembleLogits) {
           team_lse(lse_u, scratch, a.warps_per_team, L::kUnit, true);
@@ -1030,7 +1035,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
           for (int k = 0; k < KT; ++k) cached(v, k) = x[k];
           for_each_lse(x, [](LseState<A>& st, const A(&vals)[VEC], A, bool) { st.take_max(vals); });
         };
-        for_each_vector<VEC, KT, true, false>(row0, a.stride_k, v0 + tid, v1, nt, cache_and_max);
+        for_each_vector<VEC, KT, true, false>(chunk0, a.stride_k, tid, n, nt, cache_and_max);
         A maxima[2 * KT];
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
@@ -1052,7 +1057,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
             st.add(vals, a_t, unit_t);
           });
         };
-        for (int64_t v = v0 + tid; v < v1; v += nt) add_at_max(v);
+        for (int64_t v = tid; v < n; v += nt) add_at_max(v);
         A sums[3 * KT];
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
@@ -1089,9 +1094,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       A sums[kSums * KT];
 #pragma unroll
       for (int i = 0; i < kSums * KT; ++i) sums[i] = A(0);
-      S* const grad0 = O::grad(a) ? static_cast<S*>(a.grad) + r * a.C : nullptr;
+      S* const grad0 = O::grad(a) ? static_cast<S*>(a.grad) + r * a.C + v0 * VEC : nullptr;
       const int64_t grad_stride = a.R * a.C;
-      const int y32 = static_cast<int>(y);  // C < 2^31 (the launcher's check): 32-bit compares
+      // The label's place in the chunk; C < 2^31 (the launcher's check): 32-bit compares.
+      const int y32 = static_cast<int>(y - v0 * VEC);
       const auto emit = [&](int64_t v, const P(&x)[KT]) {
         P g[KT];
 #pragma unroll
@@ -1124,9 +1130,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
         }
       };
       if constexpr (!kClustered) {
-        for_each_vector<VEC, KT, true, true>(row0, a.stride_k, v_cached + tid, v1, nt, emit);
+        for_each_vector<VEC, KT, true, true>(chunk0, a.stride_k, v_cached + tid, n, nt, emit);
       }
-      for (int64_t v = v0 + tid; v < v_cached; v += nt) {
+      for (int64_t v = tid; v < v_cached; v += nt) {
         P x[KT];
 #pragma unroll
         for (int k = 0; k < KT; ++k) x[k] = cached(v, k);
@@ -1474,8 +1480,8 @@ int grid_for(int64_t work_items, const DeviceInfo& device, int blocks_per_sm) {
       std::max<int64_t>(1, std::min<int64_t>(work_items, int64_t(device.num_sms) * blocks_per_sm)));
 }
 
-// A bound on the static shared memory of every kernel here (about 4.7 KB at most: the fixed-K
-// kernel's scratch, weights, teams' sums and row values for K = 8).
+// A bound on the static shared memory of every kernel here (about 4.9 KB at most: the fixed-K
+// cluster kernel's scratch, weights, teams' sums, row values and cluster exchange for K = 8).
 constexpr size_t kStaticSmemBound = 8 * 1024;
 
 // A block whose shared memory, static and dynamic together, passes 48 KB needs the kernel's
@@ -1544,6 +1550,14 @@ cudaError_t launch_cluster(KernelArgs<acc_t<S>> a, const DeviceInfo& device, cud
   launched = false;
   const int64_t max_iters = budget / iter_bytes;  // vectors a thread caches per peer, at most
   if (!device.clusters || max_iters == 0) return cudaSuccess;
+  // A build without sm_90 code runs on an sm_90 device from an older architecture's PTX, where
+  // the cluster kernel compiled to nothing.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not the launch's error: the cache-and-L2 path runs instead
+    return cudaSuccess;
+  }
+  if (attributes.ptxVersion < 90) return cudaSuccess;
   const int64_t ctas = ceil_div(iters, max_iters);
   if (ctas > kMaxClusterCtas) return cudaSuccess;
   a.cluster = static_cast<int>(ctas);
@@ -1591,11 +1605,13 @@ cudaError_t launch_static_k(KernelArgs<acc_t<S>> a, const DeviceInfo& device,
       0, std::min<int64_t>(device.smem_per_block_optin, device.smem_per_sm / blocks_per_sm<KT>()) -
              8 * 1024);
   const int64_t iters = ceil_div(nv, nt);  // vectors a thread reads per peer
-  if (VEC > 1 && teams == 1 && iters * iter_bytes > budget) {
-    bool launched;
-    const cudaError_t err =
-        launch_cluster<S, KT, VEC, O>(a, device, stream, iters, iter_bytes, budget, launched);
-    if (err != cudaSuccess || launched) return err;
+  if constexpr (VEC > 1) {  // unaligned rows (a scalar kernel) never take a cluster
+    if (teams == 1 && iters * iter_bytes > budget) {
+      bool launched;
+      const cudaError_t err =
+          launch_cluster<S, KT, VEC, O>(a, device, stream, iters, iter_bytes, budget, launched);
+      if (err != cudaSuccess || launched) return err;
+    }
   }
   const auto kernel = mutual_loss_kernel<S, KT, VEC, O, false>;
   // Else the first vectors of each row are cached, the rest read again from L2 or memory.

@@ -317,6 +317,15 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStrea
   return error;
 }
 
+// The emulated kernels are compiled as for sm_90 (no __CUDA_ARCH__: the cluster code is in).
+template <typename T>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, T*) {
+  *attributes = cudaFuncAttributes{};
+  attributes->ptxVersion = 90;
+  attributes->binaryVersion = 90;
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attribute, int value) {
   cudaError_t result = cudaSuccess;

@@ -14,8 +14,9 @@ DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 
 MODES = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # The orders a cluster's threads may run in (emulator.h): a round of every thread at a time, or a
-# warp at a time as far as it goes.
+# warp or a block at a time as far as it goes.
 SCHEDULES = ("forward", "reverse", "shuffled", "warps_forward", "warps_reverse")
+SCHEDULES += ("blocks_forward", "blocks_reverse")
 
 
 @dataclass(frozen=True)

@@ -582,6 +582,12 @@ std::string describe_waits() {
   return out.str();
 }
 
+// Whether the schedule runs things last first.
+bool reverse_schedule() {
+  const Schedule s = emu().schedule;
+  return s == Schedule::Reverse || s == Schedule::WarpsReverse || s == Schedule::BlocksReverse;
+}
+
 // The running cluster's threads in the schedule's first order: warp after warp (the cluster's last
 // first, each last lane first, for the reverse schedules), and where each warp's end is in it.
 struct Order {
@@ -591,7 +597,7 @@ struct Order {
 
 Order first_order() {
   const Emulator& e = emu();
-  const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
+  const bool reverse = reverse_schedule();
   const int warps = e.cluster * e.block_warps;
   Order order;
   for (int i = 0; i < warps; ++i) {
@@ -631,6 +637,8 @@ void run_cluster() {
   start_threads();
   Order order = first_order();
   const bool by_warp = e.schedule == Schedule::WarpsForward || e.schedule == Schedule::WarpsReverse;
+  const bool by_block =
+      e.schedule == Schedule::BlocksForward || e.schedule == Schedule::BlocksReverse;
   const uint3 b = e.first_block;
   std::mt19937 random(b.x * 7919u + b.y * 104729u + b.z);
   // Runs each runnable thread of order.threads[begin, end) once; whether any ran.
@@ -651,9 +659,11 @@ void run_cluster() {
       std::shuffle(order.threads.begin(), order.threads.end(), random);
     }
     bool ran = false;
-    if (by_warp) {
+    if (by_warp || by_block) {  // a warp or a block at a time, as far as it goes
       size_t begin = 0;
-      for (const size_t end : order.warp_ends) {
+      for (size_t w = 0; w < order.warp_ends.size(); ++w) {
+        if (by_block && (w + 1) % e.block_warps != 0) continue;  // not a block's last warp
+        const size_t end = order.warp_ends[w];
         while (sweep(begin, end)) ran = true;
         begin = end;
       }
@@ -910,7 +920,7 @@ cudaError_t run_grid(const char* where_launched, const char* kernel_name, const 
   blockDim = b;
   // The reverse schedules also run the clusters last first: a GPU runs them in any order, and a
   // kernel that takes "the last block to finish" for the one of the highest index shows.
-  const bool reverse = e.schedule == Schedule::Reverse || e.schedule == Schedule::WarpsReverse;
+  const bool reverse = reverse_schedule();
   const unsigned clusters_x = g.x / config.cluster.x;
   for (unsigned z = 0; z < g.z && e.error.empty(); ++z) {
     for (unsigned y = 0; y < g.y && e.error.empty(); ++y) {

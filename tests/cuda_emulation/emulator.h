@@ -17,9 +17,20 @@ namespace cuda_emu {
 // block) run every runnable thread once a round, so warps stay within one barrier of each other;
 // WarpsForward and WarpsReverse run each warp as far as it goes (up to a __syncthreads, a cluster
 // barrier or its end) before the next, so that one warp runs ahead of the others into whatever
-// they have not finished reading. Reverse and WarpsReverse also run the grid's clusters last
-// first.
-enum class Schedule : int { Forward, Reverse, Shuffled, WarpsForward, WarpsReverse };
+// they have not finished reading; BlocksForward and BlocksReverse run each block of a cluster as
+// far as it goes (up to a cluster barrier or its end) before the next, its threads a round at a
+// time, so that one block runs ahead of the others into whatever they have not finished writing
+// or reading in its shared memory or theirs. The Reverse schedules also run the grid's clusters
+// last first.
+enum class Schedule : int {
+  Forward,
+  Reverse,
+  Shuffled,
+  WarpsForward,
+  WarpsReverse,
+  BlocksForward,
+  BlocksReverse
+};
 
 // The device, as fastdml::gpu::DeviceInfo: its multiprocessors, their shared memory, what one
 // block may have (static + dynamic, smem_per_block_optin) and whether it launches thread-block

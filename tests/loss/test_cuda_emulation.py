@@ -90,10 +90,11 @@ SMALL_SMEM = DeviceInfo(num_sms=132, smem_per_sm=48 * 1024, smem_per_block_optin
 NO_SMEM = DeviceInfo(num_sms=132, smem_per_sm=16 * 1024, smem_per_block_optin=48 * 1024)
 ONE_SM = DeviceInfo(1, H100.smem_per_sm, H100.smem_per_block_optin)
 # sm_90 devices with thread-block clusters and little shared memory, so that rows of a few thousand
-# classes need a cluster: SM90_SMALL's blocks cache 16 KiB each, SM90_MEDIUM's 40 KiB (88 KiB with
-# 7 or 8 peers, one block a multiprocessor). 4 multiprocessors: rows of 8192 classes or more are
-# not split from 4 rows on, and the clusters go on to further rows.
-SM90_SMALL = DeviceInfo(4, 48 * 1024, 48 * 1024, clusters=True)
+# classes need a cluster: SM90_SMALL's blocks cache 16 KiB each (one block a multiprocessor, with
+# its static memory and the driver's reserve), SM90_MEDIUM's 40 KiB (88 KiB with 7 or 8 peers).
+# Few multiprocessors, so that rows of 8192 classes or more are not split from 8 rows (4) on, and
+# the clusters go on to further rows; SM90_SMALL holds two clusters of 3 or 4 CTAs at once.
+SM90_SMALL = DeviceInfo(8, 48 * 1024, 48 * 1024, clusters=True)
 SM90_MEDIUM = DeviceInfo(4, 96 * 1024, 96 * 1024, clusters=True)
 
 
@@ -162,9 +163,9 @@ PATHS = [
     Case("grid-stride-warp", 6, 264, 24, device=ONE_SM, dtypes=FIXED_K_DTYPES),
     Case("grid-stride-block", 5, 40, 2304, device=ONE_SM, team="block", dtypes=FIXED_K_DTYPES),
     Case("grid-stride-any-k", 9, 20, 40, device=ONE_SM, dtypes=(torch.float32, torch.float64)),
-    # Clusters of 3 CTAs (float32) or 2 (bfloat16), 4 to 5 (uneven chunks of a row, some shorter
-    # than a block), of 2 with 5 or 8 peers (the row values in shared memory), and a row too long
-    # for 8 CTAs (float32: 12), which goes without a cluster.
+    # Clusters of 3 CTAs (float32) or 2 (2-byte dtypes); of 5 or 3 (uneven chunks of a row, some
+    # shorter than a block); of 2 with 5 peers and of 4 or 2 with 8 (the row values in shared
+    # memory); and a row too long for 8 CTAs (12), which goes without a cluster.
     Case("cluster", 2, 6, 6144, device=SM90_SMALL, team="block", cache="cluster"),
     Case("cluster-uneven", 3, 5, 5000, device=SM90_SMALL, team="block", cache="cluster"),
     Case(
@@ -175,13 +176,13 @@ PATHS = [
         device=SM90_MEDIUM,
         team="block",
         cache="cluster",
-        dtypes=(torch.float32, torch.float64),
+        dtypes=(torch.float32,),
     ),
     Case("cluster-8-peers", 8, 4, 8192, device=SM90_MEDIUM, team="block", cache="cluster"),
     Case(
         "cluster-too-long",
         2,
-        4,
+        8,
         24576,
         device=SM90_SMALL,
         team="block",
