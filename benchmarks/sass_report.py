@@ -27,42 +27,57 @@ statically, NOPs excluded: every block of the body, including the rarely taken o
 class, an all -inf row); a CALL counts as one instruction (the division slow paths it calls do
 not count).
 
-Passes. With line info, an instruction belongs to pass 1 or 2 when its inlining chain passes
-through one of the source regions of PASS_REGIONS: the lambdas `fold` and `cache_and_fold`
-(pass 1) and `emit` (pass 2) of mutual_loss_kernel, the functions `block_stats` (pass 1) and
-`block_emit` (pass 2) of the any-K and split kernels; the regions are found in the copied sources
-(a lambda `auto NAME = [...](...) {...}`, else a function definition `NAME(...) {...}`). A
-candidate loop is in the pass most of its instructions are attributed to; where some candidate of
-a kernel is attributed, the unattributed ones (the weights' copy, the rows' count, the loss's
-reduction) are not hot. Without attribution (a region renamed, no line info), a heuristic:
-in a row kernel only loops with MUFU (every logit costs an exp; the copies and the reduction have
-none) that read global memory or move data between shared and global memory (LDG, or LDS or STS
-with STG; not a loop over a reduction's shared scratch) are hot; a loop with STS is pass 1 (it
-fills the row cache), one with STG, or LDS and no STS, pass 2 (the gradient; the cached logits),
-and a loop with LDG alone is pass 1 when it comes before the first pass-2 loop by address, else
-pass 2. So without line info, pass 2 of a kernel without the gradient is found in its streamed
-way only. Both are computed; where they disagree the report warns. Other kernels: every
-candidate that touches data is pass 1 unless attributed.
+Passes. With line info, an instruction belongs to the innermost source region of PASS_REGIONS on
+its inlining chain (of the innermost frame in one; code a region calls, such as for_each_lse, is
+the caller's, and `fold` inlined into `cache_and_fold` stays `fold`'s): the lambdas `fold`,
+`cache_and_fold`, `cache_and_max` and `add_at_max` (pass 1) and `emit` (pass 2) of
+mutual_loss_kernel, the functions `block_stats` (pass 1) and `block_emit` (pass 2) of the any-K and
+split kernels; the regions are found in the copied sources (a lambda
+`auto NAME = [...](...) {...}`, else a function definition `NAME(...) {...}`). A candidate loop is
+in the pass most of its instructions are attributed to, and its region is the commonest of that
+pass's regions among them that fix a way (PASS_REGIONS), else the commonest; where some candidate
+of a kernel is attributed, the unattributed ones (the weights' copy, the rows' count, the loss's
+reduction) are not hot. Without attribution (a region renamed, no line info), a heuristic: in a row
+kernel only loops with MUFU (every logit costs an exp; the copies and the reduction have none) that
+read global memory or move data between shared and global memory (LDG, or LDS or STS with STG; not
+a loop over a reduction's shared scratch) are hot; a loop with STS is pass 1 (it fills the row
+cache), one with STG, or LDS and no STS, pass 2 (the gradient; the cached logits), and a loop with
+LDG alone is pass 1 when it comes before the first pass-2 loop by address, else pass 2. So without
+line info, pass 2 of a kernel without the gradient is found in its streamed way only, and the
+cluster way not at all (its loops have no MUFU or touch shared memory only: the heuristic leaves
+them out). Both are computed; where the heuristic finds a loop the line info attributes and they
+disagree on its pass, the report warns. Other kernels: every candidate that touches data is pass 1
+unless attributed.
 
-Ways. In mutual_loss_kernel a row's logits go through the shared-memory cache (pass 1 with STS,
-pass 2 reading LDS) or are streamed from global memory (pass 1 and pass 2 with LDG); the
-instructions per element of a way are pass 1's plus pass 2's (a pass without a loop of that way
-takes its other way's), and the row's is the larger of the two ways. Within a pass and a way, the
-steady-state loop is the one with the most elements per iteration (a remainder loop has fewer);
-of several such (a loop versioned on a run-time option) the one with the most instructions per
-element counts.
+Ways. In mutual_loss_kernel a row's logits go one of three ways. Through the shared-memory cache
+("cache": pass 1 `cache_and_fold` with STS, pass 2 `emit` reading LDS), streamed from global memory
+("global": pass 1 `fold` and pass 2 `emit` with LDG), or, in the sm_90 cluster path (the kernels
+with kClustered: each CTA of a cluster holds a chunk of the row in shared memory), "cluster": pass
+1 is two loops over every element, `cache_and_max` with LDG and STS, the maxima, then `add_at_max`
+reading LDS, the sums at the maxima; pass 2 is the cache way's `emit` over LDS. A region of
+`cache_and_fold`, `cache_and_max` or `add_at_max` fixes its loop's way; the other loops are on the
+cache way when they access shared memory (pass 1: STS; pass 2: no LDG), else on the global one. A
+way's instructions per element are pass 1's plus pass 2's, a pass's the sum over its regions of
+their steady-state loop's (a pass without a loop of its way takes its other way's, the cluster
+way's pass 2 the cache way's); the row's is the largest of the ways, and pass1_per_element and
+pass2_per_element are that way's; cluster_per_element is the cluster way's (null in a kernel
+without its pass-1 loops: all but the cluster kernels). Within a pass, a way and a region, the
+steady-state loop is the one with the most elements per iteration (a remainder loop has fewer); of
+several such (a loop versioned on a run-time option) the one with the most instructions per element
+counts.
 
 Elements per iteration: the logit elements one thread processes per iteration, derived from the
-loop's memory accesses: the bytes its LDG load, else those its STG store (the gradient, one
-element each), else those of its LDS of exactly one vector (VEC elements), divided by the element
-size. For mutual_loss_kernel<S, KT, VEC, ...> this must be a multiple of KT * VEC (one vector per
-peer); the template gives KT * VEC * B for the batched loops of for_each_vector (B = BatchOf:
-2 for KT <= 2, else 1) and KT * VEC for pass 2's loop over the cache, unless the compiler unrolls
-further. The derived count is used when it is a positive multiple of KT * VEC; otherwise the
-template's, with a warning; a derived count that is a multiple but differs from the template's
-is also warned about (the compiler unrolled, or the source changed). For the other kernels the
-element is the loaded value (a logit) and their innermost loops may be loops over peers within
-a class: their counts are coarse, not comparable with the row kernel's.
+loop's memory accesses: the bytes its LDG load, else those its STG store (the gradient, one element
+each), else those of its LDS of exactly one vector (VEC elements), divided by the element size. For
+mutual_loss_kernel<S, KT, VEC, ...> this must be a multiple of KT * VEC (one vector per peer); the
+template gives KT * VEC * B for the batched loops of for_each_vector (B = BatchOf: 2 for KT <= 2,
+else 1; the loops with LDG) and KT * VEC for the loops over the cache (pass 2's, add_at_max's),
+unless the compiler unrolls further. The derived count is used when it is a positive multiple of
+KT * VEC; otherwise the template's, with a warning; a derived count that is a multiple but differs
+from the template's is also warned about (the compiler unrolled, or the source changed), except in
+the cluster way (the compiler unrolls its light loops: cache_and_max takes no exp). For the other
+kernels the element is the loaded value (a logit) and their innermost loops may be loops over peers
+within a class: their counts are coarse, not comparable with the row kernel's.
 
 Names: the kernel's demangled template arguments (c++filt). mutual_loss_kernel<S, KT, VEC> (all
 options tested at run time) and mutual_loss_kernel<S, KT, VEC, RuntimeOptions> have mode "any"
@@ -70,7 +85,8 @@ and path "runtime"; mutual_loss_kernel<S, KT, VEC, FixedOptions<LossMode::M, kUn
 kGrad>> has mode M (pairwise, ensemble, ensemble_logits, weights) and the path of its options,
 "default" when they are the op's defaults (T = 1, no smoothing, the gradient; in any mode: the
 mode is a column of its own), else the ones that differ joined by commas ("T!=1", "smoothing",
-"no_grad"); VEC == 1 (the unaligned scalar fallback) adds ",scalar". The other kernels' path is
+"no_grad"); kClustered, the fifth argument, when true (the kernel launched in clusters) adds
+",cluster", and VEC == 1 (the unaligned scalar fallback) ",scalar". The other kernels' path is
 their role (ROLES), their mode "any" and their K null.
 
 Checks (skipped with --no-check): a hot loop with local-memory accesses (LDL, STL), except in the
@@ -107,14 +123,18 @@ GENCODE = ["-gencode", "arch=compute_90,code=sm_90"]
 # Instructions per logit element (pass 1 + pass 2) a row kernel may take, by mode and path:
 # "default" for the default options, "T!=1" for every path with a temperature (see budget_for).
 BUDGETS: dict[tuple[str, str], float] = {("pairwise", "default"): 30, ("pairwise", "T!=1"): 40}
-# Source regions whose code is pass 1 or pass 2 of a row (see the module's docstring).
-PASS_REGIONS: dict[str, int] = {
-    "fold": 1,
-    "cache_and_fold": 1,
-    "emit": 2,
-    "block_stats": 1,
-    "block_emit": 2,
+# Source regions whose code is pass 1 or pass 2 of a row, and the way a loop of theirs is on
+# (None: its memory accesses tell; see the module's docstring).
+PASS_REGIONS: dict[str, tuple[int, str | None]] = {
+    "fold": (1, None),
+    "cache_and_fold": (1, "cache"),
+    "cache_and_max": (1, "cluster"),
+    "add_at_max": (1, "cluster"),
+    "emit": (2, None),
+    "block_stats": (1, None),
+    "block_emit": (2, None),
 }
+WAYS = ("cache", "global", "cluster")
 ROW_KERNEL = "mutual_loss_kernel"
 ROLES = {
     "mutual_loss_any_k_kernel": "any_k",
@@ -391,6 +411,9 @@ def find_loops(function: Function) -> list[Loop]:
 # ---------------------------------------------------------------------------------------------
 # Source regions of the passes.
 
+# Per file basename, the (first line, last line, name) of each region found.
+Regions = dict[str, list[tuple[int, int, str]]]
+
 
 def _blank_comments(source: str) -> str:
     """The source with comments and string literals blanked (line numbers kept)."""
@@ -427,18 +450,18 @@ def _body_after(text: str, paren: int) -> int | None:
     return end + tail.end() if tail else None
 
 
-def source_regions(sources: dict[str, str]) -> dict[str, list[tuple[int, int, int]]]:
-    """Per file basename, the (first line, last line, pass) of each region of PASS_REGIONS: the
+def source_regions(sources: dict[str, str]) -> Regions:
+    """Per file basename, the (first line, last line, name) of each region of PASS_REGIONS: the
     lambdas of that name, else the functions of that name defined there."""
-    regions: dict[str, list[tuple[int, int, int]]] = {}
+    regions: Regions = {}
     for path, source in sources.items():
         text = _blank_comments(source)
 
         def line(offset: int, text: str = text) -> int:
             return text.count("\n", 0, offset) + 1
 
-        found: list[tuple[int, int, int]] = []
-        for name, pass_ in PASS_REGIONS.items():
+        found: list[tuple[int, int, str]] = []
+        for name in PASS_REGIONS:
             spans = []
             for lam in re.finditer(rf"\bauto\s+{name}\s*=\s*\[", text):
                 close = _matching(text, lam.end() - 1, "[", "]")
@@ -451,18 +474,23 @@ def source_regions(sources: dict[str, str]) -> dict[str, list[tuple[int, int, in
                     brace = _body_after(text, fn.end() - 1)  # a call has no body
                     if brace is not None:
                         spans.append((line(fn.start()), line(_matching(text, brace, "{", "}"))))
-            found += [(first, last, pass_) for first, last in spans]
+            found += [(first, last, name) for first, last in spans]
         if found:
             regions[os.path.basename(path)] = found
     return regions
 
 
-def pass_of(ins: Instruction, regions: dict[str, list[tuple[int, int, int]]]) -> int | None:
-    """The pass of the innermost region on an instruction's inlining chain, if any."""
+def region_of(ins: Instruction, regions: Regions) -> str | None:
+    """The innermost region on an instruction's inlining chain, if any: of the innermost frame in
+    one, the region nested deepest there. So code a region calls (for_each_lse, itself none) is
+    the caller's: fold's in fold, add_at_max's in add_at_max; fold's inlined into cache_and_fold
+    is fold's."""
     for file, line in ins.chain:
-        for first, last, pass_ in regions.get(file, ()):
-            if first <= line <= last:
-                return pass_
+        around = [
+            (first, name) for first, last, name in regions.get(file, ()) if first <= line <= last
+        ]
+        if around:
+            return max(around)[1]
     return None
 
 
@@ -568,6 +596,8 @@ def kernel_info(demangled: str, dtype: str) -> KernelInfo:
         path = ",".join(parts) or "default"
     else:
         mode, path = "any", "runtime"
+    if len(args) > 4 and _bool(args[4]):
+        path += ",cluster"
     if vec == 1:
         path += ",scalar"
     return KernelInfo(base, dtype, k, vec, mode, path)
@@ -575,9 +605,9 @@ def kernel_info(demangled: str, dtype: str) -> KernelInfo:
 
 def budget_for(mode: str, path: str) -> float | None:
     """The budget of a row kernel (BUDGETS): by its mode and "default" for the default options,
-    "T!=1" for any path with a temperature; none for the other paths, the run-time one and the
-    unaligned scalar fallback."""
-    parts = path.split(",")
+    "T!=1" for any path with a temperature, the cluster kernels' as the others'; none for the
+    other paths, the run-time one and the unaligned scalar fallback."""
+    parts = [part for part in path.split(",") if part != "cluster"]
     if "scalar" in parts or "runtime" in parts:
         return None
     if parts == ["default"]:
@@ -611,8 +641,9 @@ def _bytes(loop: Loop, base: str, only: int | None = None) -> int:
 class HotLoop:
     loop: Loop
     pass_: int
-    way: str  # "cache" (through shared memory) or "global"
+    way: str  # "cache" (through shared memory), "global" or "cluster" (a resident chunk)
     elements: int
+    region: str | None = None  # of PASS_REGIONS; None without line info
 
     @property
     def instructions(self) -> int:
@@ -654,7 +685,7 @@ def _heuristic_passes(loops: list[Loop]) -> list[int]:
     return passes
 
 
-def _elements(loop: Loop, pass_: int, info: KernelInfo, warnings: list[str]) -> int:
+def _elements(loop: Loop, way: str, info: KernelInfo, warnings: list[str]) -> int:
     item = element_size(info)
     derived = _bytes(loop, "LDG") or _bytes(loop, "STG")
     if not derived and info.vec:
@@ -664,8 +695,7 @@ def _elements(loop: Loop, pass_: int, info: KernelInfo, warnings: list[str]) -> 
         return max(derived, 1)
     unit = info.K * info.vec
     batch = 2 if info.K <= 2 else 1
-    reads_cache = pass_ == 2 and not loop.count("LDG")
-    expected = unit if reads_cache else unit * batch
+    expected = unit * batch if loop.count("LDG") else unit  # for_each_vector's, else the cache's
     where = f"{info.dtype} K={info.K} VEC={info.vec} {info.path} loop {loop.header:#x}"
     if derived <= 0 or derived % unit:
         warnings.append(
@@ -673,7 +703,7 @@ def _elements(loop: Loop, pass_: int, info: KernelInfo, warnings: list[str]) -> 
             f"KT*VEC = {unit}: using the template's {expected}"
         )
         return expected
-    if derived != expected:
+    if derived != expected and way != "cluster":  # the compiler unrolls those loops
         warnings.append(f"{where}: {derived} elements per iteration, the template gives {expected}")
     return derived
 
@@ -682,48 +712,57 @@ def element_size(info: KernelInfo) -> int:
     return ITEMSIZE[info.dtype]
 
 
+def _attributed(counts: Counter) -> tuple[int, str]:
+    """The pass and region of a loop from its instructions' regions: the pass most of them are
+    in; of that pass's regions, the commonest that fixes a way, else the commonest."""
+    passes: Counter = Counter()
+    for name, n in counts.items():
+        passes[PASS_REGIONS[name][0]] += n
+    pass_ = passes.most_common(1)[0][0]
+    names = [name for name, _ in counts.most_common() if PASS_REGIONS[name][0] == pass_]
+    fixing = [name for name in names if PASS_REGIONS[name][1]]
+    return pass_, (fixing or names)[0]
+
+
 def hot_loops(
     function: Function,
     info: KernelInfo,
-    regions: dict[str, list[tuple[int, int, int]]],
+    regions: Regions,
     warnings: list[str],
 ) -> tuple[list[HotLoop], str]:
-    """The hot loops of a kernel with their pass, way and elements per iteration, and how the
-    passes were told apart ("lineinfo" or "heuristic")."""
+    """The hot loops of a kernel with their pass, way, elements per iteration and region, and how
+    the passes were told apart ("lineinfo" or "heuristic")."""
     candidates = [loop for loop in find_loops(function) if any(loop.count(base) for base in MEMORY)]
-    votes = []
-    for loop in candidates:
-        counts = Counter(pass_of(i, regions) for i in loop.instructions)
-        counts.pop(None, None)
-        votes.append(counts)
+    votes = [
+        Counter(filter(None, (region_of(i, regions) for i in loop.instructions)))
+        for loop in candidates
+    ]
     by_lines = any(votes)
+    chosen: list[tuple[Loop, int, str | None]] = []
     if by_lines:
-        chosen = [
-            (loop, v.most_common(1)[0][0]) for loop, v in zip(candidates, votes, strict=True) if v
-        ]
-    elif info.row_kernel:
-        chosen = []
-    else:
-        chosen = [(loop, 1) for loop in candidates if _touches_data(loop)]
+        chosen = [(loop, *_attributed(v)) for loop, v in zip(candidates, votes, strict=True) if v]
+    elif not info.row_kernel:
+        chosen = [(loop, 1, None) for loop in candidates if _touches_data(loop)]
     if info.row_kernel:
         logits = [loop for loop in candidates if _touches_data(loop) and loop.count("MUFU")]
         guessed = dict(zip(map(id, logits), _heuristic_passes(logits), strict=True))
         if not by_lines:
-            chosen = [(loop, guessed[id(loop)]) for loop in logits]
+            chosen = [(loop, guessed[id(loop)], None) for loop in logits]
         else:
-            for loop, pass_ in chosen:
+            for loop, pass_, _ in chosen:
                 if guessed.get(id(loop), pass_) != pass_:
                     warnings.append(
                         f"{function.name}: loop {loop.header:#x} is pass {pass_} by its line "
                         f"info, pass {guessed.get(id(loop))} by the heuristic"
                     )
     found = []
-    for loop, pass_ in chosen:
-        if pass_ == 1:
+    for loop, pass_, region in chosen:
+        way = PASS_REGIONS[region][1] if region else None
+        if way is None and pass_ == 1:
             way = "cache" if loop.count("STS") else "global"
-        else:
+        elif way is None:
             way = "global" if loop.count("LDG") else "cache"
-        found.append(HotLoop(loop, pass_, way, _elements(loop, pass_, info, warnings)))
+        found.append(HotLoop(loop, pass_, way, _elements(loop, way, info, warnings), region))
     return found, "lineinfo" if by_lines else "heuristic"
 
 
@@ -734,25 +773,49 @@ def _steady(loops: list[HotLoop]) -> HotLoop | None:
     return max(loops, key=lambda h: (h.elements, h.per_element))
 
 
+def ways(loops: list[HotLoop]) -> dict[str, tuple[list[HotLoop], list[HotLoop]]]:
+    """Per way, the loops that count for its pass 1 and pass 2: the steady-state loop of each
+    region (a pass's regions run one after the other for every element); a pass without loops
+    of its way takes its other way's. The cluster way only where it has pass-1 loops; its pass 2
+    is the cache way's."""
+    own: dict[tuple[int, str], list[HotLoop]] = {}
+    for pass_ in (1, 2):
+        for way in WAYS:
+            by_region: dict[str | None, list[HotLoop]] = {}
+            for h in loops:
+                if h.pass_ == pass_ and h.way == way:
+                    by_region.setdefault(h.region, []).append(h)
+            own[pass_, way] = [h for group in by_region.values() if (h := _steady(group))]
+    found = {
+        way: (own[1, way] or own[1, other], own[2, way] or own[2, other])
+        for way, other in (("cache", "global"), ("global", "cache"))
+    }
+    if own[1, "cluster"]:
+        found["cluster"] = (own[1, "cluster"], found["cache"][1])
+    return found
+
+
+def _total(loops: list[HotLoop]) -> float:
+    return sum(h.per_element for h in loops)
+
+
+def _per_element(loops: list[HotLoop]) -> float | None:
+    return round(_total(loops), 2) if loops else None
+
+
 def summarize(loops: list[HotLoop]) -> dict:
-    """Per-element instructions and MUFU of both passes along the costlier way."""
-    best = None
-    for way in ("cache", "global"):
-        parts = []
-        for pass_ in (1, 2):
-            of_pass = [h for h in loops if h.pass_ == pass_]
-            parts.append(_steady([h for h in of_pass if h.way == way]) or _steady(of_pass))
-        total = sum(h.per_element for h in parts if h)
-        if best is None or total > best[0]:
-            best = (total, parts)
-    assert best is not None
-    total, (first, second) = best
-    mufu = sum(h.mufu / h.elements for h in (first, second) if h)
+    """Per-element instructions and MUFU of both passes along the costliest way, and the cluster
+    way's instructions."""
+    found = ways(loops)
+    first, second = max(found.values(), key=lambda way: sum(map(_total, way)))
+    both = first + second
+    cluster = found.get("cluster")
     return {
-        "instructions_per_element": round(total, 2) if first or second else None,
-        "pass1_per_element": round(first.per_element, 2) if first else None,
-        "pass2_per_element": round(second.per_element, 2) if second else None,
-        "mufu_per_element": round(mufu, 3) if first or second else None,
+        "instructions_per_element": _per_element(both),
+        "pass1_per_element": _per_element(first),
+        "pass2_per_element": _per_element(second),
+        "cluster_per_element": _per_element(cluster[0] + cluster[1]) if cluster else None,
+        "mufu_per_element": round(sum(h.mufu / h.elements for h in both), 3) if both else None,
     }
 
 
@@ -849,7 +912,7 @@ class Unit:
     flags: list[str]
     cuobjdump: str
     nvdisasm: str
-    regions: dict[str, list[tuple[int, int, int]]]
+    regions: Regions
 
 
 def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -904,11 +967,12 @@ def kernel_row(
     demangled: str,
     usage: dict[str, int],
     spill_stores: int,
-    regions: dict[str, list[tuple[int, int, int]]],
+    regions: Regions,
     warnings: list[str],
 ) -> dict:
     """A kernel's row of the report. Keys starting with "_" stay out of the JSON."""
     loops, how = hot_loops(function, info, regions, warnings)
+    loops.sort(key=lambda h: (h.pass_, h.loop.header))
     found = [i for h in loops for i in h.loop.instructions]
     return dict(
         backend="cuda",
@@ -918,8 +982,8 @@ def kernel_row(
         mode=info.mode,
         path=info.path,
         loops=[
-            {"pass": h.pass_, "instructions": h.instructions, "elements": h.elements}
-            for h in sorted(loops, key=lambda h: (h.pass_, h.loop.header))
+            {"pass": h.pass_, "way": h.way, "instructions": h.instructions, "elements": h.elements}
+            for h in loops
         ],
         **summarize(loops),
         registers=usage["registers"],
@@ -929,7 +993,11 @@ def kernel_row(
         loads=sorted({i.opcode for i in found if i.base in ("LDG", "LDS")}),
         stores=sorted({i.opcode for i in found if i.base in ("STG", "STS")}),
         demangled=demangled,
-        _local_in_loops=sorted({i.opcode for i in found if i.base in ("LDL", "STL")}),
+        _local_in_loops=[
+            f"pass {h.pass_}, {h.way} way, loop {h.loop.header:#x}: {' '.join(ops)}"
+            for h in loops
+            if (ops := sorted({i.opcode for i in h.loop.instructions if i.base in ("LDL", "STL")}))
+        ],
         _classified_by=how,
     )
 
@@ -940,8 +1008,11 @@ def kernel_row(
 
 def _order(row: dict) -> tuple:
     """Row kernels first: the vectorized ones, budgeted paths first, the run-time one last; then
-    the scalar fallbacks; by mode, path, dtype and K. Then the other kernels."""
+    the scalar fallbacks; by mode, path (the default first), dtype and K, the cluster kernel after
+    the other. Then the other kernels."""
     path = row["path"]
+    parts = path.split(",")
+    options = [part for part in parts if part != "cluster"]
     budgeted = is_row(row) and budget_for(row["mode"], path) is not None
     rank = 0 if budgeted else 2 if "runtime" in path else 1
     return (
@@ -949,9 +1020,11 @@ def _order(row: dict) -> tuple:
         "scalar" in path,
         rank,
         MODES.index(row["mode"]) if row["mode"] in MODES else len(MODES),
-        path,
+        options != ["default"],
+        options,
         DTYPES.index(row["dtype"]),
         row["K"] or 0,
+        "cluster" in parts,
         row["kernel"],
     )
 
@@ -982,7 +1055,7 @@ def check(rows: list[dict]) -> list[str]:
         name = f"{short_name(row['demangled'])} [{row['mode']}, {row['path']}]"
         if row["_local_in_loops"] and row["path"].split(",")[0] not in WITHOUT_LOGITS:
             failures.append(
-                f"{name}: local memory in a hot loop ({', '.join(row['_local_in_loops'])})"
+                f"{name}: local memory in a hot loop ({'; '.join(row['_local_in_loops'])})"
             )
         if not is_row(row):
             continue
@@ -1019,18 +1092,21 @@ def render(rows: list[dict], version: str, flags: list[str], limit: int) -> str:
         f"GPU, with {version} and setup.py's flags (`{' '.join([*flags, '-lineinfo', *GENCODE])}`)"
         ", and counts the static SASS instructions of each row kernel's innermost hot loops. "
         "*pass 1* (the log-sum-exps) and *pass 2* (gradient and loss sums): instructions per "
-        "logit element of the pass's loop; *instructions / element*: both passes along one "
-        "element's way (the larger of the shared-memory cache's and the streamed one); *budget*: "
-        "the most CI allows; *MUFU*: special-function instructions (exp2, reciprocal) per "
-        "element; *regs*: "
-        "registers a thread; *spill*: bytes spilled to local memory; *shared*: static shared "
+        "logit element of the pass's loops along the costliest way; *cluster*: both passes "
+        "along the cluster way (the `,cluster` kernels: sm_90 thread-block clusters, the row's "
+        "chunk resident in shared memory; pass 1 takes the maxima, then the sums at them); "
+        "*instructions / element*: both passes along one element's way (the largest of the "
+        "shared-memory cache's, the streamed one and the cluster's); *budget*: the most CI "
+        "allows; *MUFU*: special-function instructions (exp2, reciprocal) per element, along the "
+        "costliest way; *regs*: registers a thread; *spill*: bytes spilled to local memory; "
+        "*shared*: static shared "
         "memory (the row cache is dynamic); *memory*: the access widths (bits) in the hot loops. "
         "Vectorized kernels only; the scalar fallbacks and the other kernels are in "
         "`benchmarks/results/sass_sm90.json`.",
         "",
-        "| dtype | K | VEC | mode | path | pass 1 | pass 2 | instructions / element | budget "
-        "| MUFU / element | regs | spill | shared | memory |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| dtype | K | VEC | mode | path | pass 1 | pass 2 | cluster | instructions / element "
+        "| budget | MUFU / element | regs | spill | shared | memory |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in shown[:limit]:
         budget = budget_for(row["mode"], row["path"])
@@ -1042,6 +1118,7 @@ def render(rows: list[dict], version: str, flags: list[str], limit: int) -> str:
             f"`{row['path']}`",
             _fmt(row["pass1_per_element"]),
             _fmt(row["pass2_per_element"]),
+            _fmt(row["cluster_per_element"]),
             _fmt(row["instructions_per_element"]),
             "—" if budget is None else f"{budget:g}",
             _fmt(row["mufu_per_element"], 2),
@@ -1143,17 +1220,18 @@ def print_summary(
         f"{version}, {ARCH}: {len(rows)} kernels in {seconds:.0f} s with {jobs} jobs "
         f"(compile + analysis: {compiles})"
     )
-    header = f"{'dtype':<9} {'K':>2} {'VEC':>3} {'mode':<9} {'path':<16} {'pass1':>6} {'pass2':>6} "
-    header += f"{'instr/el':>8} {'MUFU/el':>7} {'regs':>4} {'spill':>5}  memory"
+    header = f"{'dtype':<9} {'K':>2} {'VEC':>3} {'mode':<9} {'path':<22} {'pass1':>6} {'pass2':>6} "
+    header += f"{'cluster':>7} {'instr/el':>8} {'MUFU/el':>7} {'regs':>4} {'spill':>5}  memory"
     print(header)
     for row in rows:
         if not is_row(row) or "scalar" in row["path"]:
             continue
         vec = row["vec"]
         print(
-            f"{row['dtype']:<9} {row['K']:>2} {vec:>3} {row['mode']:<9} {row['path']:<16} "
+            f"{row['dtype']:<9} {row['K']:>2} {vec:>3} {row['mode']:<9} {row['path']:<22} "
             f"{_fmt(row['pass1_per_element']):>6} {_fmt(row['pass2_per_element']):>6} "
-            f"{_fmt(row['instructions_per_element']):>8} {_fmt(row['mufu_per_element'], 2):>7} "
+            f"{_fmt(row['cluster_per_element']):>7} {_fmt(row['instructions_per_element']):>8} "
+            f"{_fmt(row['mufu_per_element'], 2):>7} "
             f"{row['registers']:>4} {row['spill_bytes']:>5}  "
             f"{_widths([*row['loads'], *row['stores']])}"
         )

@@ -112,6 +112,119 @@ _Z4rowsPf:
 """
 
 
+# The source of a row kernel with its three ways: for_each_lse (no region) calls back into the
+# region that calls it; cache_and_fold calls fold.
+CLUSTER_SOURCE = """\
+template <int KT>
+__global__ void rows(const float* x) {
+  const auto for_each_lse = [&](const P(&x)[KT], const auto& f) {
+    for (int k = 0; k < KT; ++k) f(lse[k], x[k]);
+  };
+  const auto fold = [&](int64_t, const P(&x)[KT]) {
+    for_each_lse(x, [](auto& st, auto v) { st.fold(v); });
+  };
+  const auto cache_and_fold = [&](int64_t v, const P(&x)[KT]) {
+    cached(v) = x;
+    fold(v, x);
+  };
+  const auto cache_and_max = [&](int64_t v, const P(&x)[KT]) {
+    cached(v) = x;
+    for_each_lse(x, [](auto& st, auto v) { st.take_max(v); });
+  };
+  const auto add_at_max = [&](int64_t v) {
+    for_each_lse(cached(v), [](auto& st, auto v) { st.add(v); });
+  };
+  const auto emit = [&](int64_t v, const P(&x)[KT]) {
+    store(v, x);
+  };
+}
+"""
+
+# nvdisasm -c -gi of a row kernel for KT = 2, VEC = 1 (float32) over CLUSTER_SOURCE (the LseState
+# methods in lse.h), its loops at 0x10 cache_and_fold (8 instructions for 4 elements), 0x90 fold
+# (7 / 4), 0x100 cache_and_max (7 / 4), 0x170 add_at_max (5 / 2), and two copies of emit over the
+# cache, 0x1c0 (7 / 2) and 0x230 (8 / 2), one per path.
+CLUSTER_NVDISASM = """
+.text._Z4rowsPf:
+        //## File "/tmp/x/csrc/c.cuh", line 2
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        //## File "/tmp/x/csrc/c.cuh", line 40
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0030*/                   LDG.E R6, desc[UR4][R2.64+0x8] ;
+        /*0040*/                   LDG.E R7, desc[UR4][R2.64+0xc] ;
+        //## File "/tmp/x/csrc/c.cuh", line 10
+        /*0050*/                   STS.64 [R20], R4 ;
+        //## File "/tmp/x/csrc/lse.h", line 9 inlined at "/tmp/x/csrc/c.cuh", line 7
+        //## File "/tmp/x/csrc/c.cuh", line 7 inlined at "/tmp/x/csrc/c.cuh", line 4
+        //## File "/tmp/x/csrc/c.cuh", line 4 inlined at "/tmp/x/csrc/c.cuh", line 7
+        //## File "/tmp/x/csrc/c.cuh", line 7 inlined at "/tmp/x/csrc/c.cuh", line 11
+        //## File "/tmp/x/csrc/c.cuh", line 11
+        /*0060*/                   MUFU.EX2 R8, R4 ;
+        /*0070*/                   FADD R9, R9, R8 ;
+        /*0080*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        //## File "/tmp/x/csrc/c.cuh", line 40
+        /*0090*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*00a0*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*00b0*/                   LDG.E R6, desc[UR4][R2.64+0x8] ;
+        /*00c0*/                   LDG.E R7, desc[UR4][R2.64+0xc] ;
+        //## File "/tmp/x/csrc/lse.h", line 9 inlined at "/tmp/x/csrc/c.cuh", line 7
+        //## File "/tmp/x/csrc/c.cuh", line 7 inlined at "/tmp/x/csrc/c.cuh", line 4
+        //## File "/tmp/x/csrc/c.cuh", line 4 inlined at "/tmp/x/csrc/c.cuh", line 7
+        //## File "/tmp/x/csrc/c.cuh", line 7
+        /*00d0*/                   MUFU.EX2 R8, R4 ;
+        /*00e0*/                   FADD R9, R9, R8 ;
+        /*00f0*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        //## File "/tmp/x/csrc/c.cuh", line 40
+        /*0100*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0120*/                   LDG.E R6, desc[UR4][R2.64+0x8] ;
+        /*0130*/                   LDG.E R7, desc[UR4][R2.64+0xc] ;
+        //## File "/tmp/x/csrc/c.cuh", line 14
+        /*0140*/                   STS.64 [R20], R4 ;
+        //## File "/tmp/x/csrc/lse.h", line 12 inlined at "/tmp/x/csrc/c.cuh", line 15
+        //## File "/tmp/x/csrc/c.cuh", line 15 inlined at "/tmp/x/csrc/c.cuh", line 4
+        //## File "/tmp/x/csrc/c.cuh", line 4 inlined at "/tmp/x/csrc/c.cuh", line 15
+        //## File "/tmp/x/csrc/c.cuh", line 15
+        /*0150*/                   FMNMX R9, R9, R4, !PT ;
+        /*0160*/               @P0 BRA `(.L_x_2) ;
+.L_x_3:
+        //## File "/tmp/x/csrc/c.cuh", line 18
+        /*0170*/                   LDS R4, [R20] ;
+        /*0180*/                   LDS R5, [R20+0x4] ;
+        //## File "/tmp/x/csrc/lse.h", line 9 inlined at "/tmp/x/csrc/c.cuh", line 18
+        //## File "/tmp/x/csrc/c.cuh", line 18 inlined at "/tmp/x/csrc/c.cuh", line 4
+        //## File "/tmp/x/csrc/c.cuh", line 4 inlined at "/tmp/x/csrc/c.cuh", line 18
+        //## File "/tmp/x/csrc/c.cuh", line 18
+        /*0190*/                   MUFU.EX2 R8, R4 ;
+        /*01a0*/                   FADD R9, R9, R8 ;
+        /*01b0*/               @P0 BRA `(.L_x_3) ;
+.L_x_4:
+        //## File "/tmp/x/csrc/c.cuh", line 21
+        /*01c0*/                   LDS R4, [R20] ;
+        /*01d0*/                   LDS R5, [R20+0x4] ;
+        /*01e0*/                   MUFU.EX2 R8, R4 ;
+        /*01f0*/                   FMUL R4, R8, R4 ;
+        /*0200*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0210*/                   STG.E desc[UR4][R2.64+0x4], R5 ;
+        /*0220*/               @P0 BRA `(.L_x_4) ;
+.L_x_5:
+        //## File "/tmp/x/csrc/c.cuh", line 21
+        /*0230*/                   LDS R4, [R20] ;
+        /*0240*/                   LDS R5, [R20+0x4] ;
+        /*0250*/                   MUFU.EX2 R8, R4 ;
+        /*0260*/                   FMUL R4, R8, R4 ;
+        /*0270*/                   FFMA R5, R8, R5, R4 ;
+        /*0280*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0290*/                   STG.E desc[UR4][R2.64+0x4], R5 ;
+        /*02a0*/               @P0 BRA `(.L_x_5) ;
+        /*02b0*/                   EXIT ;
+"""
+
+
 def row_info(k: int = 2, vec: int = 4, path: str = "runtime") -> sr.KernelInfo:
     return sr.KernelInfo(sr.ROW_KERNEL, "float32", k, vec, "any", path)
 
@@ -144,6 +257,7 @@ def test_heuristic_passes_ways_and_elements() -> None:
     assert summary["pass2_per_element"] == round(9 / 8, 2)
     assert summary["instructions_per_element"] == round(7 / 16 + 9 / 8, 2)
     assert summary["mufu_per_element"] == round(1 / 16 + 1 / 8, 3)
+    assert summary["cluster_per_element"] is None  # no cache_and_max nor add_at_max loop
 
 
 def test_elements_fall_back_to_the_template() -> None:
@@ -191,12 +305,12 @@ def test_heuristic_leaves_out_shared_scratch_loops() -> None:
 
 def test_source_regions_and_line_info() -> None:
     regions = sr.source_regions({"/tmp/x/csrc/k.cuh": SOURCE})
-    assert regions == {"k.cuh": [(4, 6, 1), (7, 9, 2), (13, 15, 1)]}
+    assert regions == {"k.cuh": [(4, 6, "fold"), (7, 9, "emit"), (13, 15, "block_stats")]}
     (function,) = sr.parse_disassembly(NVDISASM)
     chains = {i.address: i.chain for i in function.instructions}
     assert chains[0x20] == (("k.cuh", 5), ("k.cuh", 4))
     assert chains[0x30] == chains[0x20]  # the chain holds until the next line info
-    assert sr.pass_of(function.instructions[2], regions) == 1
+    assert sr.region_of(function.instructions[2], regions) == "fold"
     branch = next(i for i in function.instructions if i.base == "BRX")
     assert branch.targets == (0x80, 0xA0) and not branch.conditional
     loops, how = sr.hot_loops(function, row_info(k=2, vec=1), regions, [])
@@ -204,6 +318,80 @@ def test_source_regions_and_line_info() -> None:
     # team_lse's loop at 0xc0 has LDS and MUFU but belongs to no pass
     found = [(h.loop.header, h.pass_, h.way, h.instructions) for h in loops]
     assert found == [(0x10, 1, "global", 4), (0x50, 2, "global", 7)]
+
+
+def test_region_of_takes_the_innermost_region() -> None:
+    regions = sr.source_regions({"/tmp/x/csrc/c.cuh": CLUSTER_SOURCE})
+    assert regions == {
+        "c.cuh": [
+            (6, 8, "fold"),
+            (9, 12, "cache_and_fold"),
+            (13, 16, "cache_and_max"),
+            (17, 19, "add_at_max"),
+            (20, 22, "emit"),
+        ]
+    }
+    (function,) = sr.parse_disassembly(CLUSTER_NVDISASM)
+    at = {i.address: sr.region_of(i, regions) for i in function.instructions}
+    # for_each_lse's code is its caller's; fold's inlined into cache_and_fold is fold's
+    assert (at[0x10], at[0x50], at[0x60]) == (None, "cache_and_fold", "fold")
+    assert (at[0xD0], at[0x150], at[0x190]) == ("fold", "cache_and_max", "add_at_max")
+    # of regions nested in the source, the inner one
+    nested = sr.Instruction(0, "FADD", "FADD", False, chain=(("n.cuh", 6),))
+    assert sr.region_of(nested, {"n.cuh": [(1, 20, "emit"), (5, 8, "fold")]}) == "fold"
+
+
+def test_cluster_way() -> None:
+    regions = sr.source_regions({"/tmp/x/csrc/c.cuh": CLUSTER_SOURCE})
+    (function,) = sr.parse_disassembly(CLUSTER_NVDISASM)
+    warnings: list[str] = []
+    loops, how = sr.hot_loops(function, row_info(k=2, vec=1), regions, warnings)
+    assert how == "lineinfo" and warnings == []  # the heuristic agrees where it finds a loop
+    found = [(h.loop.header, h.pass_, h.way, h.region, h.elements, h.instructions) for h in loops]
+    assert found == [
+        (0x10, 1, "cache", "cache_and_fold", 4, 8),
+        (0x90, 1, "global", "fold", 4, 7),
+        (0x100, 1, "cluster", "cache_and_max", 4, 7),
+        (0x170, 1, "cluster", "add_at_max", 2, 5),
+        (0x1C0, 2, "cache", "emit", 2, 7),
+        (0x230, 2, "cache", "emit", 2, 8),
+    ]
+    # cache: 8/4 + 8/2 (the costlier copy of emit); global: 7/4 + the cache's pass 2; cluster:
+    # both of its pass-1 loops, 7/4 + 5/2, and the cache's pass 2
+    assert sr.summarize(loops) == {
+        "instructions_per_element": 8.25,
+        "pass1_per_element": 4.25,
+        "pass2_per_element": 4.0,
+        "cluster_per_element": 8.25,
+        "mufu_per_element": 1.0,
+    }
+    # the kernels of each path (kClustered): the cluster way and emit; the cache and global ways
+    alone = sr.summarize([h for h in loops if h.way == "cluster" or h.region == "emit"])
+    assert alone["instructions_per_element"] == alone["cluster_per_element"] == 8.25
+    other = sr.summarize([h for h in loops if h.way != "cluster"])
+    assert other["instructions_per_element"] == 6.0 and other["cluster_per_element"] is None
+    # without line info the cluster way's loops are not found: no MUFU, or no global memory
+    loops, how = sr.hot_loops(function, row_info(k=2, vec=1), {}, warnings)
+    assert how == "heuristic" and warnings == []
+    assert [h.loop.header for h in loops] == [0x10, 0x90, 0x1C0, 0x230]
+    assert sr.summarize(loops)["cluster_per_element"] is None
+    assert sr.summarize(loops)["instructions_per_element"] == 6.0
+
+
+def test_kernel_row_and_table() -> None:
+    regions = sr.source_regions({"/tmp/x/csrc/c.cuh": CLUSTER_SOURCE})
+    (function,) = sr.parse_disassembly(CLUSTER_NVDISASM)
+    usage = dict(registers=40, stack=0, shared=16, local=0)
+    info = sr.KernelInfo(sr.ROW_KERNEL, "float32", 2, 1, "pairwise", "default")
+    row = sr.kernel_row(function, info, "rows", usage, 0, regions, [])
+    assert [(loop["pass"], loop["way"]) for loop in row["loops"]] == [
+        (1, "cache"), (1, "global"), (1, "cluster"), (1, "cluster"), (2, "cache"), (2, "cache")
+    ]  # fmt: skip
+    assert row["cluster_per_element"] == row["instructions_per_element"]
+    table = sr.render([row], "nvcc", [], 10)
+    assert "| pass 1 | pass 2 | cluster | instructions / element |" in table
+    cells = table.splitlines()[-1].split(" | ")
+    assert cells[4:9] == ["`default`", "4.2", "4.0", "8.2", "8.2"]  # 4.25, 4, 8.25, 8.25
 
 
 @pytest.mark.parametrize(
@@ -234,6 +422,19 @@ def test_source_regions_and_line_info() -> None:
             ("mutual_loss_kernel", 8, 1, "any", "runtime,scalar"),
         ),
         (
+            f"void {ANON}::mutual_loss_kernel<float, 4, 4, "
+            f"{ANON}::FixedOptions<(fastdml::gpu::LossMode)0, false, false, true>, true>{ARGS}",
+            ("mutual_loss_kernel", 4, 4, "pairwise", "T!=1,cluster"),
+        ),
+        (
+            f"void {ANON}::mutual_loss_kernel<float, 2, 1, {ANON}::RuntimeOptions, true>{ARGS}",
+            ("mutual_loss_kernel", 2, 1, "any", "runtime,cluster,scalar"),
+        ),
+        (
+            f"void {ANON}::mutual_loss_kernel<float, 2, 4, {ANON}::RuntimeOptions, false>{ARGS}",
+            ("mutual_loss_kernel", 2, 4, "any", "runtime"),
+        ),
+        (
             f"void {ANON}::scale_grad_kernel<float, 1>({ANON}::ScaleArgs<float>)",
             ("scale_grad_kernel", None, 1, "any", "scale_grad,scalar"),
         ),
@@ -260,10 +461,29 @@ def test_short_name() -> None:
 def test_budgets() -> None:
     assert sr.budget_for("pairwise", "default") == sr.BUDGETS[("pairwise", "default")]
     assert sr.budget_for("pairwise", "T!=1,smoothing") == sr.BUDGETS[("pairwise", "T!=1")]
+    assert sr.budget_for("pairwise", "default,cluster") == sr.BUDGETS[("pairwise", "default")]
+    assert sr.budget_for("pairwise", "T!=1,cluster") == sr.BUDGETS[("pairwise", "T!=1")]
+    assert sr.budget_for("pairwise", "default,cluster,scalar") is None
     assert sr.budget_for("ensemble", "default") is None
     assert sr.budget_for("pairwise", "smoothing") is None
     assert sr.budget_for("pairwise", "default,scalar") is None
     assert sr.budget_for("any", "runtime") is None
+
+
+def test_order_puts_the_default_first_and_the_cluster_kernel_after_the_other() -> None:
+    def row(dtype: str, k: int, path: str) -> dict:
+        return dict(dtype=dtype, K=k, mode="pairwise", path=path, kernel=f"{dtype}{k}{path}")
+
+    rows = [row(d, k, p) for p in ("T!=1,cluster", "default,cluster", "default", "T!=1")
+            for d in ("bfloat16", "float32") for k in (3, 2)]  # fmt: skip
+    order = [(r["path"], r["dtype"], r["K"]) for r in sorted(rows, key=sr._order)]
+    assert order[:4] == [
+        ("default", "float32", 2),
+        ("default,cluster", "float32", 2),
+        ("default", "float32", 3),
+        ("default,cluster", "float32", 3),
+    ]
+    assert order[8:10] == [("T!=1", "float32", 2), ("T!=1,cluster", "float32", 2)]
 
 
 def test_widths() -> None:

@@ -388,6 +388,38 @@ def test_kernels_give_nan_rows_for_out_of_range_targets(with_grad_ops):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("peers", "classes", "dtype"), [(4, 32000, torch.float32), (2, 128256, torch.bfloat16)]
+)
+def test_cuda_long_rows(peers, classes, dtype):
+    """Rows past one block's shared memory: on sm_90 a thread-block cluster holds each row (a chunk
+    a block), elsewhere the rest of the row is read again. The loss and gradient of the reference,
+    bit-identical on a rerun."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rows = 2 * torch.cuda.get_device_properties(0).multi_processor_count  # not split
+    logits = (4 * torch.randn(peers, rows, classes, device="cuda")).to(dtype)
+    target = torch.randint(0, classes, (rows,), device="cuda")
+    target[1] = -100
+    runs = []
+    for _ in range(2):
+        probe = logits.detach().clone().requires_grad_()
+        loss = mutual_loss(probe, target, temperature=2.0, backend="cuda")
+        loss.backward()
+        runs.append((loss, probe.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    wide = logits.detach().double().requires_grad_()
+    expected = mutual_loss(wide, target, temperature=2.0, backend="torch")
+    expected.backward()
+    torch.testing.assert_close(runs[0][0].double(), expected, rtol=1e-5, atol=1e-6)
+    # Within float32's few ulp (approximate exponentials) or a rounding to the dtype, of the
+    # largest entry.
+    scale = wide.grad.abs().max()
+    atol = max(torch.finfo(dtype).eps, 1e-5)
+    torch.testing.assert_close(runs[0][1].double() / scale, wide.grad / scale, rtol=0, atol=atol)
+
+
+@pytest.mark.cuda
 def test_invalid_targets_give_nan_rows_without_a_sync():
     """On the GPU the kernels check targets themselves: NaN rows, no error, no device assert."""
     if not torch.cuda.is_available():
