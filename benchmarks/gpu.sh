@@ -10,7 +10,10 @@
 #   e. the remaining benchmark shapes and candidates, only if STAGES asks for them;
 #   l. the stacked cohort of K = 8 ResNet-32 peers against the unstacked one
 #      (benchmarks/trainer_overhead.py) and the fused linear mutual loss (benchmarks/gpu_linear.py),
-#      only if asked.
+#      only if asked;
+#   n. Nsight Compute's counters of one CUDA-op forward at (4, 8192, 32000), float32 and
+#      bfloat16 (benchmarks/gpu_ncu.py): DRAM bytes per logit byte, instructions, occupancy; only
+#      if asked.
 #   bash benchmarks/gpu.sh OUTDIR            # stages a b t c d: at most 10 minutes, 8 files
 #   STAGES="a e" bash benchmarks/gpu.sh OUTDIR
 #   STAGES="a l" bash benchmarks/gpu.sh OUTDIR   # at most 6 minutes, 6 files
@@ -100,6 +103,15 @@ if [[ " $stages " == *" l "* ]]; then
   stage "l fused linear loss" 150 python -m benchmarks.gpu_linear "$out/gpu_linear.jsonl" \
     >> "$log" 2>&1
   tail -3 "$log"
+fi
+if [[ " $stages " == *" n "* ]]; then
+  for dtype in float32 bfloat16; do
+    stage "n ncu forward ($dtype)" 120 ncu --clock-control none --csv \
+      --kernel-name regex:mutual_loss_kernel --launch-skip 1 --launch-count 1 \
+      --metrics "$(python -m benchmarks.gpu_ncu metrics)" \
+      python -m benchmarks.gpu_ncu run "$dtype" > "$out/ncu_$dtype.csv" 2>> "$log"
+  done
+  python -m benchmarks.gpu_ncu summarize "$out"/ncu_*.csv | tee "$out/ncu.jsonl"
 fi
 echo
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
