@@ -34,6 +34,12 @@ class MutualLossProblem:
     label_smoothing: float
     ignore_index: int
     row_shape: tuple[int, ...]  # (N, d1, ..., dk): the per-peer shape of reduction="none"
+    divergence: str = "kl"
+    beta: float = 0.5
+    ce_weight: float = 1.0
+    # Rows whose target is ignore_index keep their mimicry (mimic_unlabeled, or no target given).
+    mimic_unlabeled: bool = False
+    normalizer: float | Tensor | None = None  # reduction "mean": the divisor of the summed loss
 
     @property
     def num_peers(self) -> int:
@@ -97,7 +103,14 @@ def _stack_peers(logits: Logits) -> Tensor:
     return torch.stack(logits)
 
 
-def _check_target(target: Tensor, logits: Tensor) -> None:
+def _check_target(target: Tensor | None, logits: Tensor, options: LossOptions) -> None:
+    if target is None:
+        if options.ce_weight != 0:
+            raise ValueError(
+                "target=None leaves the cross-entropy without classes: pass the targets, or "
+                f"ce_weight=0 for a mimicry-only loss (got ce_weight={options.ce_weight!r})"
+            )
+        return
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be an int64 Tensor of class indices, got {type(target)}")
     if target.dtype != torch.int64:
@@ -132,10 +145,15 @@ def check_target_values(problem: MutualLossProblem) -> None:
         )
 
 
-def make_problem(logits: Logits, target: Tensor, options: LossOptions) -> MutualLossProblem:
-    """Validates the tensors against the (checked) options and lays them out as rows."""
+def make_problem(logits: Logits, target: Tensor | None, options: LossOptions) -> MutualLossProblem:
+    """Validates the tensors against the (checked) options and lays them out as rows. Without a
+    target (a mimicry-only loss), every row is unlabeled and mimicked."""
     stacked = _stack_peers(logits)
-    _check_target(target, stacked)
+    _check_target(target, stacked, options)
+    target_was_none = target is None
+    if target_was_none:
+        shape = stacked.shape[1:2] + stacked.shape[3:]
+        target = torch.full(shape, options.ignore_index, dtype=torch.int64, device=stacked.device)
     k, num_classes = stacked.shape[0], stacked.shape[2]
     if num_classes == 0:
         raise ValueError(
@@ -163,4 +181,9 @@ def make_problem(logits: Logits, target: Tensor, options: LossOptions) -> Mutual
         label_smoothing=float(options.label_smoothing),
         ignore_index=int(options.ignore_index),
         row_shape=tuple(target.shape),
+        divergence=options.divergence,
+        beta=float(options.beta),
+        ce_weight=float(options.ce_weight),
+        mimic_unlabeled=options.mimic_unlabeled or target_was_none,
+        normalizer=options.normalizer,
     )

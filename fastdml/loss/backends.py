@@ -57,7 +57,7 @@ def _reduced(rows: LossRows) -> Loss:
 
 
 IMPLEMENTATIONS: dict[str, Loss] = {
-    "torch": _reduced(_from_terms(reference.mutual_loss_rows)),
+    "torch": reference.mutual_loss,
     "cpp": ops.fused_loss,
     "triton": _reduced(ops.triton_loss_rows),
     "cuda": ops.fused_loss,
@@ -171,9 +171,23 @@ def _too_many_peers(backend: str, num_peers: int) -> str | None:
     return None
 
 
-def select(backend: str, device: torch.device, num_peers: int, num_classes: int) -> str:
-    """The backend that computes the loss of K peers' logits over C classes on `device`; raises
-    if it cannot."""
+def select(
+    backend: str,
+    device: torch.device,
+    num_peers: int,
+    num_classes: int,
+    unfused_option: str | None = None,
+) -> str:
+    """The backend that computes the loss of K peers' logits over C classes on `device`, with an
+    option only the pure-PyTorch backend computes so far (LossOptions.unfused_option) or none;
+    raises if it cannot."""
+    if unfused_option is not None and backend != "torch":
+        if backend == "auto":
+            return "torch"
+        raise ValueError(
+            f"backend={backend!r} does not compute {unfused_option} yet; backend='torch' does "
+            "(and backend='auto' picks it)"
+        )
     if backend == "auto":
         return _auto(device, num_peers, num_classes)
     reason = unavailable_reason(backend)

@@ -347,6 +347,12 @@ def _checked_fused_linear_mutual_loss(
     return_components: bool,
 ) -> Tensor | MutualLossOutput:
     """`fused_linear_mutual_loss` once its options are checked."""
+    unfused = options.unfused_option()
+    if unfused is not None:
+        raise ValueError(
+            f"fused_linear_mutual_loss does not compute {unfused} yet; mutual_loss on the "
+            "logits does (backend='torch')"
+        )
     num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
     first = hidden[0]
     _check_chunk_size(chunk_size)

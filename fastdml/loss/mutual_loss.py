@@ -25,11 +25,13 @@ class MutualLossOutput(NamedTuple):
     mimicry: Tensor
 
 
-def mutual_loss(logits: Logits, target: Tensor, **options: Any) -> Tensor | MutualLossOutput:
+def mutual_loss(logits: Logits, target: Tensor | None, **options: Any) -> Tensor | MutualLossOutput:
     """The Deep Mutual Learning loss of a cohort of K peers.
 
-    For peer k and row n: ``l_kn = CE(z_kn, y_n) + alpha * T**2 * M_kn``, with CE exactly
-    ``F.cross_entropy(..., label_smoothing=label_smoothing)`` and, for ``q = softmax(z / T)``:
+    For peer k and row n: ``l_kn = ce_weight * CE(z_kn, y_n) + alpha * T**2 * M_kn``, with CE
+    exactly ``F.cross_entropy(..., label_smoothing=label_smoothing)`` and, for
+    ``q = softmax(z / T)`` and the divergence KL (``divergence="reverse_kl"`` and ``"jsd"`` put
+    theirs in its place):
 
     - ``mode="pairwise"`` (DML): ``M_k = 1/(K-1) * sum_{j != k} KL(q_j || q_k)``;
     - ``mode="ensemble"`` (DML_e): ``M_k = KL(mean_{j != k} q_j || q_k)``;
@@ -42,11 +44,13 @@ def mutual_loss(logits: Logits, target: Tensor, **options: Any) -> Tensor | Mutu
     Args:
         logits: [K, N, C] (or [K, N, C, d1, ...]), or a list/tuple of K tensors [N, C] (or
             [N, C, d1, ...]); float32, float64, float16 or bfloat16.
-        target: int64 class indices [N] (or [N, d1, ...]). The GPU ops do not range-check
-            targets on the host (that would synchronize every call): a row whose target is
-            outside [0, C) and not ignore_index gets a NaN loss and gradient.
+        target: int64 class indices [N] (or [N, d1, ...]), or None for a mimicry-only loss
+            (``ce_weight=0``: every row is mimicked). The GPU ops do not range-check targets on
+            the host (that would synchronize every call): a row whose target is outside [0, C)
+            and not ignore_index gets a NaN loss and gradient.
         options: the fields of `LossOptions` (temperature, alpha, mode, peer_weights,
-            label_smoothing, ignore_index, reduction, return_components, backend).
+            label_smoothing, ignore_index, reduction, return_components, backend, divergence,
+            beta, ce_weight, normalizer, mimic_unlabeled).
 
     Returns:
         The loss: a 0-dim tensor for reduction "mean" (each peer's mean over its non-ignored rows,
@@ -63,12 +67,18 @@ def mutual_loss(logits: Logits, target: Tensor, **options: Any) -> Tensor | Mutu
 
 
 def mutual_loss_with(
-    logits: Logits, target: Tensor, options: LossOptions, return_components: bool
+    logits: Logits, target: Tensor | None, options: LossOptions, return_components: bool
 ) -> Tensor | MutualLossOutput:
     """`mutual_loss` with its options checked already: what a call costs beyond the kernels."""
     problem = make_problem(logits, target, options)
     device = problem.logits.device
-    name = backends.select(options.backend, device, problem.num_peers, problem.logits.shape[2])
+    name = backends.select(
+        options.backend,
+        device,
+        problem.num_peers,
+        problem.logits.shape[2],
+        options.unfused_option(),
+    )
     if backends.needs_target_check(name, device):
         check_target_values(problem)
     reduction = options.reduction
@@ -139,7 +149,7 @@ class MutualLoss(LossModule):
     """
 
     def forward(
-        self, logits: Logits, target: Tensor, *, return_components: bool | None = None
+        self, logits: Logits, target: Tensor | None, *, return_components: bool | None = None
     ) -> Tensor | MutualLossOutput:
         """The loss of `logits` [K, N, C, ...] against `target` [N, ...], as `mutual_loss`;
         `return_components` overrides the constructor's for this call."""

@@ -22,6 +22,7 @@ MODES = ("pairwise", "ensemble", "ensemble_logits")
 # (`fastdml.cli.config` adds "independent", alpha = 0, and "distill", peer weights.)
 CLI_MODE_NAMES = {"dml": "pairwise", "dml_e": "ensemble", "dml_logits": "ensemble_logits"}
 REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
 
 PeerWeights = Tensor | Sequence[Sequence[float]]
@@ -35,20 +36,36 @@ def _is_real(value: object) -> bool:
 class LossOptions:
     """The options of the mutual loss of K peers; each is checked when the record is made.
 
-    For peer k and row n the loss is ``CE(z_kn, y_n) + alpha * T**2 * M_kn`` (docs/loss.md):
+    For peer k and row n the loss is ``ce_weight * CE(z_kn, y_n) + alpha * T**2 * M_kn``
+    (docs/loss.md):
 
     Args:
         temperature: T > 0, the softmax temperature of the mimicry term.
-        alpha: the mimicry weight, >= 0 (0 trains each peer alone).
+        alpha: the mimicry weight, >= 0 (0 trains each peer alone): a number or a 0-dim tensor
+            (read once, when the record is made).
         mode: the mimicry target: "pairwise" (DML: the mean KL to each other peer),
             "ensemble" (DML_e: the KL to the other peers' mean probability) or
             "ensemble_logits" (the KL to the softmax of the other peers' mean logits).
         peer_weights: a K x K matrix W, finite and >= 0, that overrides mode:
             ``M_k = sum_j W[k, j] * KL(q_j || q_k)``; kept as a detached float64 tensor.
+        divergence: D(t, q_k) between peer k's target t and q_k in M_k: "kl" (KL(t || q_k), the
+            paper's), "reverse_kl" (KL(q_k || t)) or "jsd" (the generalized Jensen-Shannon
+            divergence of weight beta; the gradient also flows through its mixture).
+        beta: the weight of "jsd", in [0, 1]: ``beta * KL(t || m) + (1 - beta) * KL(q_k || m)``
+            with ``m = beta * t + (1 - beta) * q_k``; 0 means KL(t || q_k) and 1 KL(q_k || t),
+            as TRL's and Liger-Kernel's beta. Unused by the other divergences.
+        ce_weight: the cross-entropy's weight, >= 0; 0 gives a mimicry-only loss, whose target
+            may be None (every row counts) or masks rows through ignore_index.
         label_smoothing: in [0, 1], as in `F.cross_entropy`.
         ignore_index: rows whose target is this contribute nothing.
         reduction: "mean" (each peer's mean over non-ignored rows, summed over peers: the
             "batchmean" of `F.kl_div`), "sum", or "none" ([K, N, ...]).
+        normalizer: for reduction "mean", divide the sum over peers and rows by this instead of
+            by the rows counted (a trainer's ``num_items_in_batch``): a number > 0 or a 0-dim
+            tensor (no host sync; a tensor on the CPU is checked to be > 0).
+        mimic_unlabeled: rows whose target is ignore_index keep their mimicry term (no
+            cross-entropy); "mean" then averages the cross-entropy over the labeled rows and the
+            mimicry over all rows.
         return_components: return a `MutualLossOutput` with each peer's terms, not the loss only.
         backend: "auto", "torch", "cpp", "triton" or "cuda" (docs/loss.md, Backends).
     """
@@ -62,9 +79,17 @@ class LossOptions:
     reduction: str = "mean"
     return_components: bool = False
     backend: str = "auto"
+    divergence: str = "kl"
+    beta: float = 0.5
+    ce_weight: float = 1.0
+    normalizer: float | Tensor | None = None
+    mimic_unlabeled: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "return_components", bool(self.return_components))
+        object.__setattr__(self, "mimic_unlabeled", bool(self.mimic_unlabeled))
+        if isinstance(self.alpha, Tensor) and self.alpha.dim() == 0:
+            object.__setattr__(self, "alpha", float(self.alpha))
         if self.peer_weights is not None:
             weights = torch.as_tensor(self.peer_weights, dtype=torch.float64).detach()
             object.__setattr__(self, "peer_weights", weights)
@@ -77,7 +102,9 @@ class LossOptions:
         if not _is_real(t) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
         if not _is_real(alpha) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+            raise ValueError(
+                f"alpha must be a finite number >= 0 (or a 0-dim tensor of one), got {alpha!r}"
+            )
         if not _is_real(smoothing) or not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be a number in [0, 1], got {smoothing!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(
@@ -95,6 +122,15 @@ class LossOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if not _is_real(self.beta) or not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
+        ce_weight = self.ce_weight
+        if not _is_real(ce_weight) or not math.isfinite(ce_weight) or ce_weight < 0:
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
+        if self.normalizer is not None:
+            self._check_normalizer()
         if self.peer_weights is not None:
             weights = self.peer_weights
             if weights.dim() != 2 or weights.shape[0] != weights.shape[1]:
@@ -103,6 +139,38 @@ class LossOptions:
                     f"got shape {tuple(weights.shape)}"
                 )
             check_peer_weight_values(weights)
+
+    def _check_normalizer(self) -> None:
+        normalizer = self.normalizer
+        if self.reduction != "mean":
+            raise ValueError(
+                f"normalizer divides the loss of reduction='mean', got reduction={self.reduction!r}"
+            )
+        if isinstance(normalizer, Tensor):
+            if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise ValueError(
+                    "normalizer must be a number > 0 or a 0-dim real tensor, got a tensor of "
+                    f"shape {tuple(normalizer.shape)} and dtype {normalizer.dtype}"
+                )
+            if normalizer.device.type == "cpu" and not bool(normalizer > 0):
+                raise ValueError(f"normalizer must be > 0, got {normalizer.item()!r}")
+        elif not _is_real(normalizer) or not math.isfinite(normalizer) or normalizer <= 0:
+            raise ValueError(
+                f"normalizer must be a finite number > 0 or a 0-dim tensor, got {normalizer!r}"
+            )
+
+    def unfused_option(self) -> str | None:
+        """The first option, as ``name=value``, that only the pure-PyTorch backend computes so
+        far, or None when the fused kernels compute them all."""
+        if self.divergence != "kl":
+            return f"divergence={self.divergence!r}"
+        if self.ce_weight != 1:
+            return f"ce_weight={self.ce_weight!r}"
+        if self.normalizer is not None:
+            return "normalizer"
+        if self.mimic_unlabeled:
+            return "mimic_unlabeled=True"
+        return None
 
     def replace(self, **changes: Any) -> LossOptions:
         """A copy with some options changed, checked again."""
