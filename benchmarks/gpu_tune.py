@@ -2,9 +2,10 @@
 
     python -m benchmarks.gpu_tune OUT/tune.jsonl
 
-For each (tile bytes, elements per thread) choice, the forward + backward median (CUDA events) of
-the Triton backend at the shapes of the GPU targets; the choice with the least geometric mean of
-times wins. benchmarks/gpu.sh runs the benchmarks with it; the winner measured on an H100/H200 is
+For each (most warps of a program, registers of a thread) choice, the forward + backward median
+(CUDA events) of the Triton backend at the shapes of the GPU targets; the choice with the least
+geometric mean of times wins. The registers decide the persistent grid (the programs resident at
+once). benchmarks/gpu.sh runs the benchmarks with it; the winner measured on an H100/H200 is
 the default in fastdml/kernels (kernels/mutual_loss.py), written there by hand.
 """
 
@@ -15,12 +16,12 @@ import math
 import sys
 
 import torch
-from fastdml.kernels import mutual_loss as km
 from triton.testing import do_bench
 
 import fastdml
+from fastdml.kernels import mutual_loss as km
 
-CHOICES = [(16384, 16), (16384, 8), (8192, 8), (8192, 4), (4096, 4), (4096, 8), (32768, 16)]
+CHOICES = [(4, 128), (8, 128), (2, 128), (4, 96), (4, 168), (8, 64), (4, 255)]
 SHAPES = [
     ((4, 4096, 1000), torch.float32),
     ((4, 2048, 8192), torch.float32),
@@ -48,7 +49,7 @@ def main(path: str) -> None:
     times: dict[tuple[int, int], list[float]] = {}
     with open(path, "a") as file:
         for choice in CHOICES:
-            km._MAX_TILE_BYTES, km._THREAD_ELEMENTS = choice
+            km._MAX_WARPS, km._REGISTERS = choice
             times[choice] = []
             for shape, dtype in SHAPES:
                 median_ms = _median_ms(shape, dtype)

@@ -423,7 +423,7 @@ otherwise idle machine:
 
 {small_shapes_section(args.small_shapes)}
 
-## CUDA kernels, static (SASS, sm_90)
+{sass_report.SECTION}
 
 {sass_section(args.out)}
 ## GPU

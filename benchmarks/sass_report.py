@@ -1,21 +1,38 @@
-"""A static performance report of the CUDA kernels: their SASS for sm_90, read without a GPU.
+"""A static performance report of the GPU kernels: their SASS for sm_90, read without a GPU.
 
-Timings need a GPU, which CI does not have; the machine code nvcc makes does not. This report
-compiles the CUDA translation units (csrc/mutual_loss_cuda_{float32,bfloat16,float16,float64}.cu)
-for sm_90 only, with setup.py's nvcc flags and -lineinfo, finds each kernel's hot loops in the
-disassembly and counts their instructions per logit element. It fails when a hot loop spills or a
-row kernel exceeds its budget (BUDGETS), so that a change that bloats the inner loops shows in CI
-before anyone times it.
+Timings need a GPU, which CI does not have; the machine code the compilers make does not. This
+report compiles the CUDA translation units (csrc/mutual_loss_cuda_{float32,bfloat16,float16,
+float64}.cu) for sm_90 only, with setup.py's nvcc flags and -lineinfo, and the Triton kernel's
+specializations (kernels/mutual_loss.py) with Triton, finds each kernel's hot loops in the
+disassembly and counts their instructions per logit element. It fails when a hot loop spills, a
+row kernel exceeds its budget (BUDGETS) or a budgeted row kernel has a barrier in a hot loop, so
+that a change that bloats the inner loops shows in CI before anyone times it.
 
-    python -m benchmarks.sass_report [--jobs N] [--out benchmarks/results/sass_sm90.json]
-        [--markdown BENCHMARKS.md] [--no-check]
+    python -m benchmarks.sass_report [--jobs N] [--backends cuda triton]
+        [--out benchmarks/results/sass_sm90.json] [--markdown BENCHMARKS.md] [--no-check]
 
-It needs nvcc ($NVCC, else PATH, else /usr/local/cuda/bin/nvcc), cuobjdump and nvdisasm (the
-toolkit's, else those Triton bundles) and c++filt (else the toolkit's cu++filt). The sources are
-copied to a temporary folder first, so that the line info and the sources read match even if
+For CUDA it needs nvcc ($NVCC, else PATH, else /usr/local/cuda/bin/nvcc), cuobjdump and nvdisasm
+(the toolkit's, else those Triton bundles) and c++filt (else the toolkit's cu++filt). The sources
+are copied to a temporary folder first, so that the line info and the sources read match even if
 csrc/ changes during the run. Per translation unit: nvcc -c (with -Xptxas -v: spill stores),
 cuobjdump -res-usage (registers, stack, shared and local memory), cuobjdump -xelf all (the cubin),
 nvdisasm -c -gi (the SASS with line and inlining info and the targets of indirect branches).
+
+Triton. The specializations the op launches (triton_jobs: kernel_launches of fastdml.kernels with
+meta tensors, at the shapes TRITON_*SHAPE, through benchmarks/triton_compile.py) are compiled by
+Triton for sm_90 with the options the op passes (warps, registers); their cubin goes through
+Triton's bundled cuobjdump (registers, local memory), ptxas -v where there is a stack frame (spill
+stores) and nvdisasm -c -gi, then the same loops and passes as below. Their line info has no
+inlining chain: an instruction carries the line of the innermost function it comes from, so the
+regions are the functions that hold a tile's arithmetic, `_fold_lse` (pass 1) and `_emit_tile`
+(pass 2), found with ast. Their loops stream (the global way), one vector of every peer a thread:
+K * VEC elements an iteration. A row kernel's mode and path are named as the CUDA kernels' (the
+path from its options, ",scalar" where VEC = 1); the split's kernels are split_stats, split_emit
+and split_finish, the backward's scale_grad; `demangled` is the specialization (constexprs, warps,
+registers, pointer types). Triton's budget covers the 16- and 32-bit floats.
+
+Rows of the backends not compiled in a run (--backends) are kept from --out, so the JSON and the
+section of BENCHMARKS.md stay whole.
 
 Hot loops. The control-flow graph of each kernel is built from its branches (BRA, BRX with the
 targets nvdisasm infers, EXIT, RET; CALL falls through); a loop is a natural loop (a back edge
@@ -91,16 +108,19 @@ their role (ROLES), their mode "any" and their K null.
 
 Checks (skipped with --no-check): a hot loop with local-memory accesses (LDL, STL), except in the
 kernels that read no logits (WITHOUT_LOGITS); a row kernel without a pass-1 or a pass-2 loop;
-a budget exceeded (BUDGETS, by mode and path: pairwise only, so far). Spills outside the hot
-loops are reported (spill_bytes, from ptxas -v), not failed. Writes the JSON (a list of rows, one
-per kernel) and the markdown section of BENCHMARKS.md between its markers, prints a summary, and
-exits non-zero on a failure.
+a budget exceeded (BUDGETS, by backend, mode and path: pairwise only, so far); a barrier (BAR) in
+a hot loop of a budgeted row kernel (loop_barriers). Spills outside the hot loops are reported
+(spill_bytes, from ptxas -v), not failed. Writes the JSON (a list of rows, one per kernel, with
+the compiler that made it) and the markdown section of BENCHMARKS.md between its markers, prints
+a summary, and exits non-zero on a failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
+import itertools
 import json
 import os
 import re
@@ -120,11 +140,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ARCH = "sm_90"
 GENCODE = ["-gencode", "arch=compute_90,code=sm_90"]
-# Instructions per logit element (pass 1 + pass 2) a row kernel may take, by mode and path:
-# "default" for the default options, "T!=1" for every path with a temperature (see budget_for).
-BUDGETS: dict[tuple[str, str], float] = {("pairwise", "default"): 30, ("pairwise", "T!=1"): 40}
+# Instructions per logit element (pass 1 + pass 2) a row kernel may take, by backend, mode and
+# path: "default" for the default options, "T!=1" for every path with a temperature (see
+# budget_for). Triton's in 16- and 32-bit floats (TRITON_BUDGETED_DTYPES): its float64
+# exponentials are library calls.
+BUDGETS: dict[tuple[str, str, str], float] = {
+    ("cuda", "pairwise", "default"): 30,
+    ("cuda", "pairwise", "T!=1"): 40,
+    ("triton", "pairwise", "default"): 35,
+}
+TRITON_BUDGETED_DTYPES = ("float32", "bfloat16", "float16")
 # Source regions whose code is pass 1 or pass 2 of a row, and the way a loop of theirs is on
-# (None: its memory accesses tell; see the module's docstring).
+# (None: its memory accesses tell; see the module's docstring). The last two are the Triton
+# kernel's functions (kernels/mutual_loss.py), whose line info has no inlining chain: the body of
+# a pass-1 tile and of a pass-2 tile.
 PASS_REGIONS: dict[str, tuple[int, str | None]] = {
     "fold": (1, None),
     "cache_and_fold": (1, "cache"),
@@ -133,9 +162,13 @@ PASS_REGIONS: dict[str, tuple[int, str | None]] = {
     "emit": (2, None),
     "block_stats": (1, None),
     "block_emit": (2, None),
+    "_fold_lse": (1, None),
+    "_emit_tile": (2, None),
 }
 WAYS = ("cache", "global", "cluster")
 ROW_KERNEL = "mutual_loss_kernel"
+TRITON_ROW_KERNEL = "_mutual_loss_kernel"
+BACKENDS = ("cuda", "triton")
 ROLES = {
     "mutual_loss_any_k_kernel": "any_k",
     "split_stats_kernel": "split_stats",
@@ -149,7 +182,7 @@ MODES = ("pairwise", "ensemble", "ensemble_logits", "weights")
 MODE_NAMES = {"pairwise": 0, "ensemble": 1, "ensemblelogits": 2, "weights": 3}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 MARKERS = ("<!-- sass_report: begin -->", "<!-- sass_report: end -->")
-SECTION = "## CUDA kernels, static (SASS, sm_90)"
+SECTION = "## GPU kernels, static (SASS, sm_90)"
 
 # ---------------------------------------------------------------------------------------------
 # Disassembly: cuobjdump -sass (branch targets as addresses) or nvdisasm (labels, line info).
@@ -568,10 +601,11 @@ class KernelInfo:
     vec: int | None
     mode: str
     path: str
+    backend: str = "cuda"
 
     @property
     def row_kernel(self) -> bool:
-        return self.base == ROW_KERNEL
+        return self.base in (ROW_KERNEL, TRITON_ROW_KERNEL)
 
 
 def kernel_info(demangled: str, dtype: str) -> KernelInfo:
@@ -603,18 +637,25 @@ def kernel_info(demangled: str, dtype: str) -> KernelInfo:
     return KernelInfo(base, dtype, k, vec, mode, path)
 
 
-def budget_for(mode: str, path: str) -> float | None:
-    """The budget of a row kernel (BUDGETS): by its mode and "default" for the default options,
-    "T!=1" for any path with a temperature, the cluster kernels' as the others'; none for the
-    other paths, the run-time one and the unaligned scalar fallback."""
+def budget_for(mode: str, path: str, backend: str = "cuda", dtype: str = "float32") -> float | None:
+    """The budget of a row kernel (BUDGETS): by its backend, its mode and "default" for the
+    default options, "T!=1" for any path with a temperature, the cluster kernels' as the others';
+    none for the other paths, the run-time one, the unaligned scalar fallback and Triton's
+    float64."""
     parts = [part for part in path.split(",") if part != "cluster"]
     if "scalar" in parts or "runtime" in parts:
         return None
+    if backend == "triton" and dtype not in TRITON_BUDGETED_DTYPES:
+        return None
     if parts == ["default"]:
-        return BUDGETS.get((mode, "default"))
+        return BUDGETS.get((backend, mode, "default"))
     if "T!=1" in parts:
-        return BUDGETS.get((mode, "T!=1"))
+        return BUDGETS.get((backend, mode, "T!=1"))
     return None
+
+
+def row_budget(row: dict) -> float | None:
+    return budget_for(row["mode"], row["path"], row["backend"], row["dtype"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,8 +735,10 @@ def _elements(loop: Loop, way: str, info: KernelInfo, warnings: list[str]) -> in
     if not info.row_kernel:
         return max(derived, 1)
     unit = info.K * info.vec
-    batch = 2 if info.K <= 2 else 1
-    expected = unit * batch if loop.count("LDG") else unit  # for_each_vector's, else the cache's
+    # The CUDA kernels' for_each_vector batches loads (else the cache's loops); Triton's tiles
+    # take one vector of each peer a thread.
+    batch = 2 if info.backend == "cuda" and info.K <= 2 and loop.count("LDG") else 1
+    expected = unit * batch
     where = f"{info.dtype} K={info.K} VEC={info.vec} {info.path} loop {loop.header:#x}"
     if derived <= 0 or derived % unit:
         warnings.append(
@@ -703,7 +746,8 @@ def _elements(loop: Loop, way: str, info: KernelInfo, warnings: list[str]) -> in
             f"KT*VEC = {unit}: using the template's {expected}"
         )
         return expected
-    if derived != expected and way != "cluster":  # the compiler unrolls those loops
+    # The compiler unrolls the cluster way's loops, and Triton's loops as it likes.
+    if derived != expected and way != "cluster" and info.backend == "cuda":
         warnings.append(f"{where}: {derived} elements per iteration, the template gives {expected}")
     return derived
 
@@ -913,6 +957,7 @@ class Unit:
     cuobjdump: str
     nvdisasm: str
     regions: Regions
+    compiler: str  # nvcc's version
 
 
 def _run(command: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -953,8 +998,9 @@ def analyze_unit(unit: Unit) -> dict:
         out["error"] = str(error)
         return out
     out["rows"] = [
-        kernel_row(f, kernel_info(names[f.name], unit.dtype), names[f.name], usage[f.name],
-                   spills.get(f.name, (0, 0))[0], unit.regions, out["warnings"])
+        dict(kernel_row(f, kernel_info(names[f.name], unit.dtype), names[f.name], usage[f.name],
+                        spills.get(f.name, (0, 0))[0], unit.regions, out["warnings"]),
+             compiler=unit.compiler)
         for f in kernels
     ]  # fmt: skip
     out["seconds"] = round(time.perf_counter() - start, 1)
@@ -975,7 +1021,7 @@ def kernel_row(
     loops.sort(key=lambda h: (h.pass_, h.loop.header))
     found = [i for h in loops for i in h.loop.instructions]
     return dict(
-        backend="cuda",
+        backend=info.backend,
         kernel=function.name,
         dtype=info.dtype,
         K=info.K,
@@ -986,6 +1032,7 @@ def kernel_row(
             for h in loops
         ],
         **summarize(loops),
+        loop_barriers=sum(h.loop.count("BAR") for h in loops),
         registers=usage["registers"],
         spill_bytes=spill_stores + usage["local"],
         shared_bytes=usage["shared"],
@@ -1003,19 +1050,155 @@ def kernel_row(
 
 
 # ---------------------------------------------------------------------------------------------
+# The Triton kernels (kernels/mutual_loss.py): specializations the op launches, compiled by Triton
+# for sm_90 (with its bundled ptxas and nvdisasm).
+
+# (rows, classes) of the reported row kernels: rows of many tiles, not split; rows not aligned to
+# vectors (C = 50257, the scalar path); few long rows (split over programs).
+TRITON_SHAPE = (4096, 32000)
+TRITON_SCALAR_SHAPE = (4096, 50257)
+TRITON_SPLIT_SHAPE = (4, 131072)
+TRITON_ROLES = {1: "split_stats", 2: "split_emit", 3: "split_finish"}
+# Options of a path: (temperature, label smoothing, the gradient).
+TRITON_PATHS = {
+    "default": (1.0, 0.0, True),
+    "T!=1": (2.0, 0.0, True),
+    "smoothing": (1.0, 0.1, True),
+    "no_grad": (1.0, 0.0, False),
+}
+
+
+@dataclass(frozen=True)
+class TritonJob:
+    """One specialization to compile and read: what triton_compile.specialize derives, and the
+    kernel's info."""
+
+    spec: object  # benchmarks.triton_compile.Specialization
+    info: KernelInfo
+    regions: Regions
+
+
+def python_regions(path: str) -> Regions:
+    """The (first line, last line, name) of each function of PASS_REGIONS defined in a Python
+    source (the Triton kernels'), under its basename."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    found = [
+        (node.lineno, node.end_lineno, node.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name in PASS_REGIONS
+    ]
+    return {os.path.basename(path): sorted(found)}
+
+
+def triton_jobs() -> list[TritonJob]:
+    """The reported specializations: the row kernel's default path in every dtype at K = 2, 3, 4,
+    8 and 16 (float64 to 8: from 9 peers its values, two registers each, spill in the loops);
+    every mode with a temperature and without, and pairwise's other paths, at K = 2 and 4 in
+    float32 and bfloat16, the dtypes of the GPU targets; the scalar fallback, the split's three
+    kernels and the backward's."""
+    import torch
+
+    from benchmarks import triton_compile as tc
+    from fastdml.kernels import mutual_loss as km
+
+    regions = python_regions(km.__file__)
+    jobs: dict[object, TritonJob] = {}
+    meta = dict(device="meta")
+
+    def add(dtype: str, k: int, mode: str, path: str, shape: tuple[int, int]) -> None:
+        temperature, smoothing, grad = TRITON_PATHS[path]
+        rows, classes = shape
+        logits = torch.empty(k, rows, classes, dtype=getattr(torch, dtype), **meta)
+        target = torch.empty(rows, dtype=torch.int64, **meta)
+        acc = torch.float64 if dtype == "float64" else torch.float32
+        weights = torch.empty(k, k, dtype=acc, **meta) if mode == "weights" else None
+        _, launches = km.kernel_launches(
+            logits, target, weights, None, mode, temperature, 0.5, smoothing, -100, "mean", grad
+        )
+        for launch, arguments in launches:
+            spec = tc.specialize(km._mutual_loss_kernel, arguments, launch)
+            vec, stage = launch.constexprs["VEC"], launch.constexprs["STAGE"]
+            full = path + (",scalar" if vec == 1 else "")
+            if stage == 0:
+                info = KernelInfo(TRITON_ROW_KERNEL, dtype, k, vec, mode, full, "triton")
+            else:
+                role = TRITON_ROLES[stage]
+                info = KernelInfo(role, dtype, None, vec, "any", role, "triton")
+            jobs.setdefault(spec, TritonJob(spec, info, regions))
+
+    targets = ("float32", "bfloat16")
+    for dtype in DTYPES:
+        for k in (2, 3, 4, 8) if dtype == "float64" else (2, 3, 4, 8, 16):
+            add(dtype, k, "pairwise", "default", TRITON_SHAPE)
+    for dtype, k in itertools.product(targets, (2, 4)):
+        for mode in MODES:
+            for path in TRITON_PATHS if mode == "pairwise" else ("default", "T!=1"):
+                add(dtype, k, mode, path, TRITON_SHAPE)
+        add(dtype, k, "pairwise", "default", TRITON_SCALAR_SHAPE)
+    add("float32", 2, "pairwise", "default", TRITON_SPLIT_SHAPE)
+    for dtype in targets:
+        grad = torch.empty(2, *TRITON_SHAPE, dtype=getattr(torch, dtype), **meta)
+        for grad_loss in (torch.empty((), **meta), torch.empty(2, TRITON_SHAPE[0], **meta)):
+            launch, arguments = km.scale_launch(grad, grad_loss)
+            spec = tc.specialize(km._scale_grad_kernel, arguments, launch)
+            path = "scale_grad" + (",per_row" if grad_loss.dim() else "")
+            info = KernelInfo(
+                "scale_grad", dtype, None, launch.constexprs["VEC"], "any", path, "triton"
+            )
+            jobs.setdefault(spec, TritonJob(spec, info, regions))
+    return list(jobs.values())
+
+
+def analyze_triton(job: TritonJob) -> dict:
+    """Compiles one Triton specialization for sm_90 and reads it (in a worker process): its row,
+    warnings, and the seconds its compile took; or the error."""
+    import triton
+
+    from benchmarks import triton_compile as tc
+
+    start = time.perf_counter()
+    out: dict = dict(dtype=job.info.dtype, warnings=[])
+    try:
+        kernel = tc.compile_for(job.spec, "sm_90")
+        out["compile_seconds"] = round(time.perf_counter() - start, 1)
+        cubin = kernel.asm["cubin"]
+        usage = tc.resource_usage(cubin)
+        spill_stores = 0
+        if usage["stack_bytes"]:
+            spill_stores = tc.spills(kernel.asm["ptx"], 90)["spill_store_bytes"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+            file.write(cubin)
+            file.flush()
+            listing = _run([os.path.join(tc.TOOLS, "nvdisasm"), "-c", "-gi", file.name]).stdout
+    except Exception as error:  # any compiler or tool error is a failure to report
+        out["error"] = f"{job.spec.describe()}: {type(error).__name__}: {error}"
+        return out
+    (function,) = [f for f in parse_disassembly(listing) if f.name == job.spec.kernel]
+    usage = dict(registers=usage["registers"], shared=kernel.metadata.shared,
+                 local=usage["local_bytes"])  # fmt: skip
+    row = kernel_row(
+        function, job.info, job.spec.describe(), usage, spill_stores, job.regions, out["warnings"]
+    )
+    out["rows"] = [dict(row, compiler=f"Triton {triton.__version__}")]
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Checks and output.
 
 
 def _order(row: dict) -> tuple:
-    """Row kernels first: the vectorized ones, budgeted paths first, the run-time one last; then
-    the scalar fallbacks; by mode, path (the default first), dtype and K, the cluster kernel after
-    the other. Then the other kernels."""
+    """By backend (CUDA, Triton), then row kernels first: the vectorized ones, budgeted paths
+    first, the run-time one last; then the scalar fallbacks; by mode, path (the default first),
+    dtype and K, the cluster kernel after the other. Then the other kernels."""
     path = row["path"]
     parts = path.split(",")
     options = [part for part in parts if part != "cluster"]
-    budgeted = is_row(row) and budget_for(row["mode"], path) is not None
+    budgeted = is_row(row) and row_budget(row) is not None
     rank = 0 if budgeted else 2 if "runtime" in path else 1
     return (
+        BACKENDS.index(row["backend"]),
         not is_row(row),
         "scalar" in path,
         rank,
@@ -1064,12 +1247,14 @@ def check(rows: list[dict]) -> list[str]:
             missing = sorted({1, 2} - passes)
             failures.append(f"{name}: no pass {' or '.join(map(str, missing))} loop found")
             continue
-        budget = budget_for(row["mode"], row["path"])
+        budget = row_budget(row)
         value = row["instructions_per_element"]
         if budget is not None and value is not None and value > budget:
             failures.append(
                 f"{name}: {value:.1f} instructions per element, over the budget {budget:g}"
             )
+        if budget is not None and row["loop_barriers"]:
+            failures.append(f"{name}: {row['loop_barriers']} barriers in its hot loops")
     return failures
 
 
@@ -1083,56 +1268,70 @@ def _widths(opcodes: Sequence[str]) -> str:
     return " ".join(kinds)
 
 
-def render(rows: list[dict], version: str, flags: list[str], limit: int) -> str:
-    """The markdown of the section: an intro and one line per row kernel (scalar fallbacks and
-    other kernels are in the JSON)."""
-    shown = sorted((r for r in rows if is_row(r) and "scalar" not in r["path"]), key=_order)
+def render(rows: list[dict], flags: list[str], limit: int) -> str:
+    """The markdown of the section: an intro and, per backend, one line per row kernel (scalar
+    fallbacks and other kernels are in the JSON)."""
+    compilers = {row["backend"]: row["compiler"] for row in rows}
     lines = [
-        f"`python -m benchmarks.sass_report` compiles the CUDA kernels for sm_90 only, without a "
-        f"GPU, with {version} and setup.py's flags (`{' '.join([*flags, '-lineinfo', *GENCODE])}`)"
-        ", and counts the static SASS instructions of each row kernel's innermost hot loops. "
+        "`python -m benchmarks.sass_report` compiles the GPU kernels for sm_90 only, without a "
+        "GPU, and counts the static SASS instructions of each row kernel's innermost hot loops: "
+        f"the CUDA kernels with {compilers.get('cuda', 'nvcc')} and setup.py's flags "
+        f"(`{' '.join([*flags, '-lineinfo', *GENCODE])}`), and the Triton kernel's "
+        f"specializations with {compilers.get('triton', 'Triton')} at the shapes the op launches "
+        f"them for: ({TRITON_SHAPE[0]} rows, {TRITON_SHAPE[1]} classes), rows of many tiles, "
+        "each read by pass 1 and again by pass 2 (a row of one tile is read once and has no "
+        "loop). "
         "*pass 1* (the log-sum-exps) and *pass 2* (gradient and loss sums): instructions per "
         "logit element of the pass's loops along the costliest way; *cluster*: both passes "
         "along the cluster way (the `,cluster` kernels: sm_90 thread-block clusters, the row's "
         "chunk resident in shared memory; pass 1 takes the maxima, then the sums at them); "
         "*instructions / element*: both passes along one element's way (the largest of the "
-        "shared-memory cache's, the streamed one and the cluster's); *budget*: the most CI "
-        "allows; *MUFU*: special-function instructions (exp2, reciprocal) per element, along the "
-        "costliest way; *regs*: registers a thread; *spill*: bytes spilled to local memory; "
-        "*shared*: static shared "
-        "memory (the row cache is dynamic); *memory*: the access widths (bits) in the hot loops. "
-        "Vectorized kernels only; the scalar fallbacks and the other kernels are in "
+        "shared-memory cache's, the streamed one and the cluster's; Triton's kernel streams "
+        "only); *budget*: the most CI allows; *MUFU*: special-function instructions (exp2, "
+        "reciprocal) per element, along the costliest way; *barriers*: barrier instructions in "
+        "the hot loops (CI allows none in a budgeted Triton kernel); *regs*: registers a thread; "
+        "*spill*: bytes spilled to local memory; *shared*: static shared memory (the CUDA row "
+        "cache is dynamic); *memory*: the access widths (bits) in the hot loops. Vectorized "
+        "kernels only; the scalar fallbacks and the other kernels are in "
         "`benchmarks/results/sass_sm90.json`.",
-        "",
-        "| dtype | K | VEC | mode | path | pass 1 | pass 2 | cluster | instructions / element "
-        "| budget | MUFU / element | regs | spill | shared | memory |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in shown[:limit]:
-        budget = budget_for(row["mode"], row["path"])
-        cells = [
-            row["dtype"],
-            str(row["K"]),
-            str(row["vec"]),
-            row["mode"],
-            f"`{row['path']}`",
-            _fmt(row["pass1_per_element"]),
-            _fmt(row["pass2_per_element"]),
-            _fmt(row["cluster_per_element"]),
-            _fmt(row["instructions_per_element"]),
-            "—" if budget is None else f"{budget:g}",
-            _fmt(row["mufu_per_element"], 2),
-            str(row["registers"]),
-            str(row["spill_bytes"]),
-            str(row["shared_bytes"]),
-            _widths([*row["loads"], *row["stores"]]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    if len(shown) > limit:
+    for backend, title in (("cuda", "CUDA"), ("triton", "Triton")):
+        shown = [r for r in rows if r["backend"] == backend and is_row(r)]
+        shown = sorted((r for r in shown if "scalar" not in r["path"]), key=_order)
+        if not shown:
+            continue
         lines += [
             "",
-            f"{len(shown) - limit} more row kernels in `benchmarks/results/sass_sm90.json`.",
+            f"**{title}**",
+            "",
+            "| dtype | K | VEC | mode | path | pass 1 | pass 2 | cluster | instructions / element "
+            "| budget | MUFU / element | barriers | regs | spill | shared | memory |",
+            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
+        for row in shown[:limit]:
+            budget = row_budget(row)
+            cells = [
+                row["dtype"],
+                str(row["K"]),
+                str(row["vec"]),
+                row["mode"],
+                f"`{row['path']}`",
+                _fmt(row["pass1_per_element"]),
+                _fmt(row["pass2_per_element"]),
+                _fmt(row["cluster_per_element"]),
+                _fmt(row["instructions_per_element"]),
+                "—" if budget is None else f"{budget:g}",
+                _fmt(row["mufu_per_element"], 2),
+                str(row["loop_barriers"]),
+                str(row["registers"]),
+                str(row["spill_bytes"]),
+                str(row["shared_bytes"]),
+                _widths([*row["loads"], *row["stores"]]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(shown) > limit:
+            more = len(shown) - limit
+            lines += ["", f"{more} more row kernels in `benchmarks/results/sass_sm90.json`."]
     return "\n".join(lines)
 
 
@@ -1151,47 +1350,73 @@ def write_markdown(path: Path, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=os.cpu_count())
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sass_sm90.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="'' for none")
-    parser.add_argument("--table-rows", type=int, default=60, help="row kernels in the table")
-    parser.add_argument("--csrc", default=str(ROOT / "csrc"), help="the sources to compile")
-    parser.add_argument(
-        "--no-check", action="store_true", help="report; fail on no spill nor budget"
-    )
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+def cuda_results(csrc: str, dtypes: list[str], jobs: int) -> list[dict]:
+    """Compiles the CUDA translation units of `dtypes` and reads them, in worker processes."""
     nvcc = find_nvcc()
     cuobjdump, nvdisasm = find_tool("cuobjdump", nvcc), find_tool("nvdisasm", nvcc)
     found = re.search(r"release [^\n]*", _run([nvcc, "--version"]).stdout)
     version = f"nvcc {found[0].strip()}" if found else "nvcc"
     flags = nvcc_flags()
     with tempfile.TemporaryDirectory(prefix="sass_report_") as folder:
-        csrc = os.path.join(folder, "csrc")
-        shutil.copytree(args.csrc, csrc)
+        copy = os.path.join(folder, "csrc")
+        shutil.copytree(csrc, copy)
         sources = {}
-        for path in glob.glob(os.path.join(csrc, "*.cu*")) + glob.glob(os.path.join(csrc, "*.h")):
+        for path in glob.glob(os.path.join(copy, "*.cu*")) + glob.glob(os.path.join(copy, "*.h")):
             with open(path, encoding="utf-8") as file:
                 sources[path] = file.read()
         regions = source_regions(sources)
         units = [
-            Unit(dtype, os.path.join(csrc, f"mutual_loss_cuda_{dtype}.cu"), folder, nvcc, flags,
-                 cuobjdump, nvdisasm, regions)
-            for dtype in args.dtypes
+            Unit(dtype, os.path.join(copy, f"mutual_loss_cuda_{dtype}.cu"), folder, nvcc, flags,
+                 cuobjdump, nvdisasm, regions, version)
+            for dtype in dtypes
         ]  # fmt: skip
-        with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-            results = list(pool.map(analyze_unit, units))
+        with ProcessPoolExecutor(max(1, jobs)) as pool:
+            return [dict(result, backend="cuda") for result in pool.map(analyze_unit, units)]
+
+
+def triton_results(jobs: int) -> list[dict]:
+    """Compiles the reported Triton specializations and reads them, in worker processes."""
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        return [
+            dict(result, backend="triton") for result in pool.map(analyze_triton, triton_jobs())
+        ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+        help="the kernels to compile; the others' rows are kept from --out",
+    )  # fmt: skip
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sass_sm90.json"))
+    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="'' for none")
+    parser.add_argument("--table-rows", type=int, default=60, help="row kernels in a table")
+    parser.add_argument("--csrc", default=str(ROOT / "csrc"), help="the sources to compile")
+    parser.add_argument(
+        "--no-check", action="store_true", help="report; fail on no spill nor budget"
+    )
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = []
+    if "cuda" in args.backends:
+        results += cuda_results(args.csrc, args.dtypes, args.jobs)
+    if "triton" in args.backends:
+        results += triton_results(args.jobs)
     for result in results:
         if "error" in result:
-            print(f"FAILED to compile or disassemble {result['dtype']}:\n{result['error']}")
+            print(f"FAILED to compile or disassemble ({result['backend']} {result['dtype']}):")
+            print(result["error"])
     if any("error" in result for result in results):
         return 1
-    rows = sorted((row for result in results for row in result["rows"]), key=_order)
+    rows = [row for result in results for row in result["rows"]]
+    if set(args.backends) != set(BACKENDS) and os.path.exists(args.out):
+        with open(args.out) as file:
+            rows += [r for r in json.load(file) if r["backend"] not in args.backends]
+    rows.sort(key=_order)
     warnings = [warning for result in results for warning in result["warnings"]]
-    failures = check(rows)
+    failures = check([row for row in rows if row["backend"] in args.backends])
     seconds = time.perf_counter() - start
     public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -1199,8 +1424,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(public, file, indent=1)
         file.write("\n")
     if args.markdown:
-        write_markdown(Path(args.markdown), render(rows, version, flags, args.table_rows))
-    print_summary(rows, results, version, seconds, args.jobs)
+        write_markdown(Path(args.markdown), render(rows, nvcc_flags(), args.table_rows))
+    print_summary(rows, results, seconds, args.jobs)
     for warning in warnings:
         print(f"warning: {warning}")
     for failure in failures:
@@ -1209,29 +1434,33 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures and not args.no_check else 0
 
 
-def print_summary(
-    rows: list[dict], results: list[dict], version: str, seconds: float, jobs: int
-) -> None:
-    compiles = ", ".join(
+def print_summary(rows: list[dict], results: list[dict], seconds: float, jobs: int) -> None:
+    compiles = [
         f"{r['dtype']} {r['compile_seconds']:.0f} + {r['seconds'] - r['compile_seconds']:.0f} s"
         for r in results
-    )
+        if r["backend"] == "cuda"
+    ]
+    triton = [r["seconds"] for r in results if r["backend"] == "triton"]
+    if triton:
+        compiles.append(f"Triton {len(triton)} specializations {sum(triton):.0f} s")
+    compilers = sorted({row["compiler"] for row in rows})
     print(
-        f"{version}, {ARCH}: {len(rows)} kernels in {seconds:.0f} s with {jobs} jobs "
-        f"(compile + analysis: {compiles})"
+        f"{', '.join(compilers)}, {ARCH}: {len(rows)} kernels in {seconds:.0f} s with {jobs} jobs "
+        f"(compile + analysis: {'; '.join(compiles)})"
     )
-    header = f"{'dtype':<9} {'K':>2} {'VEC':>3} {'mode':<9} {'path':<22} {'pass1':>6} {'pass2':>6} "
-    header += f"{'cluster':>7} {'instr/el':>8} {'MUFU/el':>7} {'regs':>4} {'spill':>5}  memory"
+    header = f"{'backend':<7} {'dtype':<9} {'K':>2} {'VEC':>3} {'mode':<9} {'path':<22} "
+    header += f"{'pass1':>6} {'pass2':>6} {'cluster':>7} {'instr/el':>8} {'MUFU/el':>7} "
+    header += f"{'bar':>3} {'regs':>4} {'spill':>5}  memory"
     print(header)
     for row in rows:
         if not is_row(row) or "scalar" in row["path"]:
             continue
-        vec = row["vec"]
         print(
-            f"{row['dtype']:<9} {row['K']:>2} {vec:>3} {row['mode']:<9} {row['path']:<22} "
+            f"{row['backend']:<7} {row['dtype']:<9} {row['K']:>2} {row['vec']:>3} "
+            f"{row['mode']:<9} {row['path']:<22} "
             f"{_fmt(row['pass1_per_element']):>6} {_fmt(row['pass2_per_element']):>6} "
             f"{_fmt(row['cluster_per_element']):>7} {_fmt(row['instructions_per_element']):>8} "
-            f"{_fmt(row['mufu_per_element'], 2):>7} "
+            f"{_fmt(row['mufu_per_element'], 2):>7} {row['loop_barriers']:>3} "
             f"{row['registers']:>4} {row['spill_bytes']:>5}  "
             f"{_widths([*row['loads'], *row['stores']])}"
         )

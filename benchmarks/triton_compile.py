@@ -15,6 +15,7 @@ spilled bytes and shared memory of the compiled kernel, and prints a summary.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -28,15 +29,16 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from fastdml.kernels import mutual_loss as km
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import create_function_from_signature
 
+from fastdml.kernels import mutual_loss as km
 from fastdml.loss.arguments import accumulation_dtype
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+CUOBJDUMP = os.path.join(TOOLS, "cuobjdump")
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = tuple(km.MODE_IDS)
@@ -63,21 +65,29 @@ class Specialization:
     constexprs: tuple
     attrs: tuple
     num_warps: int
+    maxnreg: int | None
 
     def describe(self) -> str:
         named = dict(self.constexprs)
-        keys = ("STAGE", "SINGLE_TILE", "K_PAD", "BLOCK_C", "MODE", "HAS_T", "HAS_SMOOTHING")
-        keys += ("COMPUTE_GRAD", "ACC", "BLOCK")
+        keys = ("STAGE", "SINGLE_TILE", "K", "VEC", "LANES", "MODE", "HAS_T", "HAS_SMOOTHING")
+        keys += ("COMPUTE_GRAD", "REDUCTION", "SCALE", "ACC", "PER_ROW")
         parts = [f"{key}={named[key]}" for key in keys if key in named]
         pointers = sorted({t for _, t in self.signature if t.startswith("*")})
-        return f"{self.kernel} {' '.join(parts)} warps={self.num_warps} {','.join(pointers)}"
+        options = f"warps={self.num_warps}" + (f" maxnreg={self.maxnreg}" if self.maxnreg else "")
+        return f"{self.kernel} {' '.join(parts)} {options} {','.join(pointers)}"
 
 
-def _specialize(fn, arguments: tuple, launch: km.Launch) -> Specialization:
-    """The (signature, constexprs, attrs) Triton derives when `launch` runs with `arguments`."""
+@functools.cache
+def _binder(fn) -> tuple:
+    """The backend and Triton's argument binder of a kernel (made once: it is generated code)."""
     backend = make_backend(TARGETS["sm_90"])
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(launch.constexprs, num_warps=launch.num_warps)
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def specialize(fn, arguments: tuple, launch: km.Launch) -> Specialization:
+    """The (signature, constexprs, attrs) Triton derives when `launch` runs with `arguments`."""
+    backend, binder = _binder(fn)
+    kwargs = dict(launch.constexprs, **launch.options)
     bound, specialization, options = binder(*arguments, **kwargs)
     _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     names = {i: p.name for i, p in enumerate(fn.params)}
@@ -87,35 +97,40 @@ def _specialize(fn, arguments: tuple, launch: km.Launch) -> Specialization:
         constexprs=tuple((names[path[0]], v) for path, v in sorted(constexprs.items())),
         attrs=tuple((path, tuple(map(tuple, a))) for path, a in sorted(attrs.items())),
         num_warps=launch.num_warps,
+        maxnreg=launch.maxnreg,
     )
 
 
 def specializations() -> list[Specialization]:
-    """Every distinct specialization over modes, dtypes, options, K and shapes."""
+    """Every distinct specialization over modes, dtypes, options, K, shapes, reductions and
+    grad_scales."""
     found: dict[Specialization, None] = {}
     meta = dict(device="meta")
     options = itertools.product(MODES, DTYPES, (1.0, 2.0), (0.0, 0.1), (False, True))
     for (mode, dtype, temperature, smoothing, grad), k in itertools.product(options, PEERS):
         acc = accumulation_dtype(dtype)
-        weights = torch.empty(k, k, dtype=acc, **meta)
+        weights = torch.empty(k, k, dtype=acc, **meta) if mode == "weights" else None
         for rows, classes in SHAPES:
             logits = torch.empty(k, rows, classes, dtype=dtype, **meta)
             target = torch.empty(rows, dtype=torch.int64, **meta)
-            # The forward folds a 0-dim row_scale; the float16 backward a [K, R] upstream one.
-            for row_scale in (torch.empty((), dtype=acc, **meta), torch.empty(k, rows, **meta)):
-                if row_scale.dim() and not (grad and dtype == torch.float16):
-                    continue
+            # Without grad_scale (a loss), with one value (the float16 backward of a reduced
+            # loss) or one per row (that of reduction "none", and the fused linear loss).
+            for reduction, grad_scale in (
+                ("mean", None), ("sum", None), ("none", None),
+                ("mean", torch.empty((), dtype=acc, **meta)),
+                ("none", torch.empty(k, rows, dtype=acc, **meta)),
+            ):  # fmt: skip
                 _, launches = km.kernel_launches(
-                    logits, target, weights, row_scale.to(acc), mode, temperature, 0.5,
-                    smoothing, -100, grad,
+                    logits, target, weights, grad_scale, mode, temperature, 0.5, smoothing, -100,
+                    reduction, grad,
                 )  # fmt: skip
                 for launch, arguments in launches:
-                    found[_specialize(km._mutual_loss_with_grad_kernel, arguments, launch)] = None
+                    found[specialize(km._mutual_loss_kernel, arguments, launch)] = None
             if grad:
-                grad_loss = torch.empty(k, rows, dtype=acc, **meta)
-                for row_scale in (torch.empty((), dtype=acc, **meta), grad_loss):
-                    launch, arguments = km.scale_launch(logits, grad_loss, row_scale)
-                    found[_specialize(km._scale_grad_rows_kernel, arguments, launch)] = None
+                grad_buffer = torch.empty(k, rows, classes, dtype=dtype, **meta)
+                for grad_loss in (torch.empty((), dtype=acc, **meta), torch.empty(k, rows, **meta)):
+                    launch, arguments = km.scale_launch(grad_buffer, grad_loss.to(acc))
+                    found[specialize(km._scale_grad_kernel, arguments, launch)] = None
     return list(found)
 
 
@@ -124,23 +139,17 @@ def _axes(spec: Specialization) -> list[tuple[str, object]]:
     return [
         *((f"{spec.kernel}.{name}", value) for name, value in spec.constexprs),
         (f"{spec.kernel}.logits", spec.signature[0][1]),
-        (f"{spec.kernel}.scale", dict(spec.signature).get("stride_scale_r", "")),
         (f"{spec.kernel}.num_warps", spec.num_warps),
+        (f"{spec.kernel}.maxnreg", spec.maxnreg),
     ]
 
 
 def covering(specs: list[Specialization]) -> list[Specialization]:
-    """A subset in which every pair of values of any two axes (stage, mode, options, dtypes, K_PAD,
-    BLOCK_C, warps...) that occurs in `specs` occurs at least once: a defect that needs one or two
+    """A subset in which every pair of values of any two axes (stage, mode, options, dtypes, K,
+    tile, warps...) that occurs in `specs` occurs at least once: a defect that needs one or two
     of them to show (as a stage that does not compile, or a tile that spills) shows here, at a
-    small fraction of the compiles. The one path that three choices select together (weights mode
-    from 16 peers, a matrix product) gets such a subset of its own."""
-    chosen = _pairwise(specs)
-    return chosen + [s for s in _pairwise(list(filter(_matrix_product, specs))) if s not in chosen]
-
-
-def _pairwise(specs: list[Specialization]) -> list[Specialization]:
-    """Greedy and deterministic: the specialization that covers the most missing pairs, next."""
+    small fraction of the compiles. Greedy and deterministic: the specialization that covers the
+    most missing pairs, next."""
     pairs_of = [set(itertools.combinations(_axes(spec), 2)) for spec in specs]
     missing = set().union(*pairs_of)
     chosen = []
@@ -151,13 +160,8 @@ def _pairwise(specs: list[Specialization]) -> list[Specialization]:
     return chosen
 
 
-def _matrix_product(spec: Specialization) -> bool:
-    named = dict(spec.constexprs)
-    return named.get("MODE") == 3 and named.get("K_PAD", 0) >= 16 and named["STAGE"] in (0, 2)
-
-
-def _compile(job: tuple[Specialization, str]) -> dict:
-    spec, target_name = job
+def compile_for(spec: Specialization, target_name: str):
+    """The specialization compiled for a target (a CompiledKernel; raises the compiler's error)."""
     fn = getattr(km, spec.kernel)
     index = {p.name: i for i, p in enumerate(fn.params)}
     source = ASTSource(
@@ -166,23 +170,27 @@ def _compile(job: tuple[Specialization, str]) -> dict:
         constexprs={(index[name],): value for name, value in spec.constexprs},
         attrs={path: [list(a) for a in attr] for path, attr in spec.attrs},
     )
+    options = dict(num_warps=spec.num_warps, maxnreg=spec.maxnreg)
+    return triton_compile(source, target=TARGETS[target_name], options=options)
+
+
+def _compile(job: tuple[Specialization, str]) -> dict:
+    spec, target_name = job
     row = dict(specialization=spec.describe(), target=target_name)
     start = time.perf_counter()
     try:
-        kernel = triton_compile(
-            source, target=TARGETS[target_name], options=dict(num_warps=spec.num_warps)
-        )
+        kernel = compile_for(spec, target_name)
     except Exception as error:  # any compiler error is a failure to report
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
     else:
-        row.update(shared_bytes=kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"]))
+        row.update(shared_bytes=kernel.metadata.shared, **resource_usage(kernel.asm["cubin"]))
         if row["stack_bytes"]:
-            row.update(_spills(kernel.asm["ptx"], TARGETS[target_name].arch))
+            row.update(spills(kernel.asm["ptx"], TARGETS[target_name].arch))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def resource_usage(cubin: bytes) -> dict:
     """Registers and spill stack of the cubin, from the cuobjdump that Triton bundles (the compiled
     kernel reads them only when it is loaded on a device)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
@@ -200,7 +208,7 @@ def _resource_usage(cubin: bytes) -> dict:
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), local_bytes=int(found[3]))
 
 
-def _spills(ptx: str, arch: int) -> dict:
+def spills(ptx: str, arch: int) -> dict:
     """Spill stores and loads, from ptxas -v of the PTX (a stack frame alone is no spill)."""
     from triton.backends.nvidia import compiler
 

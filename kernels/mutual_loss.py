@@ -1,17 +1,24 @@
-"""Triton kernels of the mutual loss, as the custom ops `fastdml::triton_mutual_loss_with_grad` and
-`fastdml::triton_scale_grad_rows_` (the same contract as the CUDA ops of csrc/ops.cpp).
+"""Triton kernels of the mutual loss, as the custom ops `fastdml::triton_fused_mutual_loss` and
+`fastdml::triton_scale_grad_`. They take the arguments of the C++ ops `fastdml::fused_mutual_loss`
+and `fastdml::scale_grad_` (csrc/ops.cpp) and keep their contract, so that both GPU backends share
+one Python path (fastdml/loss/ops.py): the forward counts the rows and reduces the loss on the
+device, in an order fixed by the shape and the device, returns each peer's terms reduced, and
+writes the gradient of sum(grad_scale * loss); the backward rescales that gradient in place and
+returns at once where the upstream gradient is 1.
 
-The forward reads each row's K x C block of logits (once when it fits one tile, else twice: online
-log-sum-exps, then probabilities), and writes every peer's loss terms and the gradient of
-`row_scale * loss`. The backward only rescales rows whose upstream gradient is not `row_scale`:
-for reduction "mean" and "sum" none are, so it reads one scalar per row and writes nothing.
-One program per row, peers on the first axis of a [K_PAD, BLOCK_C] tile; when there are too few
-rows to fill the GPU, a row's classes are split across programs (three launches, merged in a fixed
-order, so results stay deterministic).
+The kernel plan (docs/design.md, "The kernel plan"): a persistent grid of programs, each taking
+rows pid, pid + programs, ... A row's K peers are K separate [LANES, VEC] tiles, LANES vectors of
+VEC classes, one vector of every peer a thread: the sums over the peers of a class stay in
+registers. Pass 1 folds the tiles into per-lane (max, sum of exponentials); pass 2 reads the row
+again, last tile first (what pass 1 read last is the likeliest still in L2), adds the loss sums
+per element and writes the gradient. Each pass ends with one cross-thread reduction per value. A
+row that fits one tile is read once. When rows are too few to fill the GPU, a row's classes are
+split over programs: three launches, merged in a fixed order.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -20,167 +27,406 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import custom_op, triton_op, wrap_triton
+from torch.library import custom_op
 from triton.runtime.interpreter import InterpretedFunction
 
 from fastdml.loss.arguments import accumulation_dtype
+from fastdml.loss.ops import RECOMPUTE_GRAD_DTYPES, fused_fake
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
-MAX_PEERS = 16  # modes 2 and 3 hold [K_PAD, K_PAD, BLOCK_C] temporaries: beyond, the CUDA op
-# Of the largest temporary tile (accumulation dtype), and of it per thread: registers, no spills.
-# FASTDML_TRITON_TILE=BYTES,ELEMENTS overrides them (benchmarks/gpu_tune.py measures choices).
-_MAX_TILE_BYTES, _THREAD_ELEMENTS = map(
-    int, os.environ.get("FASTDML_TRITON_TILE", "4096,8").split(",")
-)
-if any(n < 1 or n & (n - 1) for n in (_MAX_TILE_BYTES, _THREAD_ELEMENTS)):
+REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2}
+# A row's per-peer values live in registers, K of each: beyond 16 peers, the CUDA op. (float64,
+# two registers a value, spills in the loops from 9 peers: slower, not wrong.)
+MAX_PEERS = 16
+# A thread's vectors: at most this many 32-bit registers for one value of each of the K peers'
+# classes of a tile (a float64 takes two), and 16 bytes a vector at most (the widest access), so
+# that the values of a tile stay in registers.
+_PEER_REGISTERS = 16
+_VECTOR_BYTES = 16
+# The most warps of a program, and the registers a thread may take with up to 4 peers in 32-bit
+# accumulation: as the CUDA op, 128, so that 16 warps are resident on a multiprocessor (more
+# peers, or float64: 255, 8 warps). The persistent grid is as many programs as are resident.
+# FASTDML_TRITON_TILE=WARPS,REGISTERS overrides them (benchmarks/gpu_tune.py measures choices).
+_MAX_WARPS, _REGISTERS = map(int, os.environ.get("FASTDML_TRITON_TILE", "4,128").split(","))
+if not (0 < _MAX_WARPS <= 32 and _MAX_WARPS & (_MAX_WARPS - 1) == 0 and 24 <= _REGISTERS <= 255):
     raise ValueError(
-        "FASTDML_TRITON_TILE must be two powers of 2, BYTES,ELEMENTS (tile bytes, elements a "
-        f"thread), got {_MAX_TILE_BYTES},{_THREAD_ELEMENTS}"
+        "FASTDML_TRITON_TILE must be WARPS,REGISTERS: the most warps of a program (a power of 2 "
+        f"up to 32) and the registers of a thread (24 to 255), got {_MAX_WARPS},{_REGISTERS}"
     )
+_MANY_PEERS = 5  # from which a thread takes 255 registers (with float64 always)
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
-_SCALE_BLOCK = 1024
+# The per-class loops work in base 2 (docs/design.md, "Exponentials in base 2"): a natural
+# logarithm times _LOG2E is in their units, and log q is clamped at _LOWEST in q log q, below any
+# finite log-probability of float32 or float64.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+_COUNT_BLOCK = tl.constexpr(1024)  # targets a program reads at once to count a mean's rows
+_PARTS_BLOCK = tl.constexpr(256)  # programs' partial sums the last program adds at once
+# A split row's chunk: per peer, its (max, sum, sum at 1 / T, max and sum of u), and loss sums.
+_STAT_FIELDS = tl.constexpr(5)
+_SUM_FIELDS = tl.constexpr(3)
 
 
 @triton.jit
-def _online_lse(m, s, x):
-    """Merges a tile x [K_PAD, BLOCK_C] into running (max, sum of exp(x - max)) per peer."""
+def _exp2(x):
+    """2^x. In float32, ex2.approx.ftz: one MUFU instruction, within 2 ulp, subnormal results
+    flushed to 0 (tl.exp2 wraps the non-ftz one in a range fix-up). Its argument is always a
+    max-shifted difference formed first, (z - max) * log2(e), never z * log2(e) - max * log2(e),
+    which would lose the precision of z - max on peaked rows. float64's is exact, and so is the
+    interpreter's, which runs no PTX."""
+    if _PTX and x.dtype == tl.float32:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _sum_others(xs, K: tl.constexpr):
+    """Per peer k, sum_{j != k} xs[j] as a prefix plus a suffix sum, never total - own (NaN at
+    -inf, and it cancels where peer k dominates). The partial sums are shared by all k: about
+    two additions a peer."""
+    prefixes = (xs[0],)  # prefixes[i] = xs[0] + ... + xs[i]
+    suffixes = (xs[K - 1],)  # suffixes[i] = xs[K - 1 - i] + ... + xs[K - 1]
+    for i in tl.static_range(1, K - 1):
+        prefixes = prefixes + (prefixes[i - 1] + xs[i],)
+        suffixes = suffixes + (suffixes[i - 1] + xs[K - 1 - i],)
+    others = (suffixes[K - 2],)
+    for k in tl.static_range(1, K - 1):
+        others = others + (prefixes[k - 1] + suffixes[K - 2 - k],)
+    return others + (prefixes[K - 2],)
+
+
+@triton.jit
+def _load_peers(ptr, rows, v0, lanes, cols, CV, MASKED: tl.constexpr, POLICY: tl.constexpr,
+                K: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The K peers' [LANES, VEC] tiles of vectors v0 + lanes, in ACC (rows: the offset of peer
+    0's row and the peers' stride, in elements). MASKED: vectors from CV on are -inf, which every
+    sum takes as absent."""
+    zs = ()
+    for k in tl.static_range(K):
+        at = ptr + rows[0] + k * rows[1] + v0 * VEC + cols
+        if MASKED:
+            live = (v0 + lanes < CV)[:, None]
+            z = tl.load(at, mask=live, other=float("-inf"), eviction_policy=POLICY)
+        else:
+            z = tl.load(at, eviction_policy=POLICY)
+        zs = zs + (z.to(ACC),)
+    return zs
+
+
+@triton.jit
+def _fold_lse(m, s, st, x, a_t, HAS_T: tl.constexpr):
+    """Folds a [LANES, VEC] tile into per-lane running (max m, s = sum 2^((x - m) log2(e)),
+    st = sum 2^((x - m) a_t)), one rescale a vector. Only -inf so far shifts by 0 instead, so that
+    no (-inf) - (-inf) is formed: every exponential is then 0."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), axis=1)
-    return m_new, s
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = x - shift[:, None]
+    dm = m - shift  # -inf on the first fold: the old sums (0) get weight 0
+    s = s * _exp2(dm * _LOG2E) + tl.sum(_exp2(d * _LOG2E), axis=1)
+    if HAS_T:
+        st = st * _exp2(dm * a_t) + tl.sum(_exp2(d * a_t), axis=1)
+    return m_new, s, st
 
 
 @triton.jit
-def _finish_lse(m, s):
-    return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-
-
-@triton.jit
-def _others_mean(z, peers, K):
-    """u[k] = sum_{j != k} z[j] / (K - 1), summed as such (total - own is NaN at -inf)."""
-    pick = (peers[:, None] != peers[None, :]) & (peers[None, :] < K)
-    return tl.sum(tl.where(pick[:, :, None], z[None, :, :], 0.0), axis=1) / (K - 1)
-
-
-@triton.jit
-def _grad_scale(scale_ptr, peers, r, stride_k, stride_r, K, ACC: tl.constexpr):
-    """The factor of each peer's gradient row: the scale given (0-dim, or [K, R] any strides),
-    or 1 where it is 0, so that no gradient is lost before the backward rescales it."""
-    s = tl.load(scale_ptr + peers.to(tl.int64) * stride_k + r * stride_r, mask=peers < K, other=1.0)
-    s = s.to(ACC)
-    return tl.where(s == 0, 1.0, s)
-
-
-@triton.jit
-def _weighted_targets(weights, q, K_PAD: tl.constexpr):
-    """t[k] = sum_j W[k, j] q[j]. From 16 peers the compiler would turn the broadcast product into
-    a TF32 matrix product (an error of 1e-3); the explicit one is exact in float32."""
-    if K_PAD >= 16:
-        return tl.dot(weights, q, input_precision="ieee", out_dtype=q.dtype)
-    return tl.sum(weights[:, :, None] * q[None, :, :], axis=1)
-
-
-@triton.jit
-def _p_log_q(p, log_q):
-    return tl.where(p == 0, 0.0, p * log_q)
-
-
-@triton.jit
-def _load_tile(logits_ptr, offsets, cols, c0, C, live):
-    cls = c0 + cols
-    mask = live & (cls < C)[None, :]
-    return tl.load(logits_ptr + offsets + cls[None, :], mask=mask, other=float("-inf"))
-
-
-@triton.jit
-def _scaled_tiles(z, peers, inv_t, K, MODE: tl.constexpr, HAS_T: tl.constexpr):
-    """z / T and, for ensemble_logits, the others' mean logits / T (else z / T again)."""
-    zt = z * inv_t if HAS_T else z
-    u = _others_mean(z, peers, K) * inv_t if MODE == 2 else zt
-    return zt, u
-
-
-@triton.jit
-def _row_output(value, ignored, bad_target):
-    """0 at ignored rows (nothing there may leak), NaN at rows with an out-of-range target."""
-    return tl.where(ignored, 0.0, tl.where(bad_target, float("nan"), value))
-
-
-@triton.jit
-def _pass_1(
-    logits_ptr,
-    offsets,
-    cols,
-    c_lo,
-    c_hi,
-    C,
-    live,
-    peers,
-    inv_t,
-    stats,
-    K,
-    MODE,
-    HAS_T,
-    HAS_SMOOTHING,
-    BLOCK_C,
-):
-    """Online log-sum-exps over classes [c_lo, c_hi): of z, z / T and (ensemble_logits) the
-    others' mean logits / T, per peer, and sum_c z (label smoothing)."""
-    m, s, mt, st, mu, su, sum_z = stats
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(m.dtype)
-        zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
-        m, s = _online_lse(m, s, z)
-        if HAS_T:
-            mt, st = _online_lse(mt, st, zt)
+def _fold_tile(stats, zs, a_t, u_scale, K: tl.constexpr, MODE: tl.constexpr,
+               HAS_T: tl.constexpr):  # fmt: skip
+    """Pass 1 on one tile: each peer's (m, s, st) of its logits and, for ensemble_logits,
+    (mu, su) of u, the others' mean logits over T."""
+    if MODE == 2:
+        us = _sum_others(zs, K)
+    folded = ()
+    for k in tl.static_range(K):
+        m, s, st, mu, su = stats[k]
+        m, s, st = _fold_lse(m, s, st, zs[k], a_t, HAS_T)
         if MODE == 2:
-            mu, su = _online_lse(mu, su, u)
+            mu, su, _ = _fold_lse(mu, su, su, us[k] * u_scale, a_t, False)
+        folded = folded + ((m, s, st, mu, su),)
+    return folded
+
+
+@triton.jit
+def _merge_lse(m, s, st, a_t, HAS_T: tl.constexpr):
+    """Several (m, s, st) merged into one, the lanes' of a row (or the chunks' of a split row)."""
+    row_m = tl.max(m)
+    shift = tl.where(row_m == float("-inf"), 0.0, row_m)
+    row_s = tl.sum(s * _exp2((m - shift) * _LOG2E))
+    row_st = tl.sum(st * _exp2((m - shift) * a_t)) if HAS_T else row_s
+    return row_m, row_s, row_st
+
+
+@triton.jit
+def _lanes_stats(stats, a_t, K: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr):
+    """Per peer, the (m, s, st, mu, su) of pass 1 merged across the lanes."""
+    reduced = ()
+    for k in tl.static_range(K):
+        m, s, st, mu, su = stats[k]
+        row_m, row_s, row_st = _merge_lse(m, s, st, a_t, HAS_T)
+        row_mu, row_su = row_m, row_s
+        if MODE == 2:
+            row_mu, row_su, _ = _merge_lse(mu, su, su, a_t, False)
+        reduced = reduced + ((row_m, row_s, row_st, row_mu, row_su),)
+    return reduced
+
+
+@triton.jit
+def _peer_rows(stats, K: tl.constexpr, HAS_T: tl.constexpr):
+    """Per peer, what pass 2 and the cross-entropy need of its row statistics, in base 2:
+    log2 q = (z - m) a_t - b, log2 p = (z - m) log2(e) - bs, log2 t = (u - mu) log2(e) - bu
+    (ensemble_logits); and ls = log sum exp(z - m), natural."""
+    rows = ()
+    for k in tl.static_range(K):
+        m, s, st, mu, su = stats[k]
+        bs = tl.log2(s)
+        b = tl.log2(st) if HAS_T else bs
+        rows = rows + ((m, b, bs, mu, tl.log2(su), tl.log(s)),)
+    return rows
+
+
+@triton.jit
+def _store_grad(grad_ptr, g_rows, v0, lanes, cols, CV, gs, MASKED: tl.constexpr,
+                K: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    for k in tl.static_range(K):
+        at = grad_ptr + g_rows[0] + k * g_rows[1] + v0 * VEC + cols
+        g = gs[k].to(grad_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(at, g, mask=(v0 + lanes < CV)[:, None], eviction_policy="evict_first")
+        else:
+            tl.store(at, g, eviction_policy="evict_first")
+
+
+@triton.jit
+def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, label, v0, lanes, cols,
+               CV, grad_ptr, g_rows, MASKED: tl.constexpr, K: tl.constexpr, VEC: tl.constexpr,
+               MODE: tl.constexpr, HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+               COMPUTE_GRAD: tl.constexpr):  # fmt: skip
+    """Pass 2 on one tile: every peer's q, its mimicry target t and the loss sums, per element in
+    units (docs/design.md, "The loss"), and the gradient. sums[k] is (sum q log q, sum t log q)
+    in pairwise and weights modes, (the KL, unused) in the ensemble ones, then sum (z - m) for
+    label smoothing. log q is clamped at the lowest finite value in q log q, so that 0 log 0 adds
+    0 and one FMA adds a term; t log q is taken as 0 where t = 0, and as -inf where q = 0 < t
+    (the KL is infinite)."""
+    label = tl.cast(label, tl.int32)  # the label's offset from the tile, within (-C, C)
+    ds = ()
+    ls = ()
+    qs = ()
+    for k in tl.static_range(K):
+        d = zs[k] - rows[k][0]
+        ds = ds + (d,)
+        ls = ls + (d * a_t - rows[k][1],)
+        qs = qs + (_exp2(ls[k]),)
+    if MODE == 0:
+        ts = _sum_others(qs, K)  # unscaled: inv_km1 is folded into coefs and the loss
+    elif MODE == 1:
+        others = _sum_others(qs, K)
+        ts = ()
+        for k in tl.static_range(K):
+            ts = ts + (others[k] * inv_km1,)
+    elif MODE == 2:
+        us = _sum_others(zs, K)
+        lts = ()
+        ts = ()
+        for k in tl.static_range(K):
+            lt = (us[k] * u_scale - rows[k][3]) * _LOG2E - rows[k][4]
+            lts = lts + (lt,)
+            ts = ts + (_exp2(lt),)
+    else:
+        ts = ()
+        for k in tl.static_range(K):
+            t = tl.zeros_like(qs[k])
+            for j in tl.static_range(K):
+                if j != k:
+                    t += weights[k][j] * qs[j]
+            ts = ts + (t,)
+    added = ()
+    gs = ()
+    for k in tl.static_range(K):
+        s0, s1, s2 = sums[k]
+        q, t, lq = qs[k], ts[k], ls[k]
+        if MODE == 0 or MODE == 3:
+            s0 += q * tl.maximum(lq, _LOWEST, propagate_nan=tl.PropagateNan.ALL)
+            s1 += t * tl.where(t == 0, 0.0, lq)
+        elif MODE == 1:
+            s0 += tl.where(t == 0, 0.0, t * (tl.log2(t) - lq))
+        else:
+            s0 += tl.where(t == 0, 0.0, t * (lts[k] - lq))
         if HAS_SMOOTHING:
-            sum_z += tl.sum(tl.where((c0 + cols)[None, :] < C, z, 0.0), axis=1)
-    return m, s, mt, st, mu, su, sum_z
+            s2 += tl.where((v0 + lanes < CV)[:, None], ds[k], 0.0) if MASKED else ds[k]
+        added = added + ((s0, s1, s2),)
+        if COMPUTE_GRAD:
+            c_q, c_t, c_p, on, off = coefs[k]
+            # The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
+            g = c_q * q + (c_t * t + tl.where(cols == label, on, off))
+            if HAS_T:
+                g += c_p * _exp2(ds[k] * _LOG2E - rows[k][2])
+            gs = gs + (g,)
+    if COMPUTE_GRAD:
+        _store_grad(grad_ptr, g_rows, v0, lanes, cols, CV, gs, MASKED, K, VEC)
+    return added
 
 
 @triton.jit
-def _merge_partial_stats(
-    stats_ptr, r, splits, peers, SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr
-):
-    """The stats of a row from its splits' partial ones, merged in a fixed order."""
+def _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, weights, alpha_t,
+                inv_km1, smoothing, C, K: tl.constexpr, MODE: tl.constexpr,
+                HAS_T: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+    """Per peer, the gradient's coefficients in row r: s (p - (1 - eps) onehot - eps / C +
+    alpha T (w_k q - t)) is c_q q + c_t t (+ c_p p) plus `on` at the label and `off` elsewhere,
+    s being grad_scale (SCALE 0: none, 1: one value, 2: [K, R]) times `factor`, the mean's.
+    With T = 1, p = q and c_q holds c_p; pairwise's 1 / (K - 1) is in c_t, not in t."""
+    if SCALE == 1:
+        one = tl.load(scale_ptr).to(factor.dtype) * factor
+    coefs = ()
+    for k in tl.static_range(K):
+        if SCALE == 2:
+            s = tl.load(scale_ptr + k * stride_scale_k + r * stride_scale_r) * factor
+        elif SCALE == 1:
+            s = one
+        else:
+            s = factor
+        w = 1.0
+        if MODE == 3:
+            w = 0.0
+            for j in tl.static_range(K):
+                if j != k:
+                    w += weights[k][j]
+        c_q = s * (alpha_t * w + (0.0 if HAS_T else 1.0))
+        c_t = -s * alpha_t * (inv_km1 if MODE == 0 else 1.0)
+        off = -s * smoothing / C
+        coefs = coefs + ((c_q, c_t, s, off - s * (1.0 - smoothing), off),)
+    return coefs
+
+
+@triton.jit
+def _lanes_sums(sums, K: tl.constexpr, MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Per peer, the loss sums of pass 2 added across the lanes (those the mode uses)."""
+    zero = tl.zeros([], sums[0][0].dtype)
+    reduced = ()
+    for k in tl.static_range(K):
+        s0, s1, s2 = sums[k]
+        s1 = tl.sum(s1) if MODE == 0 or MODE == 3 else zero
+        reduced = reduced + ((tl.sum(s0), s1, tl.sum(s2) if HAS_SMOOTHING else zero),)
+    return reduced
+
+
+@triton.jit
+def _row_terms(rows, sums, z_label, weights, inv_km1, smoothing, C, K: tl.constexpr,
+               MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """Per peer, the row's (cross-entropy, mimicry) from its statistics and loss sums."""
+    terms = ()
+    for k in tl.static_range(K):
+        m, ls = rows[k][0], rows[k][5]
+        ce = (1.0 - smoothing) * ((m - z_label[k]) + ls)
+        # Skipped without smoothing, so that -inf logits of other classes keep the loss finite.
+        if HAS_SMOOTHING:
+            ce += smoothing * (ls - sums[k][2] / C)
+        mimicry = sums[k][0]
+        if MODE == 0 or MODE == 3:  # sum_j W[k, j] h_j - sum_c t_k log q_k
+            mimicry = -sums[k][1] * (inv_km1 if MODE == 0 else 1.0)
+            for j in tl.static_range(K):
+                if j != k:
+                    mimicry += (inv_km1 if MODE == 0 else weights[k][j]) * sums[j][0]
+        terms = terms + ((ce, mimicry * _LN2),)
+    return terms
+
+
+@triton.jit
+def _fill_grad(grad_ptr, g_rows, v_lo, v_hi, value, lanes, cols, K: tl.constexpr,
+               VEC: tl.constexpr, LANES: tl.constexpr):  # fmt: skip
+    """Vectors [v_lo, v_hi) of a row that reads no logits: 0 where ignored, NaN where its target
+    is out of range."""
+    tile = tl.zeros([LANES, VEC], value.dtype) + value
+    gs = ()
+    for _ in tl.static_range(K):
+        gs = gs + (tile,)
+    for v0 in range(v_lo, v_hi, LANES):
+        _store_grad(grad_ptr, g_rows, v0, lanes, cols, v_hi, gs, True, K, VEC)
+
+
+@triton.jit
+def _mean_factor(target_ptr, R, ignore_index, REDUCTION: tl.constexpr, ACC: tl.constexpr):
+    """1 / (rows whose target is not ignore_index, at least 1) for the mean, else 1. Every program
+    counts for itself, so that nothing runs before the forward; the targets come from L2."""
+    if REDUCTION == 2:
+        offsets = tl.arange(0, _COUNT_BLOCK)
+        counted = tl.zeros([_COUNT_BLOCK], tl.int32)
+        for r0 in range(0, R, _COUNT_BLOCK):
+            y = tl.load(target_ptr + r0 + offsets, mask=r0 + offsets < R, other=ignore_index)
+            counted += (y != ignore_index).to(tl.int32)
+        return 1.0 / tl.maximum(tl.sum(counted), 1).to(ACC)
+    else:
+        return tl.full([], 1.0, ACC)
+
+
+@triton.jit
+def _reduce_programs(terms, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, factor,
+                     alpha_t2, K: tl.constexpr):  # fmt: skip
+    """Reductions "sum" and "mean" without a host sync or another launch: each program stores its
+    rows' sums, (cross-entropy, mimicry) per peer; the last program to take a ticket adds them,
+    program by program in blocks of a fixed order, times `factor`, writes the outputs and leaves
+    the ticket at 0 for the next forward."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for k in tl.static_range(K):
+        tl.store(partial_ptr + (2 * k) * programs + pid, terms[k][0])
+        tl.store(partial_ptr + (2 * k + 1) * programs + pid, terms[k][1])
+    tl.debug_barrier()  # every thread's stores come before the ticket ...
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == programs - 1:  # ... whose acquire sees all
+        parts = tl.arange(0, _PARTS_BLOCK)
+        loss = tl.zeros([], factor.dtype)
+        for k in tl.static_range(K):
+            reduced = ()
+            for i in tl.static_range(2):
+                total = tl.zeros([_PARTS_BLOCK], factor.dtype)
+                for p0 in range(0, programs, _PARTS_BLOCK):
+                    at = partial_ptr + (2 * k + i) * programs + p0 + parts
+                    live = p0 + parts < programs
+                    total += tl.load(at, mask=live, other=0.0, cache_modifier=".cg")
+                reduced = reduced + (tl.sum(total) * factor,)
+            tl.store(ce_ptr + k, reduced[0])
+            tl.store(mimicry_ptr + k, reduced[1])
+            loss += reduced[0] + alpha_t2 * reduced[1]
+        tl.store(loss_ptr, loss)
+        tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _merge_parts(stats_ptr, r, splits, a_t, K: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                 MODE: tl.constexpr, HAS_T: tl.constexpr):  # fmt: skip
+    """A split row's per-peer (m, s, st, mu, su) from its chunks', merged in a fixed order."""
     parts = tl.arange(0, SPLITS_PAD)
-    base = ((r * splits + parts[:, None]) * 7) * K_PAD + peers[None, :]
-    live = (parts < splits)[:, None] & (peers < K_PAD)[None, :]
-    m_all = tl.load(stats_ptr + base, mask=live, other=float("-inf"))
-    m = tl.max(m_all, axis=0)
-    s = tl.sum(tl.load(stats_ptr + base + K_PAD, mask=live, other=0.0) * _rescale(m_all, m), axis=0)
-    mt_all = tl.load(stats_ptr + base + 2 * K_PAD, mask=live, other=float("-inf"))
-    mt = tl.max(mt_all, axis=0)
-    st_all = tl.load(stats_ptr + base + 3 * K_PAD, mask=live, other=0.0)
-    st = tl.sum(st_all * _rescale(mt_all, mt), axis=0)
-    mu_all = tl.load(stats_ptr + base + 4 * K_PAD, mask=live, other=float("-inf"))
-    mu = tl.max(mu_all, axis=0)
-    su = tl.sum(
-        tl.load(stats_ptr + base + 5 * K_PAD, mask=live, other=0.0) * _rescale(mu_all, mu), axis=0
-    )
-    sum_z = tl.sum(tl.load(stats_ptr + base + 6 * K_PAD, mask=live, other=0.0), axis=0)
-    return m, s, mt, st, mu, su, sum_z
-
-
-@triton.jit
-def _rescale(m_part, m):
-    """exp(m_part - m): the factor that moves a partial sum of exps to the merged max."""
-    return tl.exp(m_part - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    live = parts < splits
+    base = stats_ptr + (r * splits + parts) * (_STAT_FIELDS * K)
+    merged = ()
+    for k in tl.static_range(K):
+        m = tl.load(base + k, mask=live, other=float("-inf"))
+        s = tl.load(base + K + k, mask=live, other=0.0)
+        st = tl.load(base + 2 * K + k, mask=live, other=0.0) if HAS_T else s
+        row_m, row_s, row_st = _merge_lse(m, s, st, a_t, HAS_T)
+        row_mu, row_su = row_m, row_s
+        if MODE == 2:
+            mu = tl.load(base + 3 * K + k, mask=live, other=float("-inf"))
+            su = tl.load(base + 4 * K + k, mask=live, other=0.0)
+            row_mu, row_su, _ = _merge_lse(mu, su, su, a_t, False)
+        merged = merged + ((row_m, row_s, row_st, row_mu, row_su),)
+    return merged
 
 
 # Integers that only bound loops are not specialized (each value, or its divisibility by 16,
-# would compile another kernel). The number of classes and the logits' strides are: a C divisible
-# by 16 lets the compiler prove the masks and addresses of a vector of classes aligned, and emit
-# 16-byte loads and stores instead of one per element.
+# would compile another kernel). The strides are in vectors of VEC classes and C in classes: an
+# offset that is a multiple of VEC lets the compiler prove a vector's addresses aligned and emit
+# 16-byte accesses.
 @triton.jit(
     do_not_specialize=[
-        "R", "stride_scale_k", "stride_scale_r", "chunk", "splits", "ignore_index", "K",
+        "R", "C", "stride_k", "stride_r", "stride_scale_k", "stride_scale_r", "chunk", "splits",
+        "ignore_index",
     ]
 )  # fmt: skip
-def _mutual_loss_with_grad_kernel(
+def _mutual_loss_kernel(
     logits_ptr,
     target_ptr,
     weights_ptr,
@@ -191,6 +437,8 @@ def _mutual_loss_with_grad_kernel(
     grad_ptr,
     stats_ptr,
     sums_ptr,
+    partial_ptr,
+    ticket_ptr,
     R,
     C,
     stride_k,
@@ -199,7 +447,6 @@ def _mutual_loss_with_grad_kernel(
     stride_scale_r,
     chunk,
     splits,
-    K,
     inv_t_hi,
     inv_t_lo,
     alpha_t_hi,
@@ -209,298 +456,405 @@ def _mutual_loss_with_grad_kernel(
     smoothing_hi,
     smoothing_lo,
     ignore_index,
+    K: tl.constexpr,
+    VEC: tl.constexpr,
+    LANES: tl.constexpr,
     STAGE: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-    K_PAD: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     MODE: tl.constexpr,
     HAS_T: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    SCALE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One row (grid axis 0), or one chunk of a row's classes (axis 1) when C is split.
-
-    STAGE 0: the whole op for a row; SINGLE_TILE (decided on the host: C <= BLOCK_C) keeps the
-    row's one tile from pass 1 for pass 2, so the logits are read once. A row split over programs
-    takes three launches: STAGE 1 writes each chunk's partial log-sum-exps to `stats`, STAGE 2
-    merges them, writes the chunk's gradient and its partial loss sums to `sums`, STAGE 3 merges
-    those into the row's outputs.
-    """
-    r = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    c_lo = tl.multiple_of(part * chunk, BLOCK_C)  # chunks are whole tiles
-    c_hi = tl.minimum(c_lo + chunk, C)
-    peers = tl.arange(0, K_PAD)
-    cols = tl.arange(0, BLOCK_C)
-    peer_live = peers < K
-    y = tl.load(target_ptr + r)
-    valid = y != ignore_index
-    ignored = y == ignore_index
-    bad_target = valid & ((y < 0) | (y >= C))
-    y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
-    # Ignored rows load nothing. (Masks are built from integer bounds, not by broadcasting a
-    # scalar bool, which Triton's interpreter rejects.)
-    live_peers = peers < tl.where(valid, K, 0)
-    live = live_peers[:, None]
-    peer_offsets = peers.to(tl.int64) * stride_k + r * stride_r
-    offsets = peer_offsets[:, None]
+    """STAGE 0: whole rows, rows pid, pid + programs, ... of a persistent grid; SINGLE_TILE (C at
+    most one tile, decided on the host) keeps the row's tile from pass 1 for pass 2. A row split
+    over programs (axis 1: its chunk of `chunk` vectors) takes three launches: STAGE 1 writes each
+    chunk's statistics to `stats`, STAGE 2 merges them, writes the chunk's gradient and its loss
+    sums to `sums`, STAGE 3 (a persistent grid again) merges those into the row's terms. The
+    reduced outputs of STAGE 0 and 3 go through _reduce_programs."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    programs = tl.num_programs(0)
+    CV = C // VEC  # the host picks a VEC that divides C and the strides
+    lanes = tl.arange(0, LANES)
+    cols = (lanes * VEC)[:, None] + tl.arange(0, VEC)[None, :]
     inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)
     alpha_t = tl.cast(alpha_t_hi, ACC) + tl.cast(alpha_t_lo, ACC)
+    alpha_t2 = tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)
     smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
-    neg_inf = tl.full([K_PAD], float("-inf"), ACC)
-    zero = tl.zeros([K_PAD], ACC)
-    stats = (neg_inf, zero, neg_inf, zero, neg_inf, zero, zero)
-    sums_offsets = ((r * splits + part) * 2) * K_PAD + peers
-
-    # Pass 1: the row's (or chunk's) log-sum-exps. A row that fits one tile is loaded once here
-    # and kept for pass 2.
-    if SINGLE_TILE:
-        z = _load_tile(logits_ptr, offsets, cols, 0, C, live).to(ACC)
-        zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
-        m, s = _online_lse(neg_inf, zero, z)
-        mt, st, mu, su, sum_z = m, s, m, s, zero
-        if HAS_T:
-            mt, st = _online_lse(neg_inf, zero, zt)
-        if MODE == 2:
-            mu, su = _online_lse(neg_inf, zero, u)
-        if HAS_SMOOTHING:
-            sum_z = tl.sum(tl.where(cols[None, :] < C, z, 0.0), axis=1)
-        stats = (m, s, mt, st, mu, su, sum_z)
-    elif STAGE <= 1:
-        stats = _pass_1(
-            logits_ptr,
-            offsets,
-            cols,
-            c_lo,
-            c_hi,
-            C,
-            live,
-            peers,
-            inv_t,
-            stats,
-            K,
-            MODE,
-            HAS_T,
-            HAS_SMOOTHING,
-            BLOCK_C,
-        )
-    if STAGE == 1:
-        m, s, mt, st, mu, su, sum_z = stats
-        base = stats_ptr + ((r * splits + part) * 7) * K_PAD + peers
-        tl.store(base, m)
-        tl.store(base + K_PAD, s)
-        tl.store(base + 2 * K_PAD, mt)
-        tl.store(base + 3 * K_PAD, st)
-        tl.store(base + 4 * K_PAD, mu)
-        tl.store(base + 5 * K_PAD, su)
-        tl.store(base + 6 * K_PAD, sum_z)
-    else:
-        if STAGE >= 2:
-            stats = _merge_partial_stats(stats_ptr, r, splits, peers, SPLITS_PAD, K_PAD)
-        m, s, mt, st, mu, su, sum_z = stats
-        lse = _finish_lse(m, s)
-        lse_t = _finish_lse(mt, st) if HAS_T else lse
-        lse_u = _finish_lse(mu, su) if MODE == 2 else lse
-
-        # Mimicry weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms and
-        # read no weights.
-        if MODE == 3:
-            wk = peers[:, None] * K + peers[None, :]
-            w_live = peer_live[:, None] & peer_live[None, :]
-            weights = tl.load(weights_ptr + wk, mask=w_live, other=0.0).to(ACC)
-        cross = zero  # sum_c t_k log q_k
-        self_term = zero  # pairwise/weights: h_k = sum_c q_k log q_k; ensembles: sum t_k log t_k
-        if STAGE == 3:
-            cross = _merge_partial_sums(sums_ptr, r, splits, peers, 0, SPLITS_PAD, K_PAD)
-            self_term = _merge_partial_sums(sums_ptr, r, splits, peers, 1, SPLITS_PAD, K_PAD)
+    zero = tl.zeros([], ACC)
+    a_t = inv_t * _LOG2E
+    inv_km1 = tl.full([], 1.0 / (K - 1), ACC)  # a tensor of ACC: a float64 1 / 3 stays exact
+    u_scale = inv_t * inv_km1
+    # Peer weights: W[k, j] weighs KL(q_j || q_k); the uniform modes use closed forms, read none.
+    weights = ()
+    if MODE == 3:
+        for k in tl.static_range(K):
+            w_k = ()
+            for j in tl.static_range(K):
+                w_k = w_k + (tl.load(weights_ptr + k * K + j).to(ACC),)
+            weights = weights + (w_k,)
+    factor = _mean_factor(target_ptr, R, ignore_index, REDUCTION, ACC) if STAGE != 1 else zero
+    # The rows' terms a program adds up for a reduced loss, per peer (cross-entropy, mimicry).
+    totals = ()
+    for _ in tl.static_range(K):
+        totals = totals + ((zero, zero),)
+    # STAGE 1 and 2: one row a program, the grid being (R, splits).
+    step = programs if STAGE == 0 or STAGE == 3 else R
+    v_lo = part * chunk
+    v_hi = tl.minimum(v_lo + chunk, CV) if STAGE == 1 or STAGE == 2 else CV
+    for r in range(pid, R, step):
+        row = tl.cast(r, tl.int64)  # offsets pass 2**31 at language-model sizes
+        y = tl.load(target_ptr + row)
+        # (peer 0's row, the peers' stride) of the logits and of the gradient, in elements:
+        # multiples of VEC, so the compiler knows every vector aligned.
+        rows_at = ((row * stride_r) * VEC, stride_k * VEC)
+        g_rows = ((row * CV) * VEC, (tl.cast(R, tl.int64) * CV) * VEC)
+        ignored = y == ignore_index
+        if ~ignored & (y >= 0) & (y < C):
+            terms = _row(
+                logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, row, y,
+                part, v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes, cols,
+                weights, factor, a_t, u_scale, inv_km1, alpha_t, smoothing, K, VEC, LANES,
+                STAGE, SINGLE_TILE, SPLITS_PAD, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD,
+                SCALE, ACC,
+            )  # fmt: skip
         else:
-            # Pass 2: probabilities, the loss sums and the gradient, tile by tile.
-            row_sum = tl.sum(weights, axis=1) if MODE == 3 else zero + 1.0
-            scale = _grad_scale(scale_ptr, peers, r, stride_scale_k, stride_scale_r, K, ACC)
-            for c0 in range(c_lo, c_hi, BLOCK_C):
-                if not SINGLE_TILE:
-                    z = _load_tile(logits_ptr, offsets, cols, c0, C, live).to(ACC)
-                    zt, u = _scaled_tiles(z, peers, inv_t, K, MODE, HAS_T)
-                cls = c0 + cols
-                tile_live = live & (cls < C)[None, :]
-                log_q = zt - lse_t[:, None]
-                q = tl.where(tile_live, tl.exp(log_q), 0.0)
-                if MODE == 2:
-                    log_t = u - lse_u[:, None]
-                    t = tl.where(tile_live, tl.exp(log_t), 0.0)
-                    self_term += tl.sum(_p_log_q(t, log_t), axis=1)
-                elif MODE == 3:
-                    t = _weighted_targets(weights, q, K_PAD)
-                    self_term += tl.sum(_p_log_q(q, log_q), axis=1)
-                else:
-                    t = (tl.sum(q, axis=0)[None, :] - q) / (K - 1)
-                    if MODE == 1:
-                        self_term += tl.sum(_p_log_q(t, tl.log(t)), axis=1)
-                    else:
-                        self_term += tl.sum(_p_log_q(q, log_q), axis=1)
-                cross += tl.sum(_p_log_q(t, log_q), axis=1)
-                if COMPUTE_GRAD:
-                    p = tl.where(tile_live, tl.exp(z - lse[:, None]), 0.0) if HAS_T else q
-                    grad = p - smoothing / C + alpha_t * (row_sum[:, None] * q - t)
-                    grad -= tl.where(cls[None, :] == y_safe, 1.0 - smoothing, 0.0)
-                    grad = _row_output(grad * scale[:, None], ignored, bad_target)
-                    out_mask = peer_live[:, None] & (cls < C)[None, :]
-                    grad_offsets = (peers.to(tl.int64)[:, None] * R + r) * C + cls[None, :]
-                    grad = grad.to(grad_ptr.dtype.element_ty)
-                    tl.store(grad_ptr + grad_offsets, grad, mask=out_mask)
-        if STAGE == 2:
-            tl.store(sums_ptr + sums_offsets, cross)
-            tl.store(sums_ptr + sums_offsets + K_PAD, self_term)
-        else:
-            z_y = tl.load(logits_ptr + peer_offsets + y_safe, mask=live_peers, other=0.0)
-            ce = lse - (1.0 - smoothing) * z_y.to(ACC)
-            if HAS_SMOOTHING:
-                ce -= smoothing / C * sum_z
-            if MODE == 3:  # sum_j W[k, j] h_j - sum_c t_k log q_k
-                mimicry = tl.sum(weights * self_term[None, :], axis=1) - cross
-            elif MODE == 0:  # sum_{j != k} h_j / (K - 1) - sum_c t_k log q_k
-                others = (peers[:, None] != peers[None, :]) & (peers[None, :] < K)
-                h_others = tl.sum(tl.where(others, self_term[None, :], 0.0), axis=1)
-                mimicry = h_others / (K - 1) - cross
+            # A row that reads no logits (nothing there may leak): 0 where ignored, NaN where its
+            # target is out of range.
+            value = tl.where(ignored, zero, float("nan"))
+            if COMPUTE_GRAD and (STAGE == 0 or STAGE == 2):
+                _fill_grad(grad_ptr, g_rows, v_lo, v_hi, value, lanes, cols, K, VEC, LANES)
+            terms = ()
+            for _ in tl.static_range(K):
+                terms = terms + ((value, value),)
+        if STAGE == 0 or STAGE == 3:
+            if REDUCTION == 0:
+                for k in tl.static_range(K):
+                    ce, mimicry = terms[k]
+                    tl.store(ce_ptr + k * R + row, ce)
+                    tl.store(mimicry_ptr + k * R + row, mimicry)
+                    tl.store(loss_ptr + k * R + row, ce + alpha_t2 * mimicry)
             else:
-                mimicry = self_term - cross
-            loss = ce + (tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)) * mimicry
-            out = peers.to(tl.int64) * R + r
-            tl.store(ce_ptr + out, _row_output(ce, ignored, bad_target), mask=peer_live)
-            tl.store(mimicry_ptr + out, _row_output(mimicry, ignored, bad_target), mask=peer_live)
-            tl.store(loss_ptr + out, _row_output(loss, ignored, bad_target), mask=peer_live)
+                summed = ()
+                for k in tl.static_range(K):
+                    summed = summed + ((totals[k][0] + terms[k][0], totals[k][1] + terms[k][1]),)
+                totals = summed
+    if (STAGE == 0 or STAGE == 3) and REDUCTION != 0:
+        _reduce_programs(
+            totals, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, factor, alpha_t2, K
+        )
 
 
 @triton.jit
-def _merge_partial_sums(
-    sums_ptr, r, splits, peers, which, SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr
-):
-    """A row's loss sum `which` (0: cross, 1: self term) over its splits, in a fixed order."""
+def _pass_1(logits_ptr, rows_at, kept, v_lo, v_hi, lanes, cols, a_t, u_scale, K: tl.constexpr,
+            VEC: tl.constexpr, LANES: tl.constexpr, SINGLE_TILE: tl.constexpr,
+            MODE: tl.constexpr, HAS_T: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Each peer's (m, s, st, mu, su) over vectors [v_lo, v_hi): whole tiles unmasked, then the
+    masked tail. What it reads stays in L2 for pass 2 where it can (evict_last)."""
+    start = tl.full([LANES], float("-inf"), ACC)
+    empty = tl.zeros([LANES], ACC)
+    stats = ()
+    for _ in tl.static_range(K):
+        stats = stats + ((start, empty, empty, start, empty),)
+    if SINGLE_TILE:
+        stats = _fold_tile(stats, kept, a_t, u_scale, K, MODE, HAS_T)
+    else:
+        tiles = (v_hi - v_lo) // LANES
+        for i in range(tiles):
+            v0 = v_lo + i * LANES
+            zs = _load_peers(logits_ptr, rows_at, v0, lanes, cols, v_hi, False, "evict_last",
+                             K, VEC, ACC)  # fmt: skip
+            stats = _fold_tile(stats, zs, a_t, u_scale, K, MODE, HAS_T)
+        tail = v_lo + tiles * LANES
+        if tail < v_hi:
+            zs = _load_peers(logits_ptr, rows_at, tail, lanes, cols, v_hi, True, "evict_last",
+                             K, VEC, ACC)  # fmt: skip
+            stats = _fold_tile(stats, zs, a_t, u_scale, K, MODE, HAS_T)
+    return _lanes_stats(stats, a_t, K, MODE, HAS_T)
+
+
+@triton.jit
+def _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, y, v_lo, v_hi,
+            lanes, cols, a_t, u_scale, inv_km1, K: tl.constexpr, VEC: tl.constexpr,
+            LANES: tl.constexpr, SINGLE_TILE: tl.constexpr, MODE: tl.constexpr,
+            HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+            ACC: tl.constexpr):  # fmt: skip
+    """Each peer's loss sums over vectors [v_lo, v_hi), and their gradient: the tail first,
+    then the whole tiles last first, so that what pass 1 read last, the likeliest still in L2,
+    is read first (evict_first: none of it is read again)."""
+    empty = tl.zeros([LANES, VEC], ACC)
+    sums = ()
+    for _ in tl.static_range(K):
+        sums = sums + ((empty, empty, empty),)
+    if SINGLE_TILE:
+        sums = _emit_tile(sums, kept, rows, coefs, weights, a_t, u_scale, inv_km1, y, 0, lanes,
+                          cols, v_hi, grad_ptr, g_rows, True, K, VEC, MODE, HAS_T,
+                          HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
+    else:
+        tiles = (v_hi - v_lo) // LANES
+        tail = v_lo + tiles * LANES
+        if tail < v_hi:
+            zs = _load_peers(logits_ptr, rows_at, tail, lanes, cols, v_hi, True, "evict_first",
+                             K, VEC, ACC)  # fmt: skip
+            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1,
+                              y - tail * VEC, tail, lanes, cols, v_hi, grad_ptr, g_rows, True, K,
+                              VEC, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
+        for i in range(tiles):
+            v0 = v_lo + (tiles - 1 - i) * LANES
+            zs = _load_peers(logits_ptr, rows_at, v0, lanes, cols, v_hi, False, "evict_first",
+                             K, VEC, ACC)  # fmt: skip
+            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1,
+                              y - v0 * VEC, v0, lanes, cols, v_hi, grad_ptr, g_rows, False, K,
+                              VEC, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
+    return _lanes_sums(sums, K, MODE, HAS_SMOOTHING)
+
+
+@triton.jit
+def _store_fields(ptr, values, K: tl.constexpr, FIELDS: tl.constexpr):
+    """A chunk's per-peer values (FIELDS a peer) at ptr[field * K + k], for the split's merge."""
+    for k in tl.static_range(K):
+        for field in tl.static_range(FIELDS):
+            tl.store(ptr + field * K + k, values[k][field])
+
+
+@triton.jit
+def _merge_sums(sums_ptr, r, splits, K: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """A split row's per-peer loss sums, the chunks' added in a fixed order."""
     parts = tl.arange(0, SPLITS_PAD)
-    offsets = ((r * splits + parts[:, None]) * 2 + which) * K_PAD + peers[None, :]
-    live = (parts < splits)[:, None] & (peers < K_PAD)[None, :]
-    return tl.sum(tl.load(sums_ptr + offsets, mask=live, other=0.0), axis=0)
+    base = sums_ptr + (r * splits + parts) * (_SUM_FIELDS * K)
+    sums = ()
+    for k in tl.static_range(K):
+        fields = ()
+        for field in tl.static_range(_SUM_FIELDS):
+            at = base + field * K + k
+            fields = fields + (tl.sum(tl.load(at, mask=parts < splits, other=0.0)),)
+        sums = sums + (fields,)
+    return sums
 
 
-@triton.jit(do_not_specialize=["R", "stride_gk", "stride_gr", "stride_sk", "stride_sr"])
-def _scale_grad_rows_kernel(
-    grad_ptr,
-    grad_loss_ptr,
-    scale_ptr,
-    R,
-    C,
-    stride_gk,
-    stride_gr,
-    stride_sk,
-    stride_sr,
-    BLOCK: tl.constexpr,
-):
-    """grad[k, r] *= grad_loss[k, r] / s[k, r], s being the factor the forward folded in."""
-    row = tl.program_id(0).to(tl.int64)
-    k = row // R
-    r = row - k * R
-    g = tl.load(grad_loss_ptr + k * stride_gk + r * stride_gr)
-    s = tl.load(scale_ptr + k * stride_sk + r * stride_sr)
-    s = tl.where(s == 0, 1.0, s)
-    if g != s:
-        factor = g / s
-        cols = tl.arange(0, BLOCK)
-        for c0 in range(0, C, BLOCK):
-            offsets = row * C + c0 + cols
-            mask = c0 + cols < C
-            x = tl.load(grad_ptr + offsets, mask=mask)
-            tl.store(grad_ptr + offsets, (x.to(factor.dtype) * factor).to(x.dtype), mask=mask)
+@triton.jit
+def _row(logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, r, y, part,
+         v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes, cols, weights, factor,
+         a_t, u_scale, inv_km1, alpha_t, smoothing, K: tl.constexpr, VEC: tl.constexpr,
+         LANES: tl.constexpr, STAGE: tl.constexpr, SINGLE_TILE: tl.constexpr,
+         SPLITS_PAD: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr,
+         HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE: tl.constexpr,
+         ACC: tl.constexpr):  # fmt: skip
+    """One row whose target counts (its chunk [v_lo, v_hi) in STAGE 1 and 2): its terms per
+    peer, (cross-entropy, mimicry), in STAGE 0 and 3; STAGE 1 and 2 write theirs to memory."""
+    kept = ()
+    if SINGLE_TILE:  # loaded once, for both passes
+        kept = _load_peers(logits_ptr, rows_at, 0, lanes, cols, v_hi, True, "evict_first", K,
+                           VEC, ACC)  # fmt: skip
+    if STAGE <= 1:
+        stats = _pass_1(logits_ptr, rows_at, kept, v_lo, v_hi, lanes, cols, a_t, u_scale, K,
+                        VEC, LANES, SINGLE_TILE, MODE, HAS_T, ACC)  # fmt: skip
+    else:
+        stats = _merge_parts(stats_ptr, r, splits, a_t, K, SPLITS_PAD, MODE, HAS_T)
+    if STAGE == 1:
+        _store_fields(stats_ptr + (r * splits + part) * (_STAT_FIELDS * K), stats, K,
+                      _STAT_FIELDS)  # fmt: skip
+    rows = _peer_rows(stats, K, HAS_T)
+    if STAGE == 3:
+        sums = _merge_sums(sums_ptr, r, splits, K, SPLITS_PAD)
+    elif STAGE != 1:
+        coefs = _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, weights,
+                            alpha_t, inv_km1, smoothing, C, K, MODE, HAS_T, SCALE)  # fmt: skip
+        sums = _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, y,
+                       v_lo, v_hi, lanes, cols, a_t, u_scale, inv_km1, K, VEC, LANES,
+                       SINGLE_TILE, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD, ACC)  # fmt: skip
+    if STAGE == 2:
+        _store_fields(sums_ptr + (r * splits + part) * (_SUM_FIELDS * K), sums, K, _SUM_FIELDS)
+    zero = tl.zeros([], ACC)
+    terms = ()
+    for _ in tl.static_range(K):
+        terms = terms + ((zero, zero),)
+    if STAGE == 0 or STAGE == 3:
+        z_label = ()
+        for k in tl.static_range(K):
+            z_label = z_label + (tl.load(logits_ptr + rows_at[0] + k * rows_at[1] + y).to(ACC),)
+        terms = _row_terms(rows, sums, z_label, weights, inv_km1, smoothing, C, K, MODE,
+                           HAS_SMOOTHING)  # fmt: skip
+    return terms
+
+
+@triton.jit
+def _scale_row(grad_ptr, row, g, CV, lanes, cols, VEC: tl.constexpr, LANES: tl.constexpr):
+    base = (tl.cast(row, tl.int64) * CV) * VEC
+    for v0 in range(0, CV, LANES):
+        at = grad_ptr + base + v0 * VEC + cols
+        live = (v0 + lanes < CV)[:, None]
+        x = tl.load(at, mask=live)
+        tl.store(at, (x.to(g.dtype) * g).to(x.dtype), mask=live)
+
+
+@triton.jit(do_not_specialize=["rows", "R", "C", "stride_k", "stride_r"])
+def _scale_grad_kernel(grad_ptr, grad_loss_ptr, rows, R, C, stride_k, stride_r,
+                       VEC: tl.constexpr, LANES: tl.constexpr, PER_ROW: tl.constexpr):  # fmt: skip
+    """grad[k, r] *= grad_loss[k, r] (PER_ROW; else one value) over a persistent grid, row by
+    row; rows whose factor is 1 are left alone, so for one value of 1 every program returns at
+    once."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    CV = C // VEC
+    lanes = tl.arange(0, LANES)
+    cols = (lanes * VEC)[:, None] + tl.arange(0, VEC)[None, :]
+    if PER_ROW:
+        for row in range(pid, rows, programs):
+            k = row // R
+            g = tl.load(grad_loss_ptr + k * stride_k + (row - k * R) * stride_r)
+            if g != 1:
+                _scale_row(grad_ptr, row, g, CV, lanes, cols, VEC, LANES)
+    else:
+        g = tl.load(grad_loss_ptr)
+        if g != 1:
+            for row in range(pid, rows, programs):
+                _scale_row(grad_ptr, row, g, CV, lanes, cols, VEC, LANES)
 
 
 def _split(x: float) -> tuple[float, float]:
     """x as hi + lo, two float32 numbers: Triton passes Python floats as float32, and float64
-    logits need their options to about 48 bits. (Symbolic floats under torch.compile pass as hi.)"""
-    if not isinstance(x, float):
-        return x, 0.0
+    logits need their options to about 48 bits."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
     return hi, x - hi
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One launch of `_mutual_loss_with_grad_kernel`: its grid, constexprs and warps."""
+    """One launch of a kernel: its grid, constexprs, warps and registers a thread (None: as
+    many as the compiler likes)."""
 
     grid: tuple[int, int]
     constexprs: dict
     num_warps: int
+    maxnreg: int | None = None
+
+    @property
+    def options(self) -> dict:
+        return dict(num_warps=self.num_warps, maxnreg=self.maxnreg)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How the op computes one problem: the launches, and the split of a row's classes."""
+    """How the forward computes one problem: the launches, and the split of a row's vectors."""
 
-    chunk: int  # classes per program
-    splits: int  # programs per row
-    k_pad: int
+    chunk: int  # vectors a program takes of a split row
+    splits: int  # programs a row
     launches: tuple[Launch, ...]
 
 
-def _tile(k_pad: int, num_classes: int, mode: str, acc: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_C, num_warps). The largest temporary ([K_PAD, BLOCK_C], or [K_PAD, K_PAD, BLOCK_C]
-    for ensemble_logits and weights) stays within _MAX_TILE_BYTES, spread over the warps so that no
-    thread holds more than _THREAD_ELEMENTS of its elements (up to 8 warps): registers, not
-    spills. Tiles grow by 4x from 128 classes, so that few sizes are ever compiled."""
-    rows = k_pad * (k_pad if MODE_IDS[mode] >= 2 else 1)
-    budget = max(_MAX_TILE_BYTES // (rows * acc.itemsize), 16)  # a power of 2, as all terms are
-    block_c = 128
-    while block_c < min(num_classes, budget):
-        block_c *= 4
-    block_c = min(block_c, budget)
-    return block_c, min(max(rows * block_c // (32 * _THREAD_ELEMENTS), 1), 8)
+def vector_width(k: int, num_classes: int, dtype: torch.dtype, strides: tuple[int, ...]) -> int:
+    """Classes a vector access takes: at most _VECTOR_BYTES and _PEER_REGISTERS, and a divisor of
+    C and of the strides, so that every vector is aligned (rows such as C = 50257 then go one
+    class at a time)."""
+    words = accumulation_dtype(dtype).itemsize // 4
+    vec = min(_VECTOR_BYTES // dtype.itemsize, max(_PEER_REGISTERS // (k * words), 1))
+    vec = 1 << (vec.bit_length() - 1)
+    while vec > 1 and any(n % vec for n in (num_classes, *strides)):
+        vec //= 2
+    return vec
+
+
+def _tile(vectors: int) -> tuple[int, int]:
+    """(LANES, num_warps): a vector of each peer a thread, up to _MAX_WARPS warps."""
+    num_warps = min(triton.next_power_of_2(triton.cdiv(vectors, 32)), _MAX_WARPS)
+    return min(32 * num_warps, triton.next_power_of_2(vectors)), num_warps
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Of a CUDA device; 1 elsewhere (Triton's interpreter on CPU tensors, the compile check's
+    meta tensors), where the grid has no hardware to fill."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def resident_programs(device: torch.device, num_warps: int, registers: int) -> int:
+    """The persistent grid's programs: as many as are resident at once, by registers (65536 a
+    multiprocessor) and threads (2048)."""
+    threads = 32 * num_warps
+    return _multiprocessors(device) * max(min(65536 // (registers * threads), 2048 // threads), 1)
 
 
 def plan(
     k: int,
     rows: int,
     num_classes: int,
+    vec: int,
     dtype: torch.dtype,
+    device: torch.device,
     mode: str,
     has_t: bool,
     has_smoothing: bool,
     compute_grad: bool,
+    reduction: str,
+    scale: int,
 ) -> Plan:
-    """The launches of the op for logits [k, rows, num_classes] of `dtype`: the one place that
-    decides block sizes, warps and splits (the op launches them; the compile check enumerates them).
+    """The launches of the forward for logits [k, rows, num_classes] of `dtype` read in vectors
+    of `vec` classes: the one place that decides tiles, warps, grids and splits (the op launches
+    them; the compile check and the static report enumerate them).
 
     A row's classes are split across programs when there are too few rows to fill the GPU and each
     chunk keeps at least SPLIT_MIN_CLASSES: three launches, merged in a fixed order.
     """
-    acc = accumulation_dtype(dtype)
-    k_pad = triton.next_power_of_2(k)
-    block_c, num_warps = _tile(k_pad, num_classes, mode, acc)
+    vectors = num_classes // vec
+    lanes, num_warps = _tile(vectors)
     splits = min(triton.cdiv(SPLIT_PROGRAMS, max(rows, 1)), num_classes // SPLIT_MIN_CLASSES)
-    chunk = num_classes
+    chunk = vectors
     if splits > 1:
-        chunk = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
-        splits = triton.cdiv(num_classes, chunk)
+        chunk = triton.cdiv(triton.cdiv(vectors, splits), lanes) * lanes  # whole tiles
+        splits = triton.cdiv(vectors, chunk)
     else:
         splits = 1
     common = dict(
-        K_PAD=k_pad,
-        BLOCK_C=block_c,
+        K=k,
+        VEC=vec,
+        LANES=lanes,
         SPLITS_PAD=triton.next_power_of_2(splits),
         MODE=MODE_IDS[mode],
         HAS_T=has_t,
         HAS_SMOOTHING=has_smoothing,
         COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        REDUCTION=REDUCTION_IDS[reduction],
+        SCALE=scale,
+        ACC=tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32,
     )
+    registers = _REGISTERS if k < _MANY_PEERS and common["ACC"] == tl.float32 else 255
+    persistent = (min(rows, resident_programs(device, num_warps, registers)), 1)
     if splits == 1:
-        stages = [((rows, 1), 0, num_classes <= block_c)]
+        stages = [(persistent, 0, vectors <= lanes)]
     else:
-        stages = [((rows, splits), 1, False), ((rows, splits), 2, False), ((rows, 1), 3, False)]
+        stages = [((rows, splits), 1, False), ((rows, splits), 2, False), (persistent, 3, False)]
     launches = tuple(
-        Launch(grid, dict(common, STAGE=stage, SINGLE_TILE=single), num_warps)
+        Launch(grid, dict(common, STAGE=stage, SINGLE_TILE=single), num_warps, registers)
         for grid, stage, single in stages
     )
-    return Plan(chunk, splits, k_pad, launches)
+    return Plan(chunk, splits, launches)
+
+
+_TICKETS: dict[tuple, Tensor] = {}
+
+
+def _ticket(device: torch.device) -> Tensor:
+    """The forward's ticket (_reduce_programs): zero before a launch, and left zero by it. Eager
+    launches share one per device and stream, made once; a launch being captured into a CUDA
+    graph gets its own, zeroed by a fill that the graph holds, so that the graph is whole
+    whichever stream replays it."""
+    stream = None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        stream = torch.cuda.current_stream(device).stream_id
+    ticket = _TICKETS.get((device, stream))
+    if ticket is None:
+        ticket = _TICKETS[device, stream] = torch.zeros(1, dtype=torch.int32, device=device)
+    return ticket
 
 
 def check_peers(k: int) -> None:
@@ -511,62 +865,134 @@ def check_peers(k: int) -> None:
         )
 
 
+def _check_fused_args(
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor | None,
+    grad_scale: Tensor | None,
+    mode: str,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    reduction: str,
+) -> None:
+    """The checks of the C++ op (csrc/mutual_loss.h, check_fused_args), before any kernel runs."""
+    _check_logits_like(logits, "logits")
+    k, rows, num_classes = logits.shape
+    check_peers(k)
+    _require(mode in MODE_IDS, f"unknown mode {mode!r} (expected one of {list(MODE_IDS)})")
+    _require(
+        reduction in REDUCTION_IDS,
+        f"unknown reduction {reduction!r} (expected one of {list(REDUCTION_IDS)})",
+    )
+    _require(k >= 2, f"mutual learning needs at least 2 peers, got K = {k}")
+    _require(num_classes >= 1, "logits need at least one class")
+    _require(target.device == logits.device, f"target is on {target.device}, not {logits.device}")
+    _require(target.dtype == torch.int64, f"target must be int64, got {target.dtype}")
+    _require(target.shape == (rows,), f"target must be [{rows}], got {list(target.shape)}")
+    _require(temperature > 0, f"temperature must be positive, got {temperature}")
+    _require(0 <= label_smoothing <= 1, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    _require(alpha >= 0, f"alpha must be >= 0, got {alpha}")
+    acc = accumulation_dtype(logits.dtype)
+    if mode == "weights":
+        _require(weights is not None, "mode 'weights' needs the [K, K] weights")
+        _check_acc_tensor(weights, "weights", [(k, k)], acc, logits.device)
+    if grad_scale is not None:
+        shapes = [(), (k, rows)] if reduction == "none" else [()]
+        _check_acc_tensor(grad_scale, "grad_scale", shapes, acc, logits.device)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"fastdml: {message}")
+
+
+def _check_logits_like(t: Tensor, name: str) -> None:
+    _require(t.dim() == 3, f"{name} must be [K, R, C], got shape {list(t.shape)}")
+    _require(
+        t.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}",
+    )
+
+
+def _check_acc_tensor(
+    t: Tensor, name: str, shapes: list[tuple], acc: torch.dtype, device: torch.device
+) -> None:
+    """An argument in the accumulation dtype, of one of `shapes`."""
+    _require(t.device == device, f"{name} is on {t.device}, not {device} as the logits")
+    _require(tuple(t.shape) in shapes, f"{name} must have a shape of {shapes}, got {list(t.shape)}")
+    _require(t.dtype == acc, f"{name} must be {acc} for these logits, got {t.dtype}")
+
+
 def kernel_launches(
     logits: Tensor,
     target: Tensor,
-    weights: Tensor,
-    row_scale: Tensor,
+    weights: Tensor | None,
+    grad_scale: Tensor | None,
     mode: str,
     temperature: float,
     alpha: float,
     label_smoothing: float,
     ignore_index: int,
+    reduction: str,
     compute_grad: bool,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[tuple[Launch, tuple]]]:
     """The op's outputs (allocated, not yet written) and the launches that compute them, each
-    with its arguments. Shared by the op and the compile check (benchmarks/triton_compile.py),
-    which calls it with meta tensors to compile exactly what the op launches."""
+    with its arguments; bad arguments raise first. Shared by the op and the compile check
+    (benchmarks/triton_compile.py), which calls it with meta tensors to compile exactly what the
+    op launches."""
+    _check_fused_args(
+        logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing, reduction
+    )
     k, rows, num_classes = logits.shape
-    check_peers(k)
     if logits.stride(2) != 1:
         logits = logits.contiguous()
     target = target.contiguous()
-    if mode == "weights":
-        weights = weights.contiguous()
+    weights = weights.contiguous() if mode == "weights" else logits  # unread in other modes
     acc = accumulation_dtype(logits.dtype)
-    loss = torch.empty((k, rows), dtype=acc, device=logits.device)
-    ce, mimicry = torch.empty_like(loss), torch.empty_like(loss)
-    grad_shape = logits.shape if compute_grad else (0,)
-    grad = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
+    device = logits.device
+    reduced = reduction != "none"
+    loss = torch.empty(() if reduced else (k, rows), dtype=acc, device=device)
+    ce = torch.empty((k,) if reduced else (k, rows), dtype=acc, device=device)
+    mimicry = torch.empty_like(ce)
+    grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=device)
     outputs = (loss, ce, mimicry, grad)
     if rows == 0:
+        for output in outputs[:3] if reduced else ():
+            output.zero_()  # no rows to add up: a loss of 0
         return outputs, []
-    has_t, has_smoothing = temperature != 1.0, label_smoothing != 0.0
-    work = plan(k, rows, num_classes, logits.dtype, mode, has_t, has_smoothing, compute_grad)
-    partial = (rows, work.splits, 7, work.k_pad) if work.splits > 1 else (0,)
-    stats = loss.new_empty(partial)
-    sums = loss.new_empty((rows, work.splits, 2, work.k_pad) if work.splits > 1 else (0,))
-    scale = row_scale.expand(k, rows)
+    vec = vector_width(k, num_classes, logits.dtype, logits.stride()[:2])
+    scale = 0 if grad_scale is None else 1 if grad_scale.dim() == 0 else 2
+    work = plan(
+        k, rows, num_classes, vec, logits.dtype, device, mode, temperature != 1.0,
+        label_smoothing != 0.0, compute_grad, reduction, scale,
+    )  # fmt: skip
+    split = work.splits > 1
+    stats = loss.new_empty((rows, work.splits, _STAT_FIELDS, k) if split else (0,))
+    sums = loss.new_empty((rows, work.splits, _SUM_FIELDS, k) if split else (0,))
+    partial = loss.new_empty((2 * k, work.launches[-1].grid[0]) if reduced else (0,))
+    ticket = _ticket(device) if reduced else partial
+    scale_strides = grad_scale.stride() if scale == 2 else (0, 0)
     arguments = (
         logits,
         target,
         weights,
-        scale,
+        loss if grad_scale is None else grad_scale,
         loss,
         ce,
         mimicry,
         grad,
         stats,
         sums,
+        partial,
+        ticket,
         rows,
         num_classes,
-        logits.stride(0),
-        logits.stride(1),
-        scale.stride(0),
-        scale.stride(1),
+        logits.stride(0) // vec,
+        logits.stride(1) // vec,
+        *scale_strides,
         work.chunk,
         work.splits,
-        k,
         *_split(1.0 / temperature),
         *_split(alpha * temperature),
         *_split(alpha * temperature**2),
@@ -576,119 +1002,117 @@ def kernel_launches(
     return outputs, [(launch, arguments) for launch in work.launches]
 
 
-def scale_launch(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> tuple[Launch, tuple]:
-    """The launch of `_scale_grad_rows_kernel` and its arguments."""
+def _check_scale_grad_args(grad: Tensor, grad_loss: Tensor) -> None:
+    """The checks of the C++ op (csrc/mutual_loss.h, check_scale_grad_args, and its autograd's)."""
+    if grad.requires_grad or grad_loss.requires_grad:
+        raise RuntimeError(
+            "fastdml::triton_scale_grad_ rescales the gradient buffer of "
+            "triton_fused_mutual_loss in place and is not differentiable; got a tensor that "
+            "requires grad"
+        )
+    _check_logits_like(grad, "grad")
+    _require(grad.is_contiguous(), "grad must be contiguous")
+    shapes = [(), tuple(grad.shape[:2])]
+    _check_acc_tensor(grad_loss, "grad_loss", shapes, accumulation_dtype(grad.dtype), grad.device)
+
+
+def scale_launch(grad: Tensor, grad_loss: Tensor) -> tuple[Launch, tuple]:
+    """The launch of `_scale_grad_kernel` and its arguments."""
+    _check_scale_grad_args(grad, grad_loss)
     k, rows, num_classes = grad.shape
-    block = min(triton.next_power_of_2(num_classes), _SCALE_BLOCK)
-    scale = row_scale.expand(k, rows)
+    vec = vector_width(1, num_classes, grad.dtype, ())
+    lanes, num_warps = _tile(num_classes // vec)
+    per_row = grad_loss.dim() > 0
     arguments = (
         grad,
         grad_loss,
-        scale,
+        k * rows,
         rows,
         num_classes,
-        grad_loss.stride(0),
-        grad_loss.stride(1),
-        scale.stride(0),
-        scale.stride(1),
+        *(grad_loss.stride() if per_row else (0, 0)),
     )
-    return Launch((k * rows, 1), dict(BLOCK=block), num_warps=4), arguments
+    grid = (min(k * rows, resident_programs(grad.device, num_warps, 32)), 1)
+    return Launch(grid, dict(VEC=vec, LANES=lanes, PER_ROW=per_row), num_warps), arguments
 
 
-# Under TRITON_INTERPRET=1 (CPU tensors, for tests) the kernels are plain Python, invisible to
-# torch.compile's tracing: the ops are then opaque custom ops, with the fake kernels below.
-INTERPRETED = isinstance(_scale_grad_rows_kernel, InterpretedFunction)
-_define_op = custom_op if INTERPRETED else triton_op
+# Triton's interpreter runs the kernels on CPU tensors (for tests), with no PTX.
+INTERPRETED = isinstance(_scale_grad_kernel, InterpretedFunction)
+_PTX = tl.constexpr(not INTERPRETED)
 
 
-@_define_op("fastdml::triton_mutual_loss_with_grad", mutates_args=())
-def mutual_loss_with_grad(
+# An opaque custom op, also on CUDA: its launches hold state that tracing must not copy (the
+# ticket), and the kernels gain nothing from being traced into a graph.
+@custom_op("fastdml::triton_fused_mutual_loss", mutates_args=())
+def fused_mutual_loss(
     logits: Tensor,
     target: Tensor,
-    weights: Tensor,
-    row_scale: Tensor,
+    weights: Tensor | None,
+    grad_scale: Tensor | None,
     mode: str,
     temperature: float,
     alpha: float,
     label_smoothing: float,
     ignore_index: int,
+    reduction: str,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     outputs, launches = kernel_launches(
-        logits,
-        target,
-        weights,
-        row_scale,
-        mode,
-        temperature,
-        alpha,
-        label_smoothing,
-        ignore_index,
-        compute_grad,
-    )
+        logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
+        ignore_index, reduction, compute_grad,
+    )  # fmt: skip
     for launch, arguments in launches:
-        wrap_triton(_mutual_loss_with_grad_kernel)[launch.grid](
-            *arguments, num_warps=launch.num_warps, **launch.constexprs
-        )
+        _mutual_loss_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
     return outputs
 
 
-@_define_op("fastdml::triton_scale_grad_rows_", mutates_args={"grad"})
-def scale_grad_rows_(grad: Tensor, grad_loss: Tensor, row_scale: Tensor) -> None:
-    if grad.shape[0] * grad.shape[1] > 0:
-        launch, arguments = scale_launch(grad, grad_loss, row_scale)
-        wrap_triton(_scale_grad_rows_kernel)[launch.grid](
-            *arguments, num_warps=launch.num_warps, **launch.constexprs
-        )
+@custom_op("fastdml::triton_scale_grad_", mutates_args={"grad"})
+def scale_grad_(grad: Tensor, grad_loss: Tensor) -> None:
+    launch, arguments = scale_launch(grad, grad_loss)
+    if grad.numel() > 0:
+        _scale_grad_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
 
 
-def _with_grad_fake(logits, target, weights, row_scale, *options):
-    k, rows, _ = logits.shape
-    loss = logits.new_empty((k, rows), dtype=accumulation_dtype(logits.dtype))
-    grad = logits.new_empty(logits.shape if options[-1] else (0,))
-    return loss, torch.empty_like(loss), torch.empty_like(loss), grad
-
-
-def _with_grad_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.options = inputs[4:9]
-    # The gradient buffer belongs to the op (the caller's logits are never written): the first
-    # backward rescales it in place and hands it to autograd, so it is kept out of
-    # save_for_backward's version checks. (A non-differentiable output holds no reference to
-    # this node, so keeping it on ctx makes no reference cycle.)
-    ctx.grad_buffer = output[3]
+def _setup_context(ctx, inputs, output):
+    """As the C++ op's autograd (csrc/mutual_loss_autograd.cpp): the gradient buffer belongs to
+    the op (the caller's logits are never written), so the first backward rescales it in place
+    and hands it to autograd; it stays out of save_for_backward's version checks, and its own
+    version is checked instead. (A non-differentiable output holds no reference to this node, so
+    keeping it on ctx makes no reference cycle.)"""
+    logits, target, weights, grad_scale = inputs[:4]
+    ctx.save_for_backward(logits, target, weights)
+    grad = output[3]
+    reusable = grad_scale is None and logits.dtype not in RECOMPUTE_GRAD_DTYPES
+    ctx.grad = grad if reusable else None
+    ctx.grad_version = grad._version
+    ctx.options = inputs[4:10]
     ctx.mark_non_differentiable(*output[1:])
     # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
     # size of the logits: autograd would allocate and fill a copy of it in every backward).
     ctx.set_materialize_grads(False)
 
 
-def _with_grad_backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
-    """The backward of `triton_mutual_loss_with_grad`: its forward's gradient, rescaled as needed.
-
-    Where the forward wrote no gradient (float16, or a later backward through a retained graph,
-    as with retain_graph=True or gradcheck, which finds the buffer handed out already), the op
-    computes it again with the upstream gradient as the row scale, so it is exact in the logits'
-    dtype; the rescale then only zeroes the rows whose upstream gradient is 0 (a zero scale folds
-    nothing in).
-    """
+def _backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
+    """The forward's gradient, rescaled by the upstream gradient where it is not 1; where that
+    buffer is not the loss's gradient as written (float16, whose gradient must take the upstream
+    gradient before its cast; a forward given a grad_scale; a second backward through a retained
+    graph, which finds it handed out already; a buffer changed since), the gradient computed again
+    with the upstream gradient as grad_scale."""
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "the fused GPU ops of fastdml have no double backward (create_graph=True); "
+            "the fused ops of fastdml have no double backward (create_graph=True); "
             "use backend='torch' for higher-order gradients"
         )
-    logits, target, weights, row_scale = ctx.saved_tensors
-    grad, ctx.grad_buffer = ctx.grad_buffer, None
-    if grad is None or grad.shape != logits.shape:
-        row_scale = grad_loss
-        grad = mutual_loss_with_grad(logits, target, weights, row_scale, *ctx.options, True)[3]
-    scale_grad_rows_(grad, grad_loss, row_scale)
-    return (grad,) + (None,) * 9
+    logits, target, weights = ctx.saved_tensors
+    grad, ctx.grad = ctx.grad, None
+    if grad is not None and grad.shape == logits.shape and grad._version == ctx.grad_version:
+        scale_grad_(grad, grad_loss)
+    else:
+        grad = fused_mutual_loss(logits, target, weights, grad_loss, *ctx.options, True)[3]
+    return (grad,) + (None,) * 10
 
 
-if INTERPRETED:
-    mutual_loss_with_grad.register_fake(_with_grad_fake)
-    scale_grad_rows_.register_fake(lambda grad, *_: None)
-mutual_loss_with_grad.register_autograd(_with_grad_backward, setup_context=_with_grad_setup_context)
+fused_mutual_loss.register_fake(fused_fake)
+fused_mutual_loss.register_autograd(_backward, setup_context=_setup_context)
+scale_grad_.register_fake(lambda grad, grad_loss: None)

@@ -3,6 +3,10 @@ elements per iteration, kernel names, budgets and the markdown section."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -388,7 +392,9 @@ def test_kernel_row_and_table() -> None:
         (1, "cache"), (1, "global"), (1, "cluster"), (1, "cluster"), (2, "cache"), (2, "cache")
     ]  # fmt: skip
     assert row["cluster_per_element"] == row["instructions_per_element"]
-    table = sr.render([row], "nvcc", [], 10)
+    assert row["backend"] == "cuda" and row["loop_barriers"] == 0
+    table = sr.render([dict(row, compiler="nvcc 13")], [], 10)
+    assert "with nvcc 13 and setup.py's flags" in table
     assert "| pass 1 | pass 2 | cluster | instructions / element |" in table
     cells = table.splitlines()[-1].split(" | ")
     assert cells[4:9] == ["`default`", "4.2", "4.0", "8.2", "8.2"]  # 4.25, 4, 8.25, 8.25
@@ -459,10 +465,18 @@ def test_short_name() -> None:
 
 
 def test_budgets() -> None:
-    assert sr.budget_for("pairwise", "default") == sr.BUDGETS[("pairwise", "default")]
-    assert sr.budget_for("pairwise", "T!=1,smoothing") == sr.BUDGETS[("pairwise", "T!=1")]
-    assert sr.budget_for("pairwise", "default,cluster") == sr.BUDGETS[("pairwise", "default")]
-    assert sr.budget_for("pairwise", "T!=1,cluster") == sr.BUDGETS[("pairwise", "T!=1")]
+    default, temperature = (
+        sr.BUDGETS[("cuda", "pairwise", "default")],
+        sr.BUDGETS[("cuda", "pairwise", "T!=1")],
+    )
+    assert sr.budget_for("pairwise", "default") == default
+    assert sr.budget_for("pairwise", "T!=1,smoothing") == temperature
+    assert sr.budget_for("pairwise", "default,cluster") == default
+    assert sr.budget_for("pairwise", "T!=1,cluster") == temperature
+    triton = sr.BUDGETS[("triton", "pairwise", "default")]
+    assert sr.budget_for("pairwise", "default", "triton", "bfloat16") == triton
+    assert sr.budget_for("pairwise", "default", "triton", "float64") is None
+    assert sr.budget_for("pairwise", "T!=1", "triton", "float32") is None
     assert sr.budget_for("pairwise", "default,cluster,scalar") is None
     assert sr.budget_for("ensemble", "default") is None
     assert sr.budget_for("pairwise", "smoothing") is None
@@ -472,7 +486,8 @@ def test_budgets() -> None:
 
 def test_order_puts_the_default_first_and_the_cluster_kernel_after_the_other() -> None:
     def row(dtype: str, k: int, path: str) -> dict:
-        return dict(dtype=dtype, K=k, mode="pairwise", path=path, kernel=f"{dtype}{k}{path}")
+        kernel = f"{dtype}{k}{path}"
+        return dict(backend="cuda", dtype=dtype, K=k, mode="pairwise", path=path, kernel=kernel)
 
     rows = [row(d, k, p) for p in ("T!=1,cluster", "default,cluster", "default", "T!=1")
             for d in ("bfloat16", "float32") for k in (3, 2)]  # fmt: skip
@@ -501,3 +516,117 @@ def test_markdown_section(tmp_path: Path) -> None:
     sr.write_markdown(page, "second")
     again = page.read_text()
     assert again == text.replace("first", "second")
+
+
+# A Triton kernel's source and its nvdisasm -c -gi: line info with no inlining chain, each
+# instruction at the line of the innermost function it comes from (_load at 2, _fold_lse at 5,
+# _emit_tile at 8, the kernel's own loop at 12 and 14); a pass-1 loop of 2 peers' 16-byte loads
+# (K = 2, VEC = 4: 8 elements) and a pass-2 loop that stores the gradient, with a barrier.
+TRITON_SOURCE = """\
+def _load(p):
+    return tl.load(p)
+
+def _fold_lse(m, x):
+    return tl.maximum(m, x)
+
+def _emit_tile(x):
+    return x * 2
+
+def kernel(p):
+    for i in range(4):
+        m = _fold_lse(m, _load(p))
+    for i in range(4):
+        _emit_tile(_load(p))
+"""
+
+TRITON_NVDISASM = """
+.text._mutual_loss_kernel:
+        //## File "/repo/kernels/mutual_loss.py", line 11
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        //## File "/repo/kernels/mutual_loss.py", line 2
+        /*0010*/                   LDG.E.EL.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.EL.128 R8, desc[UR4][R2.64+0x10] ;
+        //## File "/repo/kernels/mutual_loss.py", line 5
+        /*0030*/                   FMNMX R12, R4, R5, !PT ;
+        /*0040*/                   MUFU.EX2 R13, R12 ;
+        //## File "/repo/kernels/mutual_loss.py", line 11
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        //## File "/repo/kernels/mutual_loss.py", line 2
+        /*0060*/                   LDG.E.EF.128 R4, desc[UR4][R2.64] ;
+        /*0070*/                   LDG.E.EF.128 R8, desc[UR4][R2.64+0x10] ;
+        //## File "/repo/kernels/mutual_loss.py", line 8
+        /*0080*/                   MUFU.EX2 R13, R4 ;
+        /*0090*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00a0*/                   STG.E.EF.128 desc[UR4][R2.64], R4 ;
+        /*00b0*/                   STG.E.EF.128 desc[UR4][R2.64+0x10], R8 ;
+        //## File "/repo/kernels/mutual_loss.py", line 13
+        /*00c0*/               @P0 BRA `(.L_x_1) ;
+        /*00d0*/                   EXIT ;
+"""
+
+
+def test_triton_kernel_row(tmp_path: Path) -> None:
+    source = tmp_path / "mutual_loss.py"
+    source.write_text(TRITON_SOURCE)
+    regions = sr.python_regions(str(source))
+    assert regions == {"mutual_loss.py": [(4, 5, "_fold_lse"), (7, 8, "_emit_tile")]}
+    (function,) = sr.parse_disassembly(TRITON_NVDISASM)
+    info = sr.KernelInfo(sr.TRITON_ROW_KERNEL, "float32", 2, 4, "pairwise", "default", "triton")
+    usage = dict(registers=100, stack=0, shared=0, local=0)
+    warnings: list[str] = []
+    row = sr.kernel_row(function, info, "spec", usage, 0, regions, warnings)
+    assert warnings == []
+    found = [
+        (loop["pass"], loop["way"], loop["instructions"], loop["elements"]) for loop in row["loops"]
+    ]
+    assert found == [(1, "global", 5, 8), (2, "global", 7, 8)]
+    assert row["backend"] == "triton" and row["instructions_per_element"] == 1.5
+    assert row["loop_barriers"] == 1
+    failures = sr.check([dict(row, _local_in_loops=[])])
+    assert failures == ["spec [pairwise, default]: 1 barriers in its hot loops"]
+
+
+TRITON_JOBS = """
+import json
+from benchmarks import sass_report as sr
+jobs = sr.triton_jobs()
+budgeted = [
+    job for job in jobs
+    if job.info.row_kernel
+    and sr.budget_for(job.info.mode, job.info.path, "triton", job.info.dtype) is not None
+]
+(first,) = [j for j in budgeted if (j.info.dtype, j.info.K) == ("float32", 2)]
+result = sr.analyze_triton(first)
+print(json.dumps(dict(
+    budgeted=sorted({(job.info.dtype, job.info.K) for job in budgeted}),
+    stages=sorted({(dict(job.spec.constexprs)["STAGE"], dict(job.spec.constexprs)["SINGLE_TILE"])
+                   for job in jobs if job.info.row_kernel}),
+    roles=sorted({job.info.path for job in jobs if not job.info.row_kernel}),
+    row={k: v for k, v in result["rows"][0].items() if not k.startswith("_")},
+)))
+"""
+
+
+def test_triton_jobs_and_one_compile() -> None:
+    """The report compiles the op's own specializations (outside Triton's interpreter): the
+    budgeted ones are row kernels of rows of many tiles (a loop a pass), and the one of float32
+    at K = 2 compiles to loops within its budget, with no barrier and 16-byte accesses."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_JOBS], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    targets = [["bfloat16", 2], ["bfloat16", 4], ["float32", 2], ["float32", 4]]
+    assert [pair for pair in found["budgeted"] if pair in targets] == targets
+    assert found["stages"] == [[0, False]]
+    assert found["roles"] == [
+        "scale_grad", "scale_grad,per_row", "split_emit", "split_finish", "split_stats"
+    ]  # fmt: skip
+    row = found["row"]
+    assert {loop["pass"] for loop in row["loops"]} == {1, 2}
+    assert row["instructions_per_element"] <= sr.budget_for("pairwise", "default", "triton")
+    assert row["loop_barriers"] == 0 and row["spill_bytes"] == 0
+    assert set(row["loads"] + row["stores"]) <= {"LDG.E.EL.128", "LDG.E.EF.128", "STG.E.EF.128"}

@@ -16,9 +16,7 @@ from fastdml.loss.arguments import MutualLossProblem, accumulation_dtype
 # (problem, reduction) -> the loss and each peer's cross-entropy and mimicry, reduced as asked:
 # "mean" and "sum" give a 0-dim loss and [K] terms, "none" [K, R] each.
 Loss = Callable[[MutualLossProblem, str], tuple[Tensor, Tensor, Tensor]]
-# (problem, row_scale) -> per-row loss, cross-entropy and mimicry, each [K, R]. row_scale is the
-# weight every row gets in the reduced loss; the Triton kernels fold it into the gradient they
-# write.
+# (problem, row_scale) -> per-row loss, cross-entropy and mimicry, each [K, R].
 LossRows = Callable[[MutualLossProblem, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -41,26 +39,9 @@ def row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
     return valid.clamp(min=1).to(dtype).reciprocal()
 
 
-def _reduced(rows: LossRows) -> Loss:
-    """For backends that give per-row terms: the rows weighed by row_scale and summed, so the
-    gradient reaching each row is exactly row_scale, which the Triton kernels rely on."""
-
-    def loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-        scale = row_scale(problem, reduction)
-        loss, ce, mimicry = rows(problem, scale)
-        if reduction == "none":
-            return loss, ce.detach(), mimicry.detach()
-        ce, mimicry = (terms.detach().sum(-1) * scale for terms in (ce, mimicry))
-        return (loss.sum(-1) * scale).sum(), ce, mimicry
-
-    return loss
-
-
 IMPLEMENTATIONS: dict[str, Loss] = {
     "torch": reference.mutual_loss,
-    "cpp": ops.fused_loss,
-    "triton": _reduced(ops.triton_loss_rows),
-    "cuda": ops.fused_loss,
+    **{name: ops.fused_loss(name) for name in ops.FUSED_OPS},
 }
 
 
@@ -71,17 +52,11 @@ def loss_rows_and_grad(
     ``sum(grad_scale * loss)`` with respect to the logits: for callers that run their own
     backward, such as the fused linear loss, chunk by chunk.
 
-    grad_scale is 0-dim or [K, R] (any strides) in the accumulation dtype, and nonzero for
-    Triton (its op reads a zero as 1). The targets must be checked already where the backend does
-    not.
+    grad_scale is 0-dim or [K, R] (any strides) in the accumulation dtype. The targets must be
+    checked already where the backend does not.
     """
-    if backend in ("cpp", "cuda"):
-        return torch.ops.fastdml.fused_mutual_loss(
-            *ops.fused_arguments(problem, "none", grad_scale)
-        )
-    if backend == "triton":
-        op = torch.ops.fastdml.triton_mutual_loss_with_grad
-        return op(*ops.with_grad_arguments(problem, grad_scale)[:-1], True)
+    if backend in ops.FUSED_OPS:
+        return ops.fused_op(backend)(*ops.fused_arguments(problem, "none", grad_scale))
     logits = problem.logits.detach().requires_grad_()
     with torch.enable_grad():
         loss, ce, mimicry = _from_terms(reference.mutual_loss_rows)(
@@ -91,7 +66,8 @@ def loss_rows_and_grad(
     return loss.detach(), ce.detach(), mimicry.detach(), grad
 
 
-# On CUDA tensors, these take targets unchecked (no host-device sync): out-of-range rows give NaN.
+# These take targets unchecked (no host-device sync): out-of-range rows give NaN. Triton does so on
+# CPU tensors too, where its interpreter runs the GPU code for tests.
 CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
 # The CPU op range-checks the targets itself, in one pass before its kernel (a ValueError).
 RAISES_ON_BAD_TARGETS = ("cpp",)
@@ -108,11 +84,9 @@ _NOT_BUILT = {"cpp": ops.EXTENSION_ERROR, "cuda": ops.CUDA_ERROR}
 _warned_fallback: set[str] = set()
 
 
-def needs_target_check(backend: str, device: torch.device) -> bool:
-    """Whether the targets' range must be checked before `backend` computes on `device`."""
-    if backend in RAISES_ON_BAD_TARGETS:
-        return False
-    return device.type != "cuda" or backend not in CHECKS_TARGETS_IN_KERNEL
+def needs_target_check(backend: str) -> bool:
+    """Whether the targets' range must be checked before `backend` computes."""
+    return backend not in RAISES_ON_BAD_TARGETS + CHECKS_TARGETS_IN_KERNEL
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -157,7 +131,7 @@ def max_peers(backend: str) -> int | None:
     """The most peers `backend` takes (None: any number); Triton's must be loaded already."""
     if backend == "cuda":
         return CUDA_MAX_PEERS
-    if backend == "triton":  # [K_PAD, K_PAD, BLOCK_C] temporaries in some modes
+    if backend == "triton":  # its kernels hold every per-peer value of a row in registers
         from fastdml.kernels.mutual_loss import MAX_PEERS
 
         return MAX_PEERS

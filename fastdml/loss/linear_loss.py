@@ -116,13 +116,6 @@ def _finished(
     ]
 
 
-def _zero_unscaled_rows(backend: str, grad: Tensor, grad_scale: Tensor) -> None:
-    """The Triton op reads a zero grad_scale as 1 (its forward must not lose a gradient that the
-    backward rescales); here a zero means no gradient, so its rescale op zeroes those rows."""
-    if backend == "triton":
-        torch.ops.fastdml.triton_scale_grad_rows_(grad, grad_scale, grad_scale)
-
-
 def _chunked_pass(
     settings: _Settings,
     target: Tensor,
@@ -130,12 +123,10 @@ def _chunked_pass(
     tensors: Sequence[Tensor | None],
     grad_scale: Tensor | None,
     grads: list[Tensor | None],
-    upstream: bool = False,
 ) -> Tensor:
     """Loss, cross-entropy and mimicry of every peer, [3, K] summed over rows (reduction "none":
     [3, K, N]), and, where grad_scale is given, the gradient of ``sum(grad_scale * loss)``
-    accumulated into `grads` (grad_scale 0-dim, or [K, N] for reduction "none"; `upstream`: it
-    holds the upstream gradient, which may be 0)."""
+    accumulated into `grads` (grad_scale 0-dim, or [K, N] for reduction "none")."""
     hidden, weight, bias = settings.split(tensors)
     grad_hidden, grad_weight, grad_bias = settings.split(grads)
     k, (n, _), num_classes = settings.num_peers, hidden[0].shape, weight[0].shape[0]
@@ -163,8 +154,6 @@ def _chunked_pass(
         else:
             scale = grad_scale[:, rows] if grad_scale.dim() else grad_scale
             *chunk_terms, grad = backends.loss_rows_and_grad(settings.backend, problem, scale)
-            if upstream:
-                _zero_unscaled_rows(settings.backend, grad, scale)
             for peer in range(k):
                 if grad_hidden[peer] is not None:
                     torch.mm(grad[peer], weight[peer], out=grad_hidden[peer][rows])
@@ -220,7 +209,7 @@ class _FusedLinearMutualLoss(torch.autograd.Function):
             needs = ctx.needs_input_grad[4:]
             grads = _grad_buffers(settings, tensors, needs)
             scale = grad_loss if settings.reduction == "none" else grad_loss * row_scale
-            _chunked_pass(settings, target, peer_weights, tensors, scale, grads, upstream=True)
+            _chunked_pass(settings, target, peer_weights, tensors, scale, grads)
             grads = _finished(settings, tensors, grads)
         elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss != 1:
             for grad in grads:
@@ -366,7 +355,7 @@ def _checked_fused_linear_mutual_loss(
     name = backends.select(options.backend, first.device, num_peers, num_classes)
     # Checked here for the whole batch even where the op checks its own rows (the CPU op), so a
     # bad target fails before any chunk's matmuls, and names its row in the batch.
-    if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name, first.device):
+    if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name):
         check_target_values(problem)
     reduction = options.reduction
     row_scale = backends.row_scale(problem, reduction)

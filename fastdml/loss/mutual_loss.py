@@ -79,7 +79,7 @@ def mutual_loss_with(
         problem.logits.shape[2],
         options.unfused_option(),
     )
-    if backends.needs_target_check(name, device):
+    if backends.needs_target_check(name):
         check_target_values(problem)
     reduction = options.reduction
     loss, ce, mimicry = backends.IMPLEMENTATIONS[name](problem, reduction)

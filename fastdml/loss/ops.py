@@ -1,15 +1,16 @@
-"""The fused ops `torch.ops.fastdml.*`: loading them, and the C++ op's fake (shape) kernel.
+"""The fused ops `torch.ops.fastdml.*`: loading them, the one Python path to them, and their fake
+(shape) kernel.
 
-The C++ schemas, kernels and autograd live in csrc/; the Triton ops, with their fake kernels and
-autograd, in kernels/ (`fastdml.kernels`), which is imported on first use.
+The C++ schemas, kernels and autograd live in csrc/; the Triton ops, with their autograd, in
+kernels/ (`fastdml.kernels`), which is imported on first use.
 
-- C++ CPU and CUDA (`fused_mutual_loss` / `scale_grad_`): one call computes the loss reduced as
-  asked and writes its gradient (on the CPU it also range-checks the targets; on CUDA it reduces
-  on the device, with no host sync); its autograd is C++ (csrc/mutual_loss_autograd.cpp), whose
-  backward rescales that gradient only where the upstream gradient is not 1.
-- Triton (`triton_mutual_loss_with_grad` / `triton_scale_grad_rows_`): per-row terms; the forward
-  also writes the gradient of `row_scale * loss`, so the backward, which rescales only rows whose
-  upstream gradient is not `row_scale`, costs nothing for reductions "mean" and "sum".
+Both take the same arguments and keep one contract: one call computes the loss reduced as asked
+(on the device: no host sync on CUDA) with each peer's terms, and writes the gradient of
+sum(grad_scale * loss); its backward rescales that gradient in place only where the upstream
+gradient is not 1, so that for reductions "mean" and "sum" it costs one kernel that returns at
+once. The C++ ops are `fused_mutual_loss` / `scale_grad_` (CPU and CUDA kernels; on the CPU they
+also range-check the targets) with a C++ autograd (csrc/mutual_loss_autograd.cpp); the Triton
+ones `triton_fused_mutual_loss` / `triton_scale_grad_`, with the same autograd in Python.
 """
 
 from __future__ import annotations
@@ -103,45 +104,40 @@ def fused_arguments(
     )
 
 
-def fused_loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The loss and each peer's cross-entropy and mimicry, reduced as asked, from the C++ op."""
-    logits = problem.logits
-    compute_grad = (
-        logits.requires_grad
-        and torch.is_grad_enabled()
-        and logits.dtype not in RECOMPUTE_GRAD_DTYPES
-    )
-    arguments = fused_arguments(problem, reduction, compute_grad=compute_grad)
-    return torch.ops.fastdml.fused_mutual_loss(*arguments)[:3]
+# The fused op of each backend that has one, `torch.ops.fastdml.<name>`: the C++ op (CPU and CUDA
+# kernels) and the Triton op, which takes the same arguments and keeps the same contract.
+FUSED_OPS = {
+    "cpp": "fused_mutual_loss",
+    "triton": "triton_fused_mutual_loss",
+    "cuda": "fused_mutual_loss",
+}
 
 
-def with_grad_arguments(problem: MutualLossProblem, row_scale: Tensor) -> tuple:
-    """The arguments of `triton_mutual_loss_with_grad` for `problem`, in schema order."""
-    return (
-        problem.logits,
-        problem.target,
-        problem.weights,
-        row_scale,
-        problem.mode,
-        problem.temperature,
-        problem.alpha,
-        problem.label_smoothing,
-        problem.ignore_index,
-        torch.is_grad_enabled()
-        and problem.logits.requires_grad
-        and problem.logits.dtype not in RECOMPUTE_GRAD_DTYPES,
-    )
+def fused_op(backend: str):
+    """`backend`'s fused op, looked up on use: the Triton ops register on first use."""
+    if backend == "triton":
+        triton_error()
+    return getattr(torch.ops.fastdml, FUSED_OPS[backend])
 
 
-def triton_loss_rows(
-    problem: MutualLossProblem, row_scale: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss, cross-entropy and mimicry [K, R] from the Triton op."""
-    op = torch.ops.fastdml.triton_mutual_loss_with_grad
-    return op(*with_grad_arguments(problem, row_scale))[:3]
+def fused_loss(backend: str):
+    """The loss of `backend`'s fused op: (problem, reduction) -> the loss and each peer's
+    cross-entropy and mimicry, reduced as asked."""
+
+    def loss(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+        logits = problem.logits
+        compute_grad = (
+            logits.requires_grad
+            and torch.is_grad_enabled()
+            and logits.dtype not in RECOMPUTE_GRAD_DTYPES
+        )
+        arguments = fused_arguments(problem, reduction, compute_grad=compute_grad)
+        return fused_op(backend)(*arguments)[:3]
+
+    return loss
 
 
-def _fused_fake(logits, target, weights, grad_scale, *options):
+def fused_fake(logits, target, weights, grad_scale, *options):
     *_, reduction, compute_grad = options
     k, rows, _ = logits.shape
     acc = accumulation_dtype(logits.dtype)
@@ -152,5 +148,5 @@ def _fused_fake(logits, target, weights, grad_scale, *options):
 
 
 if EXTENSION_ERROR is None:
-    torch.library.register_fake("fastdml::fused_mutual_loss", _fused_fake)
+    torch.library.register_fake("fastdml::fused_mutual_loss", fused_fake)
     torch.library.register_fake("fastdml::scale_grad_", lambda grad, grad_loss: None)

@@ -103,7 +103,7 @@ def test_backends(backend, reduction):
 
 
 def test_zero_upstream_rows(fused_backend):
-    """Rows whose upstream gradient is 0 get none (the GPU ops read a zero scale as 1)."""
+    """Rows whose upstream gradient is 0 get none (the fused ops' grad_scale of 0)."""
     hidden, weight, biases, target = layers((3, 4), rows=6, classes=11, dtype=torch.float32)
     loss = fused_linear_mutual_loss(
         hidden, weight, target, biases, reduction="none", chunk_size=4, backend=fused_backend

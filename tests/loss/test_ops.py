@@ -1,6 +1,8 @@
 """The fused ops as PyTorch custom ops: opcheck, torch.compile, determinism, extreme shapes."""
 
 import copy
+import unittest.mock
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdml import MutualLoss, mutual_loss
 from fastdml.loss.arguments import make_problem
-from fastdml.loss.ops import fused_arguments, with_grad_arguments
+from fastdml.loss.ops import fused_arguments, fused_op
 from fastdml.loss.options import LossOptions
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
@@ -36,76 +38,80 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
     return problem
 
 
-WITH_GRAD_OPS = [  # the Triton ops' device
-    pytest.param("cpu", id="triton"),
-    pytest.param("cuda", id="cuda-triton", marks=pytest.mark.cuda),
+# The fused ops of one contract (csrc/ops.cpp): the C++ op's kernels and the Triton op's, on
+# their devices.
+FUSED_OPS = [
+    pytest.param(("cpu", "cpp"), id="cpp"),
+    pytest.param(("cpu", "triton"), id="triton"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.cuda),
 ]
-FUSED_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # the C++ ops'
+SCALE_OPS = {"cpp": "scale_grad_", "cuda": "scale_grad_", "triton": "triton_scale_grad_"}
+# opcheck's AOT-dispatch test hands every output, the gradient buffer included, to the caller,
+# whose backward then rescales it in place; the loss never exposes that buffer, and the compile
+# tests below run the ops' forward and backward through AOT.
+FUSED_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-WITH_GRAD_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
-# The CPU op's autograd is C++: opcheck's AOT-dispatch test too hands every output, the gradient
-# buffer included, to the caller; the compile tests below cover AOT.
-FUSED_CHECKS = WITH_GRAD_CHECKS
+@pytest.fixture(params=FUSED_OPS)
+def fused(request):
+    """A backend's name and its op pair (fused_mutual_loss, scale_grad_), on its device (made the
+    default one)."""
+    device, name = request.param
+    on_device(device, name, request)
+    return name, fused_op(name), getattr(torch.ops.fastdml, SCALE_OPS[name])
 
 
-@pytest.fixture(params=WITH_GRAD_OPS)
-def with_grad_ops(request):
-    """The Triton backend's name and its op pair (mutual_loss_with_grad, scale_grad_rows_)."""
-    name = on_device(request.param, "triton", request)
-    ops = torch.ops.fastdml
-    return name, ops.triton_mutual_loss_with_grad, ops.triton_scale_grad_rows_
-
-
-@pytest.fixture(params=FUSED_DEVICES)
-def fused_device(request):
-    """The device of the C++ ops fused_mutual_loss and scale_grad_ (made the default one)."""
-    on_device(request.param, "cuda" if request.param == "cuda" else "cpp", request)
-    return request.param
+@pytest.fixture(params=[p for p in FUSED_OPS if p.values[0][1] == "triton"])
+def triton_device(request):
+    """The Triton op's device: CPU tensors in Triton's interpreter, or the GPU."""
+    device, name = request.param
+    on_device(device, name, request)
+    return device
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_fused(fused_device, mode, dtype, reduction):
+def test_opcheck_fused(fused, mode, dtype, reduction):
+    name, forward, _ = fused
+    skip_if_unsupported(name, dtype)
     problem = op_args(mode=mode, dtype=dtype)
     problem.logits.requires_grad_()
     torch.library.opcheck(
-        torch.ops.fastdml.fused_mutual_loss.default,
+        forward.default,
         fused_arguments(problem, reduction, compute_grad=dtype != torch.float16),
         test_utils=FUSED_CHECKS,
     )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_fused_with_grad_scale(fused_device, reduction):
+def test_opcheck_fused_with_grad_scale(fused, reduction):
+    _, forward, scale_grad = fused
     problem = op_args(mode="weights", dtype=torch.float32)
     k, rows, _ = problem.logits.shape
     grad_scale = torch.rand(rows, k).t() if reduction == "none" else torch.tensor(0.5)
     problem.logits.requires_grad_()
     args = fused_arguments(problem, reduction, grad_scale)
-    torch.library.opcheck(
-        torch.ops.fastdml.fused_mutual_loss.default, args, test_utils=FUSED_CHECKS
-    )
-    grad = torch.ops.fastdml.fused_mutual_loss(*args)[3].detach()
-    torch.library.opcheck(torch.ops.fastdml.scale_grad_.default, (grad, grad_scale))
+    torch.library.opcheck(forward.default, args, test_utils=FUSED_CHECKS)
+    grad = forward(*args)[3].detach()
+    torch.library.opcheck(scale_grad.default, (grad, grad_scale))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fused_gradient_is_that_of_its_loss(fused_device, reduction, mode, temperature):
+def test_fused_gradient_is_that_of_its_loss(fused, reduction, mode, temperature):
     """The gradient the op writes is that of the loss it returns, times grad_scale (exactly:
     zero included)."""
+    _, forward, _ = fused
     problem = op_args(mode=mode, temperature=temperature)
     k, rows, _ = problem.logits.shape
     grad_scale = None
     if reduction == "none":
         grad_scale = torch.rand(k, rows, dtype=torch.float64)
         grad_scale[1, 3] = 0.0
-    loss, *_, grad = torch.ops.fastdml.fused_mutual_loss(
-        *fused_arguments(problem, reduction, grad_scale)
-    )
+    loss, *_, grad = forward(*fused_arguments(problem, reduction, grad_scale))
     logits = problem.logits.clone().requires_grad_()
     rows_loss = mutual_loss(
         logits,
@@ -124,37 +130,40 @@ def test_fused_gradient_is_that_of_its_loss(fused_device, reduction, mode, tempe
     torch.testing.assert_close(grad, want)
 
 
-def test_gradient_buffer_changed_by_a_caller_is_computed_again(fused_device):
+def test_gradient_buffer_changed_by_a_caller_is_computed_again(fused):
     """The op returns its gradient buffer, which its backward rescales and hands to autograd;
     if a caller has written to it since, the backward computes the gradient again."""
+    _, forward, _ = fused
     problem = op_args(dtype=torch.float32)
     logits = problem.logits.requires_grad_()
     expected = mutual_loss(
         logits, problem.target, temperature=2.0, alpha=0.5, label_smoothing=0.1, backend="torch"
     )
     (want,) = torch.autograd.grad(5 * expected, logits)
-    loss, _, _, kept = torch.ops.fastdml.fused_mutual_loss(*fused_arguments(problem, "mean"))
+    loss, _, _, kept = forward(*fused_arguments(problem, "mean"))
     kept.zero_()
     (got,) = torch.autograd.grad(5 * loss, logits)
     torch.testing.assert_close(got, want)
 
 
-def test_scale_grad_is_not_differentiable(fused_device):
+def test_scale_grad_is_not_differentiable(fused):
+    _, _, scale_grad = fused
     grad = torch.randn(2, 3, 4, requires_grad=True).exp()
     with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.ops.fastdml.scale_grad_(grad, torch.tensor(2.0))
+        scale_grad(grad, torch.tensor(2.0))
 
 
-def test_scale_grad_skips_what_is_scaled_by_one(fused_device):
+def test_scale_grad_skips_what_is_scaled_by_one(fused):
+    _, _, scale_grad = fused
     grad = torch.randn(2, 3, 5)
     grad_loss = torch.ones(2, 3)
     grad_loss[1, 0], grad_loss[0, 2] = 3.0, float("nan")
     expected = grad.clone()
     expected[1, 0] *= 3
     expected[0, 2] = float("nan")
-    torch.ops.fastdml.scale_grad_(grad, grad_loss)
+    scale_grad(grad, grad_loss)
     torch.testing.assert_close(grad, expected, equal_nan=True)
-    torch.ops.fastdml.scale_grad_(grad, torch.tensor(2.0))
+    scale_grad(grad, torch.tensor(2.0))
     torch.testing.assert_close(grad, 2 * expected, equal_nan=True)
 
 
@@ -178,46 +187,52 @@ class CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("form", ["function", "module"])
-def test_fused_loss_dispatches_two_ops(fused_device, form):
-    """Forward and backward of the fused loss: the op and the rescale, nothing else; on CUDA
-    without a host sync (the targets are checked and the rows counted on the device)."""
-    criterion = MutualLoss() if form == "module" else mutual_loss
+def test_fused_loss_dispatches_two_ops(fused, form):
+    """Forward and backward of the fused loss: the op and the rescale, nothing else but autograd's
+    (the upstream gradient's fill); on the GPU without a host sync (the targets are checked and
+    the rows counted on the device), nor in Triton's interpreter, which runs that GPU code."""
+    name, forward, scale_grad = fused
+    criterion = MutualLoss(backend=name) if form == "module" else partial(mutual_loss, backend=name)
     logits = torch.randn(2, 128, 100, requires_grad=True)
     target = torch.randint(0, 100, (128,))
     target[5] = -100
-    sync_mode = torch.cuda.get_sync_debug_mode() if fused_device == "cuda" else None
+    on_gpu = logits.device.type == "cuda"
+    sync_mode = torch.cuda.get_sync_debug_mode() if on_gpu else None
     with CountOps() as counted:
-        if sync_mode is not None:
+        if on_gpu:
             torch.cuda.set_sync_debug_mode("error")
         try:
             criterion(logits, target).backward()
         finally:
-            if sync_mode is not None:
+            if on_gpu:
                 torch.cuda.set_sync_debug_mode(sync_mode)
     assert [op for op in counted.ops if "fastdml" in op] == [
-        "fastdml.fused_mutual_loss.default",
-        "fastdml.scale_grad_.default",
+        str(forward.default),
+        str(scale_grad.default),
     ]
     assert len(counted.ops) <= 4, counted.ops
+    if name != "cpp":  # the CPU op range-checks the targets on the host
+        assert "aten._local_scalar_dense.default" not in counted.ops
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_loss_launches_two_kernels(request, reduction):
+def test_cuda_loss_launches_two_kernels(request, backend, reduction):
     """A training step's loss on CUDA: the forward kernel (no memset: the stream's ticket is
     zeroed once, on the first forward, the warm-up here) and the backward's rescale, which returns
     at once where the upstream gradient is 1; besides them only autograd's fill of that
     gradient."""
     from torch.profiler import ProfilerActivity, profile
 
-    on_device("cuda", "cuda", request)
+    on_device("cuda", backend, request)
     logits = torch.randn(2, 128, 100, requires_grad=True)
     target = torch.randint(0, 100, (128,))
-    mutual_loss(logits, target, reduction=reduction).backward()  # warm-up
+    mutual_loss(logits, target, reduction=reduction, backend=backend).backward()  # warm-up
     logits.grad = None
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        mutual_loss(logits, target, reduction=reduction).backward()
+        mutual_loss(logits, target, reduction=reduction, backend=backend).backward()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ours = [n for n in names if "mutual_loss" in n or "scale_grad" in n]
@@ -226,75 +241,16 @@ def test_cuda_loss_launches_two_kernels(request, reduction):
     assert len(others) <= 1, names
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck_with_grad(with_grad_ops, mode, dtype):
-    name, forward, scale_rows = with_grad_ops
-    skip_if_unsupported(name, dtype)
-    problem = op_args(mode=mode, dtype=dtype)
-    problem.logits.requires_grad_()
-    row_scale = torch.tensor(0.25, dtype=problem.weights.dtype)
-    args = (*with_grad_arguments(problem, row_scale)[:-1], True)  # float16 too writes a gradient
-    # Not opcheck's AOT-dispatch test: it hands every output of the op to the caller, the
-    # gradient buffer too, which the backward rescales in place; the loss never exposes that
-    # buffer, and the torch.compile tests below run the op's forward and backward through AOT.
-    torch.library.opcheck(forward.default, args, test_utils=WITH_GRAD_CHECKS)
-    grad = forward(*args)[3].detach()
-    grad_loss = torch.full(problem.logits.shape[:2], 0.25, dtype=row_scale.dtype)
-    grad_loss[1, 2] = 3.0
-    torch.library.opcheck(scale_rows.default, (grad, grad_loss, row_scale))
-
-
-def test_scale_grad_rows_touches_only_rows_not_at_row_scale(with_grad_ops):
-    _, _, scale_rows = with_grad_ops
-    grad = torch.randn(2, 3, 5)
-    grad_loss = torch.full((2, 3), 0.5)
-    grad_loss[1, 0], grad_loss[0, 2] = 1.5, float("nan")
-    expected = grad.clone()
-    expected[1, 0] *= 3
-    expected[0, 2] = float("nan")
-    scale_rows(grad, grad_loss, torch.tensor(0.5))
-    torch.testing.assert_close(grad, expected, equal_nan=True)
-
-
 @pytest.mark.parametrize("mode", ["pairwise", "ensemble", "ensemble_logits"])
-def test_uniform_modes_read_no_weights(with_grad_ops, mode):
+def test_uniform_modes_read_no_weights(fused, mode):
     """The weights are read in mode "weights" only: the other modes use their closed forms."""
-    _, forward, _ = with_grad_ops
+    _, forward, _ = fused
     problem = op_args(mode=mode, dtype=torch.float32)
-    row_scale = torch.tensor(0.25)
-    args = (*with_grad_arguments(problem, row_scale)[:-1], True)
-    garbage = (args[0], args[1], torch.full_like(problem.weights, float("nan")), *args[3:])
+    args = fused_arguments(problem, "none", compute_grad=True)
+    nan_weights = torch.full((3, 3), float("nan"))
+    garbage = (*args[:2], nan_weights, *args[3:])
     for got, expected in zip(forward(*garbage), forward(*args), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def test_zero_row_scale_loses_no_gradient(with_grad_ops):
-    """A zero row_scale folds nothing into the forward's gradient, so the backward's rescale to
-    the upstream gradient is exact (not 0 / 0)."""
-    _, forward, scale_rows = with_grad_ops
-    problem = op_args(dtype=torch.float32)
-    args = (*with_grad_arguments(problem, torch.tensor(0.0))[:-1], True)
-    grad = forward(*args)[3]
-    grad_loss = torch.full(problem.logits.shape[:2], 0.5)
-    scale_rows(grad, grad_loss, torch.tensor(0.0))
-    args = (*with_grad_arguments(problem, torch.tensor(0.5))[:-1], True)
-    torch.testing.assert_close(grad, forward(*args)[3])
-
-
-def test_per_row_scale_is_the_upstream_gradient(with_grad_ops):
-    """A [K, R] row_scale (any strides) is folded into each row: the float16 backward's path."""
-    _, forward, scale_rows = with_grad_ops
-    problem = op_args(dtype=torch.float32)
-    k, rows, _ = problem.logits.shape
-    grad_loss = torch.rand(rows, k).t()  # not contiguous
-    grad_loss[1, 3] = 0.0
-    args = (*with_grad_arguments(problem, grad_loss)[:-1], True)
-    grad = forward(*args)[3]
-    scale_rows(grad, grad_loss, grad_loss)
-    args = (*with_grad_arguments(problem, torch.tensor(1.0))[:-1], True)
-    expected = forward(*args)[3] * grad_loss[:, :, None]
-    torch.testing.assert_close(grad, expected)
 
 
 def test_no_double_backward_is_an_error(fused_backend):
@@ -306,10 +262,10 @@ def test_no_double_backward_is_an_error(fused_backend):
         torch.autograd.grad(loss, logits, create_graph=True)
 
 
-def test_backward_allocates_no_copy_of_the_logits(with_grad_ops):
+def test_backward_allocates_no_copy_of_the_logits(fused_backend):
     """The backward hands out the forward's gradient buffer: autograd must not fill a zero tensor
     the size of the logits for the buffer's own (unused) output gradient."""
-    name, _, _ = with_grad_ops
+    name = fused_backend
     logits = torch.randn(2, 16, 300, requires_grad=True)
     loss = mutual_loss(logits, torch.randint(0, 300, (16,)), backend=name)
     large = []
@@ -326,11 +282,26 @@ def test_backward_allocates_no_copy_of_the_logits(with_grad_ops):
     assert [op for op in large if not op.startswith("aten.detach")] == []
 
 
+def against_torch(logits, target, mode, reduction, **options):
+    """Loss, terms and gradient of the Triton backend and of the torch one, on the same input."""
+    weights = dict(peer_weights=torch.rand(3, 3)) if mode == "weights" else dict(mode=mode)
+    results = []
+    for name in ["torch", "triton"]:
+        z = logits.clone().requires_grad_()
+        out = mutual_loss(
+            z, target, reduction=reduction, return_components=True, backend=name,
+            **weights, **options,
+        )  # fmt: skip
+        (out.loss.sum() if reduction == "none" else out.loss).backward()
+        results.append((*out, z.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("mode", MODES)
-def test_triton_splits_the_classes_of_few_rows(with_grad_ops, monkeypatch, mode):
+def test_triton_splits_the_classes_of_few_rows(triton_device, monkeypatch, mode, reduction):
     """Few rows, many classes: each row's classes spread over programs, merged exactly."""
-    if with_grad_ops[0] != "triton":
-        pytest.skip("the split is the Triton kernels'")
     from fastdml.kernels import mutual_loss as triton_kernels
 
     monkeypatch.setattr(triton_kernels, "SPLIT_MIN_CLASSES", 64)
@@ -338,24 +309,59 @@ def test_triton_splits_the_classes_of_few_rows(with_grad_ops, monkeypatch, mode)
     logits[:, 2, 900:] = float("-inf")
     target = torch.randint(0, 900, (5,))
     target[1] = -100
-    weights = dict(peer_weights=torch.rand(3, 3)) if mode == "weights" else dict(mode=mode)
-    results = []
-    for name in ["torch", "triton"]:
-        z = logits.clone().requires_grad_()
-        out = mutual_loss(
-            z,
-            target,
-            temperature=2.0,
-            label_smoothing=0.1,
-            reduction="none",
-            return_components=True,
-            backend=name,
-            **weights,
-        )
-        out.loss.sum().backward()
-        results.append((*out, z.grad))
-    for got, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    against_torch(logits, target, mode, reduction, temperature=2.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_rows_of_many_tiles(triton_device, monkeypatch, mode, reduction):
+    """Rows of several whole tiles and a masked tail (one warp a program: tiles of 32 vectors),
+    pass 2 reading them last first, and more rows than programs: each program takes several."""
+    from fastdml.kernels import mutual_loss as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_MAX_WARPS", 1)
+    logits = 3 * torch.randn(3, 70, 300)  # float32: 75 vectors of 4 classes, 2 tiles and a tail
+    logits[:, 3, 250:] = float("-inf")
+    target = torch.randint(0, 250, (70,))
+    target[[1, 40]] = -100
+    against_torch(logits, target, mode, reduction, temperature=2.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(
+    ("peers", "classes", "dtype", "strides", "vec"),
+    [
+        (2, 1000, torch.float32, (), 4),  # 16-byte vectors of rows not divisible by 16
+        (4, 1000, torch.bfloat16, (), 4),  # 16 registers a class of all peers
+        (2, 1000, torch.bfloat16, (), 8),
+        (4, 1000, torch.float64, (), 2),
+        (8, 1000, torch.float64, (), 1),  # float64 takes two registers
+        (2, 50257, torch.float32, (), 1),  # rows that start unaligned: one class at a time
+        (16, 1000, torch.float32, (), 1),
+        (2, 1000, torch.float32, (1002,), 2),  # a stride that only 2 divides
+    ],
+)
+def test_triton_vector_width(peers, classes, dtype, strides, vec):
+    from fastdml.kernels import mutual_loss as triton_kernels
+
+    assert triton_kernels.vector_width(peers, classes, dtype, strides) == vec
+
+
+def test_triton_plan_single_tile_and_split():
+    from fastdml.kernels import mutual_loss as triton_kernels
+
+    def stages(rows, classes):
+        work = triton_kernels.plan(
+            2, rows, classes, 4, torch.float32, torch.device("cuda"), "pairwise", False, False,
+            True, "mean", 0,
+        )  # fmt: skip
+        return [(launch.constexprs["STAGE"], launch.constexprs["SINGLE_TILE"]) for launch in
+                work.launches], work.splits  # fmt: skip
+
+    triton_kernels._multiprocessors.cache_clear()
+    with unittest.mock.patch.object(triton_kernels, "_multiprocessors", lambda device: 132):
+        assert stages(128, 100) == ([(0, True)], 1)
+        assert stages(8192, 32000) == ([(0, False)], 1)
+        assert stages(4, 131072) == ([(1, False), (2, False), (3, False)], 8)
 
 
 def test_logits_are_not_written(fused_backend):
@@ -376,15 +382,21 @@ def test_retained_graph_gives_the_same_gradient_twice(fused_backend):
     torch.testing.assert_close(logits.grad, 3 * first)
 
 
-def test_kernels_give_nan_rows_for_out_of_range_targets(with_grad_ops):
-    _, forward, _ = with_grad_ops
+def test_kernels_give_nan_rows_for_out_of_range_targets(fused):
+    """The GPU kernels check the targets themselves, with no host sync: NaN in the rows of a
+    target out of range (and so in a reduced loss), the others untouched."""
+    name, forward, _ = fused
+    if name == "cpp":
+        pytest.skip("the CPU op raises instead (test_cpu_op_checks_targets_before_its_kernel)")
     problem = op_args(mode="pairwise", dtype=torch.float32)
     problem.target[[0, 2]] = torch.tensor([11, -3])
-    problem.logits.requires_grad_()
-    loss, ce, mimicry, grad = forward(*with_grad_arguments(problem, torch.tensor(1.0)))
+    loss, ce, mimicry, grad = forward(*fused_arguments(problem, "none", compute_grad=True))
     for rows in (loss, ce, mimicry, grad):
         assert rows[:, [0, 2]].isnan().all()
         assert not rows[:, [1, 3, 4, 5]].isnan().any()
+    loss, ce, mimicry, grad = forward(*fused_arguments(problem, "mean", compute_grad=True))
+    assert loss.isnan() and ce.isnan().all() and mimicry.isnan().all()
+    assert grad[:, [0, 2]].isnan().all() and not grad[:, [1, 3, 4, 5]].isnan().any()
 
 
 @pytest.mark.cuda
@@ -500,6 +512,18 @@ def test_deterministic(fused_backend):
         assert torch.equal(a, b)
     for a, b in zip(first, single, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_reduced_loss_is_deterministic(fused_backend):
+    """A mean over more rows than the GPU ops' programs: its sum over rows has a fixed order."""
+    logits = torch.randn(3, 64, 300)
+    target = torch.randint(0, 300, (64,))
+    target[::5] = -100
+    runs = [
+        mutual_loss(logits, target, backend=fused_backend, return_components=True) for _ in range(2)
+    ]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow
