@@ -357,7 +357,6 @@ def test_triton_plan_single_tile_and_split():
         return [(launch.constexprs["STAGE"], launch.constexprs["SINGLE_TILE"]) for launch in
                 work.launches], work.splits  # fmt: skip
 
-    triton_kernels._multiprocessors.cache_clear()
     with unittest.mock.patch.object(triton_kernels, "_multiprocessors", lambda device: 132):
         assert stages(128, 100) == ([(0, True)], 1)
         assert stages(8192, 32000) == ([(0, False)], 1)
