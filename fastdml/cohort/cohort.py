@@ -218,7 +218,7 @@ class Cohort:
             ce_out = ce.detach().reshape(1)
             return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)
         z = stack_logits(logits)
-        out = c(z, target, return_components=True)
+        out = c(z, target, return_components=True, per_peer=False)
         return out.loss, out.ce, out.mimicry, z.detach()
 
     def _apply(self, loss: Tensor) -> None:

@@ -93,6 +93,31 @@ def test_matches_materialized_logits(options, reduction):
     assert_matches(hidden, weight, biases, target, chunk_size=4, reduction=reduction, **options)
 
 
+EXTENDED = [
+    pytest.param(dict(divergence="reverse_kl"), id="reverse_kl"),
+    pytest.param(dict(divergence="jsd", beta=0.3, mode="ensemble"), id="jsd"),
+    pytest.param(dict(ce_weight=0.4, mimic_unlabeled=True), id="ce_weight-unlabeled"),
+    pytest.param(dict(normalizer=23.0, mimic_unlabeled=True), id="normalizer"),
+    pytest.param(dict(normalizer=torch.tensor(5), divergence="jsd"), id="tensor-normalizer"),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", EXTENDED)
+def test_extended_options(options, reduction):
+    """The loss family beyond the paper's loss, on whichever backend computes it."""
+    if "normalizer" in options and reduction != "mean":
+        pytest.skip("a normalizer divides reduction 'mean' only")
+    hidden, weight, biases, target = layers((5, 7, 3))
+    target[4:7] = -100  # unlabeled rows, which mimic_unlabeled keeps in the mimicry
+    assert_matches(hidden, weight, biases, target, chunk_size=4, reduction=reduction, **options)
+
+
+def test_mimicry_only_without_target():
+    hidden, weight, biases, _ = layers((5, 7))
+    assert_matches(hidden, weight, biases, None, chunk_size=4, ce_weight=0.0, temperature=2.0)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backends(backend, reduction):
     hidden, weight, biases, target = layers((5, 7), rows=6, classes=11, dtype=torch.float32)

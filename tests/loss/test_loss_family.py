@@ -7,7 +7,7 @@ import torch
 from naive import naive_mutual_loss
 from test_mutual_loss import MODES, check_against_naive, make_inputs, mode_kwargs
 
-from fastdml import MutualLoss, fused_linear_mutual_loss, mutual_loss
+from fastdml import MutualLoss, mutual_loss
 
 DIVERGENCES = [
     pytest.param(dict(divergence="reverse_kl"), id="reverse_kl"),
@@ -193,10 +193,6 @@ def test_fused_backends_refuse_what_they_do_not_compute(options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=f"backend='cpp' does not compute {name}"):
         mutual_loss(logits, target, backend="cpp", **options)
-    hidden = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
-    weight = [torch.randn(5, 3, dtype=torch.float64) for _ in range(2)]
-    with pytest.raises(ValueError, match=f"fused_linear_mutual_loss does not compute {name}"):
-        fused_linear_mutual_loss(hidden, weight, target, **options)
 
 
 def test_naive_normalizer_matches_definition():
