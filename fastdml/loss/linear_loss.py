@@ -292,8 +292,11 @@ def _peer_biases(bias: Biases, weights: list[Tensor]) -> list[Tensor | None]:
     return biases
 
 
-def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int, int]:
-    """Shapes, dtypes and devices of the layers; returns (K, N, V)."""
+def _check_layers(
+    hidden: Peers, weight: Peers, bias: Biases, autocast: bool
+) -> tuple[int, int, int]:
+    """Shapes, dtypes and devices of the layers (dtypes may differ under autocast, which casts
+    them); returns (K, N, V)."""
     hiddens = _peer_list("hidden", hidden, "N, H")
     weights = _peer_list("weight", weight, "V, H")
     if len(hiddens) != len(weights):
@@ -303,22 +306,30 @@ def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int,
         )
     if not hiddens:
         raise ValueError("mutual learning needs at least 2 peers, got 0")
-    tensors = hiddens + weights
+    named = [(f"hidden[{k}]", h) for k, h in enumerate(hiddens)]
+    named += [(f"weight[{k}]", w) for k, w in enumerate(weights)]
     if bias is not None:
-        tensors += [b for b in _peer_biases(bias, weights) if b is not None]
+        biases = _peer_biases(bias, weights)
+        named += [(f"bias[{k}]", b) for k, b in enumerate(biases) if b is not None]
     first = hiddens[0]
-    if first.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"hidden must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
-            f"got {first.dtype}"
-        )
-    for tensor in tensors:
-        for what in ("dtype", "device"):
-            if getattr(tensor, what) != getattr(first, what):
-                raise ValueError(
-                    f"every hidden state, weight and bias must share {what}: hidden[0] has "
-                    f"{getattr(first, what)}, another has {getattr(tensor, what)}"
-                )
+    for name, tensor in named:
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
+                f"got {tensor.dtype}"
+            )
+        if tensor.device != first.device:
+            raise ValueError(
+                f"every hidden state, weight and bias must be on one device: hidden[0] is on "
+                f"{first.device}, {name} on {tensor.device}"
+            )
+        if tensor.dtype != first.dtype and not autocast:
+            raise ValueError(
+                f"every hidden state, weight and bias must share one dtype: hidden[0] has "
+                f"{first.dtype}, {name} has {tensor.dtype}; cast them to one dtype, or call "
+                "the loss under torch.autocast, which runs the matmuls in its dtype as F.linear "
+                "does"
+            )
     for k, (h, w) in enumerate(zip(hiddens, weights, strict=True)):
         if h.shape[0] != first.shape[0]:
             raise ValueError(
@@ -336,6 +347,13 @@ def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int,
                 f"H = {w.shape[1]}"
             )
     return len(hiddens), first.shape[0], weights[0].shape[0]
+
+
+def _cast(value: Peers | Biases, dtype: torch.dtype) -> Peers | Biases:
+    """The tensors of an argument in `dtype` (autograd casts their gradients back)."""
+    if value is None or isinstance(value, Tensor):
+        return None if value is None else value.to(dtype)
+    return [None if tensor is None else tensor.to(dtype) for tensor in value]
 
 
 def _flat(value: Peers | Biases) -> tuple[list[Tensor | None], int]:
@@ -359,7 +377,17 @@ def _checked_fused_linear_mutual_loss(
     """`fused_linear_mutual_loss` once its options are checked."""
     if per_peer:
         return _per_peer_loss(hidden, weight, target, bias, chunk_size, options, return_components)
-    num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
+    first = hidden[0]
+    device_type = first.device.type if isinstance(first, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    num_peers, rows, num_classes = _check_layers(hidden, weight, bias, autocast)
+    if autocast:  # as F.linear: the matmuls in autocast's dtype, each gradient in its tensor's
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (_cast(value, dtype) for value in (hidden, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return _checked_fused_linear_mutual_loss(
+                hidden, weight, target, bias, chunk_size, options, return_components
+            )
     first = hidden[0]
     _check_chunk_size(chunk_size)
     if chunk_size is None:
