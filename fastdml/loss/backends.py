@@ -115,7 +115,7 @@ TRITON_FROM_CLASSES = 65536
 
 # The backends that compute every option of LossOptions; the others compute the paper's loss
 # (LossOptions.extended_option is None), and backend="auto" passes them over for the rest.
-EVERY_OPTION = ("torch",)
+EVERY_OPTION = ("torch", "cpp")
 
 
 # The most peers the CUDA op takes: it keeps per-peer statistics in shared memory (its C++ checks
@@ -196,7 +196,16 @@ def select(
     extended_option: str | None = None,
 ) -> str:
     """The backend that computes the loss of K peers' logits over C classes on `device`, with an
-    option beyond the paper's loss (LossOptions.extended_option) or none; raises if it cannot."""
+    option beyond the paper's loss (LossOptions.extended_option) or none; raises if it cannot.
+    Under torch.func transforms (grad, vmap, ...) only the pure-PyTorch backend runs: the fused
+    ops' autograd is not functorch's."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"backend={backend!r} cannot run under torch.func transforms (grad, vmap, ...): "
+                "its autograd is not functorch's; backend='torch' can (backend='auto' picks it)"
+            )
+        return "torch"
     if extended_option is not None and backend not in ("auto", *EVERY_OPTION):
         raise ValueError(
             f"backend={backend!r} does not compute {extended_option} yet; "
