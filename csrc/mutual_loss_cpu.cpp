@@ -260,9 +260,10 @@ T log_ratio_terms(const T* q, const T* log_q, T w, const T* L, int64_t n, T* e) 
 // m = beta t + (1 - beta) q, and returns sum_c t (log t - log m), the target's KL to m
 // (0 log 0 = 0). m = 0 only where t = q = 0: there log m = -inf, and no term uses it.
 template <typename T>
-T jsd_pair(const T* t, const T* log_t, const T* q, int64_t n, T beta, T w, T* L) {
+T jsd_pair(const T* t, const T* log_t, const T* q, int64_t n, T beta, T one_minus_beta, T w,
+           T* L) {
   using V = Vectorized<T>;
-  const V vb(beta), vq(T(1) - beta), vw(w);
+  const V vb(beta), vq(one_minus_beta), vw(w);
   V acc(0);
   for_each_vector<T>(n, [&](int64_t c, auto cnt) {
     const V tc = load(t + c, cnt);
@@ -364,6 +365,7 @@ struct Problem {
   Mode mode;
   Divergence divergence;  // "jsd" at beta 0 or 1 comes as the KL it is
   T beta;
+  T one_minus_beta;  // from beta in double: near beta = 1, 1 - (T)beta would lose its digits
   T inv_T;
   bool unit_T;  // T == 1: q = p, which saves half of the exps
   T eps;
@@ -555,13 +557,15 @@ void divergence_terms(const Problem<scalar_t, T>& pb, Workspace<T>& ws, PeerStat
       T* L_k = ws.row(ws.ratio, k);
       double kl_t = 0;
       if (one_target) {
-        kl_t = jsd_pair(ws.row(ws.t, k), ws.row(ws.log_t, k), q, n, pb.beta, T(1), L_k);
+        kl_t = jsd_pair(ws.row(ws.t, k), ws.row(ws.log_t, k), q, n, pb.beta, pb.one_minus_beta,
+                        T(1), L_k);
       } else {
         for (int64_t j = 0; j < K; ++j) {
           const T w = peer_weight(pb, k, j);
           // j == k, and the peers k does not imitate: their log m may be -inf (0 * -inf).
           if (w == T(0)) continue;
-          const T kl_j = jsd_pair(ws.row(ws.b, j), ws.row(ws.a, j), q, n, pb.beta, w, L_k);
+          const T kl_j = jsd_pair(ws.row(ws.b, j), ws.row(ws.a, j), q, n, pb.beta,
+                                    pb.one_minus_beta, w, L_k);
           kl_t += static_cast<double>(w) * kl_j;
         }
       }
@@ -706,7 +710,7 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
 
   // Pass 3 (divergences other than KL): the gradient, (g_mim / T) * factor * q * (d - <q, d>).
   if (!kl && out.grad != nullptr) {
-    const T factor = pb.divergence == Divergence::JSD ? T(1) - pb.beta : T(1);
+    const T factor = pb.divergence == Divergence::JSD ? pb.one_minus_beta : T(1);
     for (int64_t c0 = 0; c0 < C; c0 += width) {
       const int64_t n = std::min(width, C - c0);
       posteriors(c0, n, false);
@@ -720,7 +724,7 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
     }
   }
 
-  const double eps = pb.eps, beta = pb.beta;
+  const double eps = pb.eps, beta = pb.beta, one_minus_beta = pb.one_minus_beta;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t i = pb.idx(k, r);
     double ce = 0;  // no cross-entropy at all where it has no weight: not even 0 * inf
@@ -745,7 +749,7 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
         mimicry = st.inner[k];
         break;
       case Divergence::JSD:
-        mimicry = beta * st.kl_t[k] + (1 - beta) * st.inner[k];
+        mimicry = beta * st.kl_t[k] + one_minus_beta * st.inner[k];
         break;
     }
     out.mimicry[i] = static_cast<T>(mimicry);
@@ -878,6 +882,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
                                       mode,
                                       divergence,
                                       static_cast<T>(beta),
+                                      static_cast<T>(1.0 - beta),
                                       static_cast<T>(1.0 / temperature),
                                       temperature == 1.0,
                                       static_cast<T>(label_smoothing),

@@ -116,7 +116,8 @@ void check_cuda(const at::Tensor& t, const char* name) {
 }
 
 // The kernels compute the paper's loss only: the loss family's options at their defaults (beta,
-// unused by "kl", may be anything). Python routes the others to the CPU op or backend='torch'.
+// checked to be in [0, 1], is unused by "kl"). Python routes the others to the CPU op or
+// backend='torch'.
 void check_paper_loss(Divergence divergence, c10::string_view divergence_name, double ce_weight,
                       bool mimic_unlabeled, const std::optional<at::Tensor>& normalizer) {
   constexpr const char* others = "; backend='torch' computes it on any device";

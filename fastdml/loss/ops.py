@@ -110,13 +110,13 @@ def fused_arguments(
 
 def _normalizer(problem: MutualLossProblem, reduction: str) -> Tensor | None:
     """The normalizer as the op takes it: a 0-dim tensor (a number becomes one of the
-    accumulation dtype, on the logits' device; a tensor is passed as it is, detached). It divides
-    a mean: per-row terms and sums leave it out, as the reference's do."""
+    accumulation dtype; a tensor, detached; both on the logits' device). It divides a mean:
+    per-row terms and sums leave it out, as the reference's do."""
     normalizer, logits = problem.normalizer, problem.logits
     if normalizer is None or reduction != "mean":
         return None
     if isinstance(normalizer, Tensor):
-        return normalizer.detach()
+        return normalizer.detach().to(logits.device, non_blocking=True)
     return torch.tensor(
         float(normalizer), dtype=accumulation_dtype(logits.dtype), device=logits.device
     )

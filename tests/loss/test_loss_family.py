@@ -401,3 +401,9 @@ def test_naive_normalizer_matches_definition():
     target = torch.randint(0, 7, (5,))
     summed = naive_mutual_loss(peers, target, reduction="sum")[0]
     torch.testing.assert_close(naive_mutual_loss(peers, target, normalizer=4)[0], summed / 4)
+
+
+def test_a_normalizer_on_another_device_is_refused():
+    logits, target = make_inputs(2, 4, 5)
+    with pytest.raises(ValueError, match="normalizer is on meta but the logits are on cpu"):
+        mutual_loss(logits, target, normalizer=torch.tensor(2.0, device="meta"))

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdml import MutualLoss, mutual_loss
 from fastdml.loss.arguments import make_problem
 from fastdml.loss.backends import EVERY_OPTION
-from fastdml.loss.ops import fused_arguments, with_grad_arguments
+from fastdml.loss.ops import fused_arguments, triton_error, with_grad_arguments
 from fastdml.loss.options import LossOptions
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
@@ -56,6 +56,7 @@ FUSED_CHECKS = WITH_GRAD_CHECKS
 def with_grad_ops(request):
     """The Triton backend's name and its op pair (mutual_loss_with_grad, scale_grad_rows_)."""
     name = on_device(request.param, "triton", request)
+    assert triton_error() is None  # imports the Triton kernels, which register the ops
     ops = torch.ops.fastdml
     return name, ops.triton_mutual_loss_with_grad, ops.triton_scale_grad_rows_
 
