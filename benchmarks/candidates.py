@@ -81,8 +81,10 @@ def make(name: str) -> Candidate:
     return {"eager_pairs": eager_pairs, "torch": torch_backend, "cpp": fused_cpp}[name]
 
 
-def reference(logits: Tensor, target: Tensor) -> tuple[float, Tensor]:
-    """The loss (float64) and its gradient (float32) by fastdml's torch backend in float64.
+def reference(logits: Tensor, target: Tensor | None, **options) -> tuple[float, Tensor]:
+    """The loss (float64) and its gradient (float32) by fastdml's torch backend in float64, with
+    the default options or `options` (those of a loss whose "mean" averages over all N rows:
+    every row labeled, or, without a target, every row mimicked).
 
     Computed over chunks of rows (the mean-reduced loss is a sum over rows / N), so that float64
     copies of the largest inputs fit in memory.
@@ -94,7 +96,9 @@ def reference(logits: Tensor, target: Tensor) -> tuple[float, Tensor]:
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         z = logits.detach()[:, rows].double().requires_grad_()
-        loss = fastdml.mutual_loss(z, target[rows], reduction="sum", backend="torch") / n
+        chunk_target = None if target is None else target[rows]
+        loss = fastdml.mutual_loss(z, chunk_target, reduction="sum", backend="torch", **options)
+        loss = loss / n
         loss.backward()
         value += loss.item()
         grad[:, rows] = z.grad
@@ -108,7 +112,7 @@ TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def check(
-    candidate: Candidate, logits: Tensor, target: Tensor, expected: tuple[float, Tensor]
+    candidate: Candidate, logits: Tensor, target: Tensor | None, expected: tuple[float, Tensor]
 ) -> dict[str, float]:
     """Runs forward and backward once and compares both with `expected` (from `reference`).
 
@@ -130,7 +134,7 @@ def check(
     return {"value_error": value_error, "grad_error": grad_error}
 
 
-def warm_up(candidate: Candidate, logits: Tensor, target: Tensor) -> None:
+def warm_up(candidate: Candidate, logits: Tensor, target: Tensor | None) -> None:
     """One forward under no_grad and one forward + backward: compiles both graphs of
     torch_compile, and leaves every candidate's lazy initialisation out of what is measured."""
     with torch.no_grad():

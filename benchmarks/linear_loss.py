@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.peak_memory import (
@@ -170,14 +169,7 @@ def main() -> None:
 
     from benchmarks import machine
 
-    report: dict[str, object] = {
-        "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine.describe(),
-        "rounds": args.rounds,
-        "load_average_before": os.getloadavg(),
-        "results": [],
-        "summary": [],
-    }
+    report = {**machine.report_head(rounds=args.rounds), "results": [], "summary": []}
     for shape in SHAPES:
         prefix = ",".join(map(str, shape))
         memory = {}

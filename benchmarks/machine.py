@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from datetime import datetime, timezone
 
 import torch
 
@@ -49,4 +50,15 @@ def describe() -> dict[str, object]:
         "python": platform.python_version(),
         "os": platform.platform(),
         "fastdml_backends": fastdml.available_backends(),
+    }
+
+
+def report_head(**settings: object) -> dict[str, object]:
+    """The first fields of a benchmark's JSON: when it ran, on what, its settings, and the load
+    average as it started (with others on the machine, the times are not the machine's own)."""
+    return {
+        "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
+        **settings,
+        "load_average_before": os.getloadavg(),
     }

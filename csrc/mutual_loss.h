@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -31,6 +32,18 @@ inline Reduction parse_reduction(c10::string_view reduction) {
   if (reduction == "none") return Reduction::None;
   TORCH_CHECK(false, "fastdml: unknown reduction '", reduction,
                     "' (expected mean, sum or none)");
+}
+
+// D(t, q_k) in peer k's mimicry (docs/design.md, Other divergences): KL(t || q_k), KL(q_k || t),
+// or the generalized Jensen-Shannon divergence of weight beta.
+enum class Divergence { KL, ReverseKL, JSD };
+
+inline Divergence parse_divergence(c10::string_view divergence) {
+  if (divergence == "kl") return Divergence::KL;
+  if (divergence == "reverse_kl") return Divergence::ReverseKL;
+  if (divergence == "jsd") return Divergence::JSD;
+  TORCH_CHECK_VALUE(false, "fastdml: unknown divergence '", divergence,
+                    "' (expected kl, reverse_kl or jsd)");
 }
 
 // Losses, statistics and gradients are accumulated in float64 for float64 logits, else float32.
@@ -100,13 +113,32 @@ inline std::pair<int64_t, int64_t> row_strides(const at::Tensor& t) {
   return {t.stride(0), t.stride(1)};
 }
 
+// The loss family's options of fused_mutual_loss. The normalizer is a 0-dim real tensor (an int64
+// count will do) on the logits' device, where a kernel can read it without a host sync. Its value
+// must be > 0: the CPU op checks that as it reads it on the host.
+inline void check_family_args(const at::Tensor& logits, double beta, double ce_weight,
+                              const std::optional<at::Tensor>& normalizer, Reduction reduction) {
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "fastdml: beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(ce_weight) && ce_weight >= 0,
+                    "fastdml: ce_weight must be a finite number >= 0, got ", ce_weight);
+  if (!normalizer.has_value()) return;
+  TORCH_CHECK_VALUE(reduction == Reduction::Mean,
+                    "fastdml: normalizer divides the loss of reduction 'mean' only");
+  check_same_device(logits, *normalizer, "normalizer");
+  const auto dtype = normalizer->scalar_type();
+  TORCH_CHECK_VALUE(normalizer->dim() == 0 && dtype != at::kBool && !c10::isComplexType(dtype),
+                    "fastdml: normalizer must be a 0-dim real tensor, got shape ",
+                    normalizer->sizes(), " and dtype ", dtype);
+}
+
 // fused_mutual_loss: weights [K, K] in mode "weights" (unread, and may be absent, in the
 // others); grad_scale absent, 0-dim or [K, R] (any strides; 0-dim for a reduced loss).
 inline void check_fused_args(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weights,
                              const std::optional<at::Tensor>& grad_scale, Mode mode,
                              double temperature, double alpha, double label_smoothing,
-                             Reduction reduction) {
+                             Reduction reduction, double beta, double ce_weight,
+                             const std::optional<at::Tensor>& normalizer) {
   check_loss_args(logits, target, temperature, label_smoothing);
   if (mode == Mode::Weights) {
     TORCH_CHECK(weights.has_value(), "fastdml: mode 'weights' needs the [K, K] weights");
@@ -118,6 +150,7 @@ inline void check_fused_args(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(reduction == Reduction::None || grad_scale->dim() == 0,
                       "fastdml: grad_scale must be 0-dim for a reduced loss");
   }
+  check_family_args(logits, beta, ce_weight, normalizer, reduction);
 }
 
 // scale_grad_: grad [K, R, C] contiguous; grad_loss 0-dim or [K, R] (any strides) in its

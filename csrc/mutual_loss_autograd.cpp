@@ -26,18 +26,21 @@ using at::Tensor;
 
 using FusedSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    c10::string_view, double, double, double, int64_t, c10::string_view, bool);
+    c10::string_view, double, double, double, int64_t, c10::string_view, bool, c10::string_view,
+    double, double, bool, const std::optional<Tensor>&);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_mutual_loss(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& grad_scale, c10::string_view mode, double temperature,
     double alpha, double label_smoothing, int64_t ignore_index, c10::string_view reduction,
-    bool compute_grad) {
+    bool compute_grad, c10::string_view divergence, double beta, double ce_weight,
+    bool mimic_unlabeled, const std::optional<Tensor>& normalizer) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastdml::fused_mutual_loss", "")
                              .typed<FusedSignature>();
   return op.call(logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
-                 ignore_index, reduction, compute_grad);
+                 ignore_index, reduction, compute_grad, divergence, beta, ce_weight,
+                 mimic_unlabeled, normalizer);
 }
 
 void scale_grad_(Tensor& grad, const Tensor& grad_loss) {
@@ -58,12 +61,16 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
                                const std::optional<Tensor>& grad_scale, c10::string_view mode,
                                double temperature, double alpha, double label_smoothing,
                                int64_t ignore_index, c10::string_view reduction,
-                               bool compute_grad) {
+                               bool compute_grad, c10::string_view divergence, double beta,
+                               double ce_weight, bool mimic_unlabeled,
+                               const std::optional<Tensor>& normalizer) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, ce, mimicry, grad] =
-        fused_mutual_loss(logits, target, weights, grad_scale, mode, temperature, alpha,
-                          label_smoothing, ignore_index, reduction, compute_grad);
-    ctx->save_for_backward({logits, target, weights.value_or(Tensor())});
+    auto [loss, ce, mimicry, grad] = fused_mutual_loss(
+        logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
+        ignore_index, reduction, compute_grad, divergence, beta, ce_weight, mimic_unlabeled,
+        normalizer);
+    ctx->save_for_backward(
+        {logits, target, weights.value_or(Tensor()), normalizer.value_or(Tensor())});
     // The gradient buffer belongs to the op (the caller's logits are never written): the first
     // backward rescales it in place and hands it to autograd, so it stays out of
     // save_for_backward's version checks; its own version is checked instead.
@@ -76,6 +83,10 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["divergence"] = std::string(divergence);
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["ce_weight"] = ce_weight;
+    ctx->saved_data["mimic_unlabeled"] = mimic_unlabeled;
     ctx->mark_non_differentiable({ce, mimicry, grad});
     // No zero-filled gradients for the outputs nothing differentiates (one is the size of the
     // logits).
@@ -84,7 +95,7 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(11);
+    variable_list grads(16);
     const Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     TORCH_CHECK(!at::GradMode::is_enabled(),
@@ -106,7 +117,9 @@ class FusedMutualLoss : public torch::autograd::Function<FusedMutualLoss> {
           ctx->saved_data["mode"].toStringRef(), ctx->saved_data["temperature"].toDouble(),
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
           ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
-          true));
+          true, ctx->saved_data["divergence"].toStringRef(), ctx->saved_data["beta"].toDouble(),
+          ctx->saved_data["ce_weight"].toDouble(), ctx->saved_data["mimic_unlabeled"].toBool(),
+          optional_tensor(saved[3])));
     }
     grads[0] = grad;
     return grads;
@@ -117,10 +130,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_mutual_loss_autograd(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weights,
     const std::optional<Tensor>& grad_scale, c10::string_view mode, double temperature,
     double alpha, double label_smoothing, int64_t ignore_index, c10::string_view reduction,
-    bool compute_grad) {
+    bool compute_grad, c10::string_view divergence, double beta, double ce_weight,
+    bool mimic_unlabeled, const std::optional<Tensor>& normalizer) {
   auto out = FusedMutualLoss::apply(logits, target, weights, grad_scale, mode, temperature,
-                                    alpha, label_smoothing, ignore_index, reduction,
-                                    compute_grad);
+                                    alpha, label_smoothing, ignore_index, reduction, compute_grad,
+                                    divergence, beta, ce_weight, mimic_unlabeled, normalizer);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -2,8 +2,10 @@
 //
 // The loss reads each row twice and writes its gradient once: pass 1 finds the log-sum-exps, pass 2
 // computes the loss terms and the gradient of the reduced loss, so the backward only rescales it
-// when the upstream gradient is not 1. The targets are checked, and counted for reduction "mean",
-// in one pass before any row is computed; the reduction over rows has a fixed order.
+// when the upstream gradient is not 1. The divergences other than KL read a row three times: their
+// gradient needs a sum over the row (docs/design.md, Other divergences). The targets are checked,
+// and counted for reduction "mean", in one pass before any row is computed; the reduction over rows
+// has a fixed order.
 //
 // Rows are independent and split across threads; per-row results never depend on the split, and
 // every reduction within a row has a fixed order, so outputs are bit-identical run to run.
@@ -231,6 +233,47 @@ void gradient(const T* p, const T* q, const T* t, int64_t n, T a, T b, T t_coef,
   });
 }
 
+// out[c] = log x[c]
+template <typename T>
+void log_of(const T* x, int64_t n, T* out) {
+  for_each_vector<T>(n, [&](int64_t c, auto cnt) { store(load(x + c, cnt).log(), out + c, cnt); });
+}
+
+// e[c] = q[c] (w log q[c] - L[c]), the q_k * d_k of a divergence's gradient (docs/design.md,
+// Other divergences), 0 where q = 0 (where d is NaN if the target is 0 too); returns sum_c e,
+// which is <q_k, d_k>. e may alias L.
+template <typename T>
+T log_ratio_terms(const T* q, const T* log_q, T w, const T* L, int64_t n, T* e) {
+  using V = Vectorized<T>;
+  const V vw(w);
+  V acc(0);
+  for_each_vector<T>(n, [&](int64_t c, auto cnt) {
+    const V d = at::vec::fmsub(vw, load(log_q + c, cnt), load(L + c, cnt));
+    const V term = plogq(load(q + c, cnt), d);  // dead lanes load q = 0: no live() needed
+    store(term, e + c, cnt);
+    acc += term;
+  });
+  return hsum(acc);
+}
+
+// One pair of the generalized JSD, target t and peer q: adds w log m to L, with the mixture
+// m = beta t + (1 - beta) q, and returns sum_c t (log t - log m), the target's KL to m
+// (0 log 0 = 0). m = 0 only where t = q = 0: there log m = -inf, and no term uses it.
+template <typename T>
+T jsd_pair(const T* t, const T* log_t, const T* q, int64_t n, T beta, T one_minus_beta, T w,
+           T* L) {
+  using V = Vectorized<T>;
+  const V vb(beta), vq(one_minus_beta), vw(w);
+  V acc(0);
+  for_each_vector<T>(n, [&](int64_t c, auto cnt) {
+    const V tc = load(t + c, cnt);
+    const V log_m = at::vec::fmadd(vb, tc, vq * load(q + c, cnt)).log();
+    store(at::vec::fmadd(vw, log_m, load(L + c, cnt)), L + c, cnt);
+    acc += plogq(tc, load(log_t + c, cnt) - log_m);  // dead lanes load t = 0
+  });
+  return hsum(acc);
+}
+
 // The K vectors of one class block, held in registers when K is a compile-time constant and in
 // `spill` (K vectors of scratch) otherwise.
 template <int KT, typename T>
@@ -266,7 +309,8 @@ void sum_others(const T* const* x, int64_t k_runtime, int64_t n, T scale, T* out
 }
 
 // out_k[c] = sum_{j != k} W[k, j] x_j[c]. The diagonal is left out: it cancels in the gradient
-// (W_kk q_k - W_kk q_k) and adds KL(q_k || q_k) = 0 to the loss.
+// (W_kk q_k - W_kk q_k) and adds KL(q_k || q_k) = 0 to the loss. So are the weights of 0: x may be
+// log q, -inf at a class that a peer masks, and 0 * -inf is NaN.
 template <int KT, typename T>
 void mix_others(const T* const* x, const T* W, int64_t k_runtime, int64_t n, T* out, int64_t ld,
                 Vectorized<T>* spill) {
@@ -278,7 +322,7 @@ void mix_others(const T* const* x, const T* W, int64_t k_runtime, int64_t n, T* 
     for (int64_t k = 0; k < K; ++k) {
       V acc(0);
       for (int64_t j = 0; j < K; ++j) {
-        if (j != k) acc = at::vec::fmadd(V(W[k * K + j]), xs[j], acc);
+        if (j != k && W[k * K + j] != T(0)) acc = at::vec::fmadd(V(W[k * K + j]), xs[j], acc);
       }
       store(acc, out + k * ld + c, cnt);
     }
@@ -319,10 +363,15 @@ struct Problem {
   const T* weights;        // [K, K], mode "weights" only
   int64_t K, R, C;
   Mode mode;
+  Divergence divergence;  // "jsd" at beta 0 or 1 comes as the KL it is
+  T beta;
+  T one_minus_beta;  // from beta in double: near beta = 1, 1 - (T)beta would lose its digits
   T inv_T;
   bool unit_T;  // T == 1: q = p, which saves half of the exps
   T eps;
   int64_t ignore_index;
+  bool with_ce;          // ce_weight > 0: else no cross-entropy is computed at all
+  bool mimic_unlabeled;  // rows whose target is ignore_index keep their mimicry
 
   const scalar_t* row(int64_t k, int64_t r) const { return logits + (k * R + r) * C; }
   int64_t idx(int64_t k, int64_t r) const { return k * R + r; }  // index into [K, R] tensors
@@ -338,10 +387,16 @@ struct Workspace {
         b(K * width),
         t(K * width),
         u(K * width),
+        log_t(K * width),
+        ratio(K * width),
         x(K),
+        a_rows(K),
         b_rows(K),
         spill(K) {
-    for (int64_t k = 0; k < K; ++k) b_rows[k] = row(b, k);
+    for (int64_t k = 0; k < K; ++k) {
+      a_rows[k] = row(a, k);
+      b_rows[k] = row(b, k);
+    }
   }
 
   T* row(std::vector<T>& buf, int64_t k) { return buf.data() + k * width; }
@@ -361,8 +416,11 @@ struct Workspace {
 
   int64_t width;                // classes per chunk
   std::vector<T> z, a, b, t, u;  // K rows of `width` each
+  // Only for the divergences other than KL: log t_k of the ensemble modes, and the log-target mix
+  // L_k, then q_k * d_k (divergence_terms), K rows each.
+  std::vector<T> log_t, ratio;
   std::vector<const T*> x;      // the current chunk of logits, per peer
-  std::vector<const T*> b_rows;
+  std::vector<const T*> a_rows, b_rows;
   std::vector<Vectorized<T>> spill;  // per-class peer vectors when K is not a template argument
 };
 
@@ -431,15 +489,17 @@ struct RowOut {
   scalar_t* grad;  // [K, R, C], or null when no gradient is asked for
 };
 
-// The factor of each row's gradient: `uniform` (1 / counted rows for reduction "mean", else 1)
-// times grad_scale[k, r] when one was given (0-dim: strides 0).
+// The factors of each row's gradient: grad_scale[k, r] when one was given (0-dim: strides 0)
+// times, for each term, its weight in the loss and its row weight (for reduction "mean",
+// 1 / the rows the term covers, or 1 / normalizer; else 1).
 template <typename T>
 struct GradScale {
   const T* values;  // null: none given
   int64_t stride_k, stride_r;
-  T uniform;
+  T ce;         // ce_weight times the cross-entropy's row weight
+  T mimicry_T;  // alpha * T^2 / T times the mimicry's row weight (d log q / dz carries a 1 / T)
   T at(int64_t k, int64_t r) const {
-    return values == nullptr ? uniform : uniform * values[k * stride_k + r * stride_r];
+    return values == nullptr ? T(1) : values[k * stride_k + r * stride_r];
   }
 };
 
@@ -448,27 +508,96 @@ struct GradScale {
 template <typename T>
 struct PeerState {
   explicit PeerState(int64_t K)
-      : m(K), m_u(K), s(K), s_T(K), s_u(K), sum_d(K), h(K), y(K), kl(K) {}
+      : m(K), m_u(K), s(K), s_T(K), s_u(K), sum_d(K), h(K), y(K), kl(K), inner(K), kl_t(K) {}
   void reset() {
     std::fill(m.begin(), m.end(), kNegInf<T>);
     std::fill(m_u.begin(), m_u.end(), kNegInf<T>);
-    for (auto* v : {&s, &s_T, &s_u, &sum_d, &h, &y, &kl}) std::fill(v->begin(), v->end(), 0.0);
+    for (auto* v : {&s, &s_T, &s_u, &sum_d, &h, &y, &kl, &inner, &kl_t}) {
+      std::fill(v->begin(), v->end(), 0.0);
+    }
   }
   // Maxima of z and of the ensemble_logits target's logits u.
   std::vector<T> m, m_u;
   // Shifted sums of exp of z, z / T and u (replaced by their logs after pass 1); sum_c (z - m);
-  // sum_c q log q; sum_c t log q; sum_c t (log t - log q)
-  std::vector<double> s, s_T, s_u, sum_d, h, y, kl;
+  // sum_c q log q; sum_c t log q; sum_c t (log t - log q); for the other divergences
+  // <q_k, d_k> and the JSD's sum_j W[k, j] KL(t_j || m_kj).
+  std::vector<double> s, s_T, s_u, sum_d, h, y, kl, inner, kl_t;
 };
 
-// One chunk's gradient for peer k: g = g_ce (p - (1 - eps) onehot - eps / C)
-// + (g_mim / T) (w_k q - t), with q, t and log q (overwritten by p when T != 1) in the workspace.
+// The chunk's terms of a divergence other than KL, from every peer's log q (ws.a) and q (ws.b):
+// the log-target mix L_k, such that d_k = w_k log q_k - L_k (docs/design.md, Other divergences),
+// then q_k * d_k, both into ws.ratio. Where `add` (pass 2), adds <q_k, d_k> to st.inner and the
+// JSD's targets' KL to their mixtures to st.kl_t; pass 3 needs ws.ratio only.
+//   reverse KL: L_k = sum_j W[k, j] log q_j, or log t_k in the ensemble modes.
+//   JSD: L_k = sum_j W[k, j] log m_kj with m_kj = beta q_j + (1 - beta) q_k, a logarithm per pair
+//        and class, or log m_k of the one target in the ensemble modes.
+template <int KT, typename scalar_t, typename T>
+void divergence_terms(const Problem<scalar_t, T>& pb, Workspace<T>& ws, PeerState<T>& st,
+                      int64_t n, bool add) {
+  const int64_t K = KT > 0 ? KT : pb.K;
+  const bool one_target = pb.mode == Mode::Ensemble || pb.mode == Mode::EnsembleLogits;
+  if (one_target) {  // t_k into ws.t and log t_k into ws.log_t
+    peer_targets<KT>(pb, ws, n);
+    for (int64_t k = 0; k < K; ++k) {
+      T* t = ws.row(ws.t, k);
+      if (pb.mode == Mode::Ensemble) {
+        log_of(t, n, ws.row(ws.log_t, k));
+      } else {  // from the target's logits, in place
+        double unused_d = 0, unused_h = 0;
+        log_softmax(t, n, T(1), st.m_u[k], static_cast<T>(st.s_u[k]), ws.row(ws.log_t, k), t,
+                    unused_d, unused_h);
+      }
+    }
+  }
+  const T* L = ws.ratio.data();
+  if (pb.divergence == Divergence::JSD) {
+    std::fill(ws.ratio.begin(), ws.ratio.end(), T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* q = ws.row(ws.b, k);
+      T* L_k = ws.row(ws.ratio, k);
+      double kl_t = 0;
+      if (one_target) {
+        kl_t = jsd_pair(ws.row(ws.t, k), ws.row(ws.log_t, k), q, n, pb.beta, pb.one_minus_beta,
+                        T(1), L_k);
+      } else {
+        for (int64_t j = 0; j < K; ++j) {
+          const T w = peer_weight(pb, k, j);
+          // j == k, and the peers k does not imitate: their log m may be -inf (0 * -inf).
+          if (w == T(0)) continue;
+          const T kl_j = jsd_pair(ws.row(ws.b, j), ws.row(ws.a, j), q, n, pb.beta,
+                                    pb.one_minus_beta, w, L_k);
+          kl_t += static_cast<double>(w) * kl_j;
+        }
+      }
+      if (add) st.kl_t[k] += kl_t;
+    }
+  } else if (one_target) {
+    L = ws.log_t.data();
+  } else if (pb.mode == Mode::Pairwise) {
+    sum_others<KT>(ws.a_rows.data(), K, n, T(1) / static_cast<T>(K - 1), ws.ratio.data(),
+                   ws.width, ws.spill.data());
+  } else {
+    mix_others<KT>(ws.a_rows.data(), pb.weights, K, n, ws.ratio.data(), ws.width,
+                   ws.spill.data());
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T inner = log_ratio_terms(ws.row(ws.b, k), ws.row(ws.a, k), own_weight(pb, k),
+                                    L + k * ws.width, n, ws.row(ws.ratio, k));
+    if (add) st.inner[k] += inner;
+  }
+}
+
+// One chunk's gradient for peer k: g = g_ce (p - (1 - eps) onehot - eps / C) + q_coef q
+// + t_coef t, with q and log q (overwritten by p when T != 1) in the workspace. The mimicry's part
+// is (g_mim / T) (w_k q - t_k) for KL, and (g_mim / T) (q * d - <q, d> q) with t = q * d for the
+// other divergences. label is -1 in rows without a cross-entropy.
 template <typename scalar_t, typename T>
 void chunk_gradient(const Problem<scalar_t, T>& pb, Workspace<T>& ws, int64_t k, int64_t label,
-                    int64_t c0, int64_t n, T lse, T g_ce, T g_mim_T, scalar_t* dst) {
+                    int64_t c0, int64_t n, T lse, T g_ce, T q_coef, T t_coef, const T* t,
+                    scalar_t* dst) {
   const T* q = ws.row(ws.b, k);
   const T* p = q;
-  if (!pb.unit_T) {
+  if (!pb.unit_T && g_ce != T(0)) {  // without a cross-entropy p is multiplied by 0: q will do
     exp_affine(ws.x[k], n, T(1), lse, ws.row(ws.a, k));
     p = ws.row(ws.a, k);
   }
@@ -478,28 +607,33 @@ void chunk_gradient(const Problem<scalar_t, T>& pb, Workspace<T>& ws, int64_t k,
   } else {
     g = ws.row(ws.u, k);
   }
-  gradient(p, q, ws.row(ws.t, k), n, g_ce, g_mim_T * own_weight(pb, k), -g_mim_T,
-           -g_ce * pb.eps / static_cast<T>(pb.C), g);
+  gradient(p, q, t, n, g_ce, q_coef, t_coef, -g_ce * pb.eps / static_cast<T>(pb.C), g);
   // The one-hot term, in T before any cast to a narrower dtype (p - 1 cancels at p ~ 1).
   if (label >= c0 && label < c0 + n) g[label - c0] -= g_ce * (T(1) - pb.eps);
   if constexpr (!std::is_same_v<scalar_t, T>) from_float(g, n, dst);
 }
 
 // Pass 1 finds each peer's maxima and sums of exp; pass 2 recomputes q, the targets and the
-// loss sums, and writes the gradient: two reads of the row and one write.
+// loss sums and, for KL, writes the gradient: two reads of the row and one write. The other
+// divergences' gradient needs <q_k, d_k>, a sum over the whole row, so pass 3 recomputes the
+// chunk's terms and writes it, reading the row a third time: from L2 cache where its K x C
+// logits fit there (256 KiB at K = 2, C = 32000 in float32).
 template <int KT, typename scalar_t, typename T>
 void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerState<T>& st,
-              const RowOut<scalar_t, T>& out, const GradScale<T>& scale, T weight_T2) {
+              const RowOut<scalar_t, T>& out, const GradScale<T>& scale) {
   const int64_t K = KT > 0 ? KT : pb.K;
   const int64_t C = pb.C, width = ws.width;
-  const int64_t label = pb.target[r];
-  if (label == pb.ignore_index) {
+  const bool labeled = pb.target[r] != pb.ignore_index;
+  if (!labeled && !pb.mimic_unlabeled) {
     for (int64_t k = 0; k < K; ++k) {
       out.ce[pb.idx(k, r)] = out.mimicry[pb.idx(k, r)] = T(0);
       if (out.grad != nullptr) std::fill_n(out.grad + pb.idx(k, r) * C, C, scalar_t(0));
     }
     return;
   }
+  const bool with_ce = labeled && pb.with_ce;
+  const int64_t label = with_ce ? pb.target[r] : -1;
+  const T ce_scale = with_ce ? scale.ce : T(0);
   const bool logit_target = pb.mode == Mode::EnsembleLogits;
   st.reset();
 
@@ -525,14 +659,24 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
   const auto& log_s = st.s;
   const auto& log_s_T = st.s_T;
   const auto& log_s_u = st.s_u;
-
-  // Pass 2: log q (ws.a), q (ws.b), the targets (ws.t), the sums and the gradient.
-  for (int64_t c0 = 0; c0 < C; c0 += width) {
-    const int64_t n = std::min(width, C - c0);
+  // log q (ws.a) and q (ws.b) of a chunk's peers; their sums go to st in pass 2 only.
+  const auto posteriors = [&](int64_t c0, int64_t n, bool add) {
     ws.load_chunk(pb, r, c0, n);
     for (int64_t k = 0; k < K; ++k) {
+      double unused_d = 0, unused_h = 0;
       log_softmax(ws.x[k], n, pb.inv_T, st.m[k], static_cast<T>(log_s_T[k]), ws.row(ws.a, k),
-                  ws.row(ws.b, k), st.sum_d[k], st.h[k]);
+                  ws.row(ws.b, k), add ? st.sum_d[k] : unused_d, add ? st.h[k] : unused_h);
+    }
+  };
+  const bool kl = pb.divergence == Divergence::KL;
+
+  // Pass 2: log q (ws.a), q (ws.b), the targets (ws.t), the sums and, for KL, the gradient.
+  for (int64_t c0 = 0; c0 < C; c0 += width) {
+    const int64_t n = std::min(width, C - c0);
+    posteriors(c0, n, true);
+    if (!kl) {
+      divergence_terms<KT>(pb, ws, st, n, true);
+      continue;
     }
     peer_targets<KT>(pb, ws, n);
     for (int64_t k = 0; k < K; ++k) {
@@ -553,29 +697,60 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
     }
     if (out.grad == nullptr) continue;
     for (int64_t k = 0; k < K; ++k) {
+      T* t = ws.row(ws.t, k);
       if (logit_target) {  // the target distribution itself, from its logits
-        T* t = ws.row(ws.t, k);
         exp_affine(t, n, T(1), static_cast<T>(st.m_u[k] + log_s_u[k]), t);
       }
-      const T g_ce = scale.at(k, r);
-      chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]), g_ce,
-                     g_ce * weight_T2 * pb.inv_T, out.grad + pb.idx(k, r) * C + c0);
+      const T g_scale = scale.at(k, r), g_mim_T = scale.mimicry_T * g_scale;
+      chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]),
+                     ce_scale * g_scale, g_mim_T * own_weight(pb, k), -g_mim_T, t,
+                     out.grad + pb.idx(k, r) * C + c0);
     }
   }
 
-  const double eps = pb.eps;
+  // Pass 3 (divergences other than KL): the gradient, (g_mim / T) * factor * q * (d - <q, d>).
+  if (!kl && out.grad != nullptr) {
+    const T factor = pb.divergence == Divergence::JSD ? pb.one_minus_beta : T(1);
+    for (int64_t c0 = 0; c0 < C; c0 += width) {
+      const int64_t n = std::min(width, C - c0);
+      posteriors(c0, n, false);
+      divergence_terms<KT>(pb, ws, st, n, false);
+      for (int64_t k = 0; k < K; ++k) {
+        const T g_scale = scale.at(k, r), coef = scale.mimicry_T * g_scale * factor;
+        chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]),
+                       ce_scale * g_scale, static_cast<T>(-coef * st.inner[k]), coef,
+                       ws.row(ws.ratio, k), out.grad + pb.idx(k, r) * C + c0);
+      }
+    }
+  }
+
+  const double eps = pb.eps, beta = pb.beta, one_minus_beta = pb.one_minus_beta;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t i = pb.idx(k, r);
-    const double m = st.m[k], z_label = static_cast<T>(pb.row(k, r)[label]);
-    double ce = (1 - eps) * ((m - z_label) + log_s[k]);
-    // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
-    if (eps > 0) ce += eps * (log_s[k] - st.sum_d[k] / static_cast<double>(C));
+    double ce = 0;  // no cross-entropy at all where it has no weight: not even 0 * inf
+    if (with_ce) {
+      const double m = st.m[k], z_label = static_cast<T>(pb.row(k, r)[label]);
+      ce = (1 - eps) * ((m - z_label) + log_s[k]);
+      // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
+      if (eps > 0) ce += eps * (log_s[k] - st.sum_d[k] / static_cast<double>(C));
+    }
     out.ce[i] = static_cast<T>(ce);
 
-    double mimicry = st.kl[k];
-    if (pb.mode == Mode::Pairwise || pb.mode == Mode::Weights) {
-      mimicry = -st.y[k];
-      for (int64_t j = 0; j < K; ++j) mimicry += peer_weight(pb, k, j) * st.h[j];
+    double mimicry = 0;
+    switch (pb.divergence) {
+      case Divergence::KL:
+        mimicry = st.kl[k];
+        if (pb.mode == Mode::Pairwise || pb.mode == Mode::Weights) {
+          mimicry = -st.y[k];
+          for (int64_t j = 0; j < K; ++j) mimicry += peer_weight(pb, k, j) * st.h[j];
+        }
+        break;
+      case Divergence::ReverseKL:
+        mimicry = st.inner[k];
+        break;
+      case Divergence::JSD:
+        mimicry = beta * st.kl_t[k] + one_minus_beta * st.inner[k];
+        break;
     }
     out.mimicry[i] = static_cast<T>(mimicry);
   }
@@ -644,20 +819,48 @@ void sum_rows(const T* rows, int64_t K, int64_t R, double factor, T* out) {
   }
 }
 
+// "jsd" at beta 0 and 1 is defined as the KL and the reverse KL (docs/loss.md), where its formula
+// gives 0: those are computed as such.
+Divergence computed_divergence(Divergence divergence, double beta) {
+  if (divergence != Divergence::JSD) return divergence;
+  if (beta == 0) return Divergence::KL;
+  return beta == 1 ? Divergence::ReverseKL : Divergence::JSD;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,
     c10::string_view mode_name, double temperature, double alpha, double label_smoothing,
-    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad) {
+    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad,
+    c10::string_view divergence_name, double beta, double ce_weight, bool mimic_unlabeled,
+    const std::optional<at::Tensor>& normalizer) {
   const Mode mode = parse_mode(mode_name);
   const Reduction reduction = parse_reduction(reduction_name);
+  const Divergence divergence = computed_divergence(parse_divergence(divergence_name), beta);
   check_fused_args(logits_in, target_in, weights_in, grad_scale, mode, temperature, alpha,
-                   label_smoothing, reduction);
+                   label_smoothing, reduction, beta, ce_weight, normalizer);
+  // On the CPU the normalizer is read on the host, so its value is checked here.
+  const double normalizer_value = normalizer.has_value() ? normalizer->item<double>() : 1.0;
+  TORCH_CHECK_VALUE(normalizer_value > 0, "fastdml: normalizer must be > 0, got ",
+                    normalizer_value);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t K = logits.size(0), R = logits.size(1), C = logits.size(2);
-  const int64_t valid = count_valid_targets(target, C, ignore_index);
+  const int64_t labeled = count_valid_targets(target, C, ignore_index);
+  const int64_t mimicked = mimic_unlabeled ? R : labeled;
   const at::Tensor weights = mode == Mode::Weights ? weights_in->contiguous() : at::Tensor();
+
+  // The row weights of the two terms in the reduced loss. "mean": each peer's mean over the rows
+  // the term covers (none: a loss of 0), or both sums divided by the normalizer.
+  double ce_row_weight = 1.0, mimicry_row_weight = 1.0;
+  if (reduction == Reduction::Mean) {
+    const auto mean_over = [&](int64_t rows) {
+      return 1.0 / (normalizer.has_value() ? normalizer_value
+                                           : static_cast<double>(std::max<int64_t>(rows, 1)));
+    };
+    ce_row_weight = mean_over(labeled);
+    mimicry_row_weight = mean_over(mimicked);
+  }
 
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   // Per-row cross-entropy and mimicry: the outputs of reduction "none".
@@ -677,15 +880,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
                                       R,
                                       C,
                                       mode,
+                                      divergence,
+                                      static_cast<T>(beta),
+                                      static_cast<T>(1.0 - beta),
                                       static_cast<T>(1.0 / temperature),
                                       temperature == 1.0,
                                       static_cast<T>(label_smoothing),
-                                      ignore_index};
-        // "mean": each peer's mean over the counted rows (none counted: a loss of 0).
-        const double row_weight =
-            reduction == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(valid, 1))
-                                         : 1.0;
-        GradScale<T> scale{nullptr, 0, 0, static_cast<T>(row_weight)};
+                                      ignore_index,
+                                      ce_weight != 0,
+                                      mimic_unlabeled};
+        GradScale<T> scale{nullptr, 0, 0, static_cast<T>(ce_weight * ce_row_weight),
+                           static_cast<T>(alpha * temperature * mimicry_row_weight)};
         if (grad_scale.has_value()) {
           scale.values = grad_scale->const_data_ptr<T>();
           if (grad_scale->dim() == 2) {
@@ -696,22 +901,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
         const RowOut<scalar_t, T> out{ce_rows.mutable_data_ptr<T>(),
                                       mimicry_rows.mutable_data_ptr<T>(),
                                       compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr};
-        const T weight_T2 = static_cast<T>(alpha * temperature * temperature);
         dispatch_peers(K, [&](auto kt) {
           at::parallel_for(0, R, row_grain(K, C), [&](int64_t begin, int64_t end) {
             Workspace<T> ws(K, C);
             PeerState<T> st(K);
             for (int64_t r = begin; r < end; ++r) {
-              loss_row<decltype(kt)::value>(pb, r, ws, st, out, scale, weight_T2);
+              loss_row<decltype(kt)::value>(pb, r, ws, st, out, scale);
             }
           });
         });
+        const T ce_weight_T = static_cast<T>(ce_weight);
+        const T weight_T2 = static_cast<T>(alpha * temperature * temperature);
         if (reduction == Reduction::None) {
           ce = ce_rows;
           mimicry = mimicry_rows;
           loss = at::empty({K, R}, opts);
           T* dst = loss.mutable_data_ptr<T>();
-          for (int64_t i = 0; i < K * R; ++i) dst[i] = out.ce[i] + weight_T2 * out.mimicry[i];
+          for (int64_t i = 0; i < K * R; ++i) {
+            dst[i] = ce_weight_T * out.ce[i] + weight_T2 * out.mimicry[i];
+          }
           return;
         }
         ce = at::empty({K}, opts);
@@ -719,10 +927,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
         loss = at::empty({}, opts);
         T* ce_k = ce.mutable_data_ptr<T>();
         T* mimicry_k = mimicry.mutable_data_ptr<T>();
-        sum_rows(out.ce, K, R, row_weight, ce_k);
-        sum_rows(out.mimicry, K, R, row_weight, mimicry_k);
+        sum_rows(out.ce, K, R, ce_row_weight, ce_k);
+        sum_rows(out.mimicry, K, R, mimicry_row_weight, mimicry_k);
         double total = 0;
-        for (int64_t k = 0; k < K; ++k) total += ce_k[k] + weight_T2 * mimicry_k[k];
+        for (int64_t k = 0; k < K; ++k) total += ce_weight_T * ce_k[k] + weight_T2 * mimicry_k[k];
         *loss.mutable_data_ptr<T>() = static_cast<T>(total);
       });
   return {loss, ce, mimicry, grad};

@@ -115,15 +115,37 @@ void check_cuda(const at::Tensor& t, const char* name) {
               t.device());
 }
 
+// The kernels compute the paper's loss only: the loss family's options at their defaults (beta,
+// checked to be in [0, 1], is unused by "kl"). Python routes the others to the CPU op or
+// backend='torch'.
+void check_paper_loss(Divergence divergence, c10::string_view divergence_name, double ce_weight,
+                      bool mimic_unlabeled, const std::optional<at::Tensor>& normalizer) {
+  constexpr const char* others = "; backend='torch' computes it on any device";
+  TORCH_CHECK_NOT_IMPLEMENTED(divergence == Divergence::KL,
+                              "fastdml: the CUDA op does not compute divergence='",
+                              divergence_name, "' yet", others);
+  TORCH_CHECK_NOT_IMPLEMENTED(ce_weight == 1.0, "fastdml: the CUDA op does not compute ce_weight=",
+                              ce_weight, " yet", others);
+  TORCH_CHECK_NOT_IMPLEMENTED(!mimic_unlabeled,
+                              "fastdml: the CUDA op does not compute mimic_unlabeled=True yet",
+                              others);
+  TORCH_CHECK_NOT_IMPLEMENTED(!normalizer.has_value(),
+                              "fastdml: the CUDA op does not compute a normalizer yet", others);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cuda(
     const at::Tensor& logits_in, const at::Tensor& target,
     const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,
     c10::string_view mode_name, double temperature, double alpha, double label_smoothing,
-    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad) {
+    int64_t ignore_index, c10::string_view reduction_name, bool compute_grad,
+    c10::string_view divergence_name, double beta, double ce_weight, bool mimic_unlabeled,
+    const std::optional<at::Tensor>& normalizer) {
   const Mode mode = parse_mode(mode_name);
   const Reduction reduction = parse_reduction(reduction_name);
+  const Divergence divergence = parse_divergence(divergence_name);
   check_fused_args(logits_in, target, weights_in, grad_scale, mode, temperature, alpha,
-                   label_smoothing, reduction);
+                   label_smoothing, reduction, beta, ce_weight, normalizer);
+  check_paper_loss(divergence, divergence_name, ce_weight, mimic_unlabeled, normalizer);
   check_cuda(logits_in, "logits");
   const int64_t K = logits_in.size(0), R = logits_in.size(1), C = logits_in.size(2);
   TORCH_CHECK(K <= kMaxPeers, "fastdml: the CUDA op supports up to ", kMaxPeers,

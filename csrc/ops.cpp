@@ -9,6 +9,12 @@
 // own: the backward may rescale it in place). weights are read in mode "weights" only. On the CPU
 // a target out of range raises; on CUDA it gives NaN in its row (no host sync), and the reduction
 // happens on the device.
+// The trailing arguments, with defaults so that callers of the paper's loss need not pass them,
+// are the loss family of docs/loss.md: the divergence ("kl", "reverse_kl" or "jsd" with its
+// beta), the cross-entropy's weight, mimic_unlabeled (rows whose target is ignore_index keep their
+// mimicry) and, for reduction "mean", a 0-dim normalizer on the logits' device that divides both
+// terms' sums instead of the rows counted. Only the CPU op computes them so far; the CUDA op
+// refuses any that is not its default.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +31,8 @@ TORCH_LIBRARY(fastdml, m) {
   m.def(
       "fused_mutual_loss(Tensor logits, Tensor target, Tensor? weights, Tensor? grad_scale, "
       "str mode, float temperature, float alpha, float label_smoothing, int ignore_index, "
-      "str reduction, bool compute_grad) -> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
+      "str reduction, bool compute_grad, str divergence='kl', float beta=0.5, "
+      "float ce_weight=1.0, bool mimic_unlabeled=False, Tensor? normalizer=None) "
+      "-> (Tensor loss, Tensor ce, Tensor mimicry, Tensor grad)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
 }

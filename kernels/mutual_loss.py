@@ -902,6 +902,23 @@ def _check_fused_args(
         _check_acc_tensor(grad_scale, "grad_scale", shapes, acc, logits.device)
 
 
+def _check_paper_loss(
+    divergence: str, beta: float, ce_weight: float, mimic_unlabeled: bool, normalizer
+) -> None:
+    """The kernels compute the paper's loss only: the loss family's options at their defaults.
+    Python routes the others to the CPU op or backend='torch'."""
+    _require(0 <= beta <= 1, f"beta must be in [0, 1], got {beta}")
+    others = " yet; backend='torch' computes it on any device"
+    for computed, option in (
+        (divergence == "kl", f"divergence={divergence!r}"),
+        (ce_weight == 1.0, f"ce_weight={ce_weight}"),
+        (not mimic_unlabeled, "mimic_unlabeled=True"),
+        (normalizer is None, "a normalizer"),
+    ):
+        if not computed:
+            raise NotImplementedError(f"fastdml: the Triton op does not compute {option}{others}")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(f"fastdml: {message}")
@@ -1055,7 +1072,13 @@ def fused_mutual_loss(
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ce_weight: float = 1.0,
+    mimic_unlabeled: bool = False,
+    normalizer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_paper_loss(divergence, beta, ce_weight, mimic_unlabeled, normalizer)
     outputs, launches = kernel_launches(
         logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
         ignore_index, reduction, compute_grad,
@@ -1085,6 +1108,7 @@ def _setup_context(ctx, inputs, output):
     ctx.grad = grad if reusable else None
     ctx.grad_version = grad._version
     ctx.options = inputs[4:10]
+    ctx.family = inputs[11:]
     ctx.mark_non_differentiable(*output[1:])
     # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
     # size of the logits: autograd would allocate and fill a copy of it in every backward).
@@ -1098,7 +1122,7 @@ def _backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
     graph, which finds it handed out already; a buffer changed since), the gradient computed again
     with the upstream gradient as grad_scale."""
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 16
     if torch.is_grad_enabled():
         raise RuntimeError(
             "the fused ops of fastdml have no double backward (create_graph=True); "
@@ -1109,8 +1133,10 @@ def _backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
     if grad is not None and grad.shape == logits.shape and grad._version == ctx.grad_version:
         scale_grad_(grad, grad_loss)
     else:
-        grad = fused_mutual_loss(logits, target, weights, grad_loss, *ctx.options, True)[3]
-    return (grad,) + (None,) * 10
+        grad = fused_mutual_loss(
+            logits, target, weights, grad_loss, *ctx.options, True, *ctx.family
+        )[3]
+    return (grad,) + (None,) * 15
 
 
 fused_mutual_loss.register_fake(fused_fake)

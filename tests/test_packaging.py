@@ -97,15 +97,31 @@ def test_kernels_from_the_root_is_the_pypi_package(tmp_path):
     assert result.stdout.startswith("the PyPI package " + str(package))
 
 
+# An environment without the PyPI package, whether or not this one has it (transformers brings it):
+# the hand-off's search of the rest of the path finds no other `kernels`.
+WITHOUT_PYPI_KERNELS = """
+import importlib.machinery
+find_spec = importlib.machinery.PathFinder.find_spec
+def without_pypi_kernels(name, path=None, target=None):
+    if name == "kernels" and path is not None:
+        return None
+    return find_spec(name, path, target)
+importlib.machinery.PathFinder.find_spec = without_pypi_kernels
+"""
+
+
 def test_kernels_from_the_root_is_missing_without_the_pypi_package():
     result = run_from_root(
-        """
+        WITHOUT_PYPI_KERNELS
+        + textwrap.dedent(
+            """
         import fastdml.kernels.mutual_loss
         try:
             import kernels
         except ModuleNotFoundError as error:
             print(error.name)
         """
+        )
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "kernels"
@@ -115,12 +131,15 @@ def test_kernels_from_the_root_under_a_second_spelling_of_it(tmp_path):
     """The root on the path twice (a symlink): still no package, not an endless hand-off."""
     (tmp_path / "link").symlink_to(ROOT)
     result = run_from_root(
-        """
+        WITHOUT_PYPI_KERNELS
+        + textwrap.dedent(
+            """
         try:
             import kernels
         except ModuleNotFoundError as error:
             print(error.name)
-        """,
+        """
+        ),
         PYTHONPATH=str(tmp_path / "link"),
     )
     assert result.returncode == 0, result.stderr[-2000:]

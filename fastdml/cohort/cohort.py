@@ -218,7 +218,7 @@ class Cohort:
             ce_out = ce.detach().reshape(1)
             return ce, ce_out, torch.zeros_like(ce_out), logits[0].detach().unsqueeze(0)
         z = stack_logits(logits)
-        out = c(z, target, return_components=True)
+        out = c(z, target, return_components=True, per_peer=False)
         return out.loss, out.ce, out.mimicry, z.detach()
 
     def _apply(self, loss: Tensor) -> None:
@@ -245,14 +245,19 @@ class Cohort:
         """One mutual-learning update of every trained peer on a batch (on any device)."""
         x = x.to(self.device, non_blocking=True)
         target = target.to(self.device, non_blocking=True)
-        if self.update == "alternating":
-            ce, mimicry, z = self._alternating_step(x, target)
-        else:
-            loss, ce, mimicry, z = self._loss(self._logits(x, grad=True), target)
-            self._apply(loss)
+        ce, mimicry, z = self._update_peers(x, target)
         counted = target != self.criterion.ignore_index
         correct = (z.argmax(2) == target).flatten(1).sum(1)
         return StepOutput(ce, mimicry, correct, counted.sum())
+
+    def _update_peers(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Steps the trained peers on a batch in the cohort's update order: each peer's [K]
+        cross-entropy and mimicry, and the logits [K, N, C, ...] they came from (detached)."""
+        if self.update == "alternating":
+            return self._alternating_step(x, target)
+        loss, ce, mimicry, z = self._loss(self._logits(x, grad=True), target)
+        self._apply(loss)
+        return ce, mimicry, z
 
     def _alternating_step(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Algorithm 1: each trained peer in turn is stepped on its own loss against the current

@@ -155,6 +155,12 @@ def make_problem(logits: Logits, target: Tensor | None, options: LossOptions) ->
         shape = stacked.shape[1:2] + stacked.shape[3:]
         target = torch.full(shape, options.ignore_index, dtype=torch.int64, device=stacked.device)
     k, num_classes = stacked.shape[0], stacked.shape[2]
+    normalizer, device = options.normalizer, stacked.device
+    if isinstance(normalizer, Tensor) and normalizer.device.type not in ("cpu", device.type):
+        raise ValueError(
+            f"normalizer is on {normalizer.device} but the logits are on {device}: pass "
+            "it on the logits' device (or the CPU, or as a number)"
+        )
     if num_classes == 0:
         raise ValueError(
             "logits must have at least one class (C >= 1 in [K, N, C, ...]), "

@@ -25,18 +25,30 @@ def _from_terms(terms: Callable[[MutualLossProblem], tuple[Tensor, Tensor]]) -> 
 
     def loss_rows(problem: MutualLossProblem, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ce, mimicry = terms(problem)
-        return ce + (problem.alpha * problem.temperature**2) * mimicry, ce, mimicry
+        factor = problem.alpha * problem.temperature**2
+        return problem.ce_weight * ce + factor * mimicry, ce, mimicry
 
     return loss_rows
 
 
-def row_scale(problem: MutualLossProblem, reduction: str) -> Tensor:
-    """The weight of each row in a peer's reduced loss: 1 / (non-ignored rows) for "mean"."""
-    dtype = accumulation_dtype(problem.logits.dtype)
+def term_scales(problem: MutualLossProblem, reduction: str) -> tuple[Tensor, Tensor]:
+    """The weights of each row's cross-entropy and of its mimicry in the reduced loss: 1 but for
+    "mean", where they are 1 / normalizer, or 1 / the rows each term covers (the labeled rows;
+    the mimicked rows, all of them with mimic_unlabeled). One tensor twice where they agree."""
+    dtype, device = accumulation_dtype(problem.logits.dtype), problem.logits.device
     if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=problem.logits.device)
-    valid = (problem.target != problem.ignore_index).sum()
-    return valid.clamp(min=1).to(dtype).reciprocal()
+        one = torch.ones((), dtype=dtype, device=device)
+        return one, one
+    if problem.normalizer is not None:
+        normalizer = torch.as_tensor(problem.normalizer).detach()
+        scale = normalizer.to(dtype=dtype, device=device).reciprocal()
+        return scale, scale
+    labeled = (problem.target != problem.ignore_index).sum()
+    ce_scale = labeled.clamp(min=1).to(dtype).reciprocal()
+    if not problem.mimic_unlabeled:
+        return ce_scale, ce_scale
+    rows = max(problem.target.numel(), 1)
+    return ce_scale, torch.full((), 1 / rows, dtype=dtype, device=device)
 
 
 IMPLEMENTATIONS: dict[str, Loss] = {
@@ -75,6 +87,11 @@ RAISES_ON_BAD_TARGETS = ("cpp",)
 # is the faster up to 8192 classes, they tie at 32000, and Triton's is the faster at 128256
 # (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
 TRITON_FROM_CLASSES = 65536
+
+
+# The backends that compute every option of LossOptions; the others compute the paper's loss
+# (LossOptions.extended_option is None), and backend="auto" passes them over for the rest.
+EVERY_OPTION = ("torch", "cpp")
 
 
 # The most peers the CUDA op takes: it keeps per-peer statistics in shared memory (its C++ checks
@@ -150,20 +167,26 @@ def select(
     device: torch.device,
     num_peers: int,
     num_classes: int,
-    unfused_option: str | None = None,
+    extended_option: str | None = None,
 ) -> str:
     """The backend that computes the loss of K peers' logits over C classes on `device`, with an
-    option only the pure-PyTorch backend computes so far (LossOptions.unfused_option) or none;
-    raises if it cannot."""
-    if unfused_option is not None and backend != "torch":
-        if backend == "auto":
-            return "torch"
+    option beyond the paper's loss (LossOptions.extended_option) or none; raises if it cannot.
+    Under torch.func transforms (grad, vmap, ...) only the pure-PyTorch backend runs: the fused
+    ops' autograd is not functorch's."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"backend={backend!r} cannot run under torch.func transforms (grad, vmap, ...): "
+                "its autograd is not functorch's; backend='torch' can (backend='auto' picks it)"
+            )
+        return "torch"
+    if extended_option is not None and backend not in ("auto", *EVERY_OPTION):
         raise ValueError(
-            f"backend={backend!r} does not compute {unfused_option} yet; backend='torch' does "
-            "(and backend='auto' picks it)"
+            f"backend={backend!r} does not compute {extended_option} yet; "
+            f"{' and '.join(map(repr, EVERY_OPTION))} do (backend='auto' picks one)"
         )
     if backend == "auto":
-        return _auto(device, num_peers, num_classes)
+        return _auto(device, num_peers, num_classes, extended_option is not None)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -177,13 +200,17 @@ def select(
     return backend
 
 
-def _auto(device: torch.device, num_peers: int, num_classes: int) -> str:
+def _auto(device: torch.device, num_peers: int, num_classes: int, extended: bool) -> str:
     if device.type == "cpu":
         fused = ("cpp",)
     elif device.type == "cuda":
         fused = ("triton", "cuda") if num_classes >= TRITON_FROM_CLASSES else ("cuda", "triton")
     else:
         return "torch"
+    if extended:
+        fused = tuple(name for name in fused if name in EVERY_OPTION)
+        if not fused:
+            return "torch"
     reasons = []
     for name in fused:
         reason = unavailable_reason(name) or _too_many_peers(name, num_peers)

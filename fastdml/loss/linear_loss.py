@@ -27,6 +27,7 @@ from fastdml.loss.arguments import (
 )
 from fastdml.loss.mutual_loss import LossModule, MutualLossOutput
 from fastdml.loss.options import LossOptions
+from fastdml.loss.per_peer import check_peer_inputs, per_peer_losses
 
 Peers = Tensor | Sequence[Tensor]
 Biases = Tensor | Sequence[Tensor | None] | None
@@ -61,6 +62,9 @@ class _Settings:
     """The call's constants: the loss options, and how the flat tensors split into peers."""
 
     problem: MutualLossProblem  # the whole batch's, with logits that take no memory
+    # The ce_weight of the gradient's problem: the option's times the ratio of the two terms' row
+    # weights (backends.term_scales), so that the mimicry's weight scales both.
+    grad_ce_weight: float
     reduction: str
     backend: str
     chunk_size: int
@@ -148,6 +152,7 @@ def _chunked_pass(
             target=target[rows],
             peer_weights=peer_weights,
             row_shape=(rows.stop - start,),
+            ce_weight=settings.problem.ce_weight if grad_scale is None else settings.grad_ce_weight,
         )
         if grad_scale is None:
             chunk_terms = backends.IMPLEMENTATIONS[settings.backend](problem, "none")
@@ -171,13 +176,13 @@ def _chunked_pass(
 
 class _FusedLinearMutualLoss(torch.autograd.Function):
     """Forward: the loss and, for reductions "mean" and "sum", every gradient, scaled by the
-    reduction's row weight; backward: those gradients times the upstream gradient. Where the
+    reduction's row weights; backward: those gradients times the upstream gradient. Where the
     forward kept none (reduction "none", float16, a second backward through a retained graph) the
     backward runs the chunks again with the upstream gradient folded into the op's scale."""
 
     @staticmethod
-    def forward(ctx, settings, target, peer_weights, row_scale, *tensors):
-        needs = ctx.needs_input_grad[4:]
+    def forward(ctx, settings, target, peer_weights, ce_scale, mimicry_scale, *tensors):
+        needs = ctx.needs_input_grad[5:]
         in_forward = (
             settings.grad_enabled
             and any(needs)
@@ -186,36 +191,40 @@ class _FusedLinearMutualLoss(torch.autograd.Function):
         )
         grads = _grad_buffers(settings, tensors, needs) if in_forward else [None] * len(tensors)
         terms = _chunked_pass(
-            settings, target, peer_weights, tensors, row_scale if in_forward else None, grads
+            settings, target, peer_weights, tensors, mimicry_scale if in_forward else None, grads
         )
         ctx.settings = settings
         ctx.grads = _finished(settings, tensors, grads) if in_forward else None
-        ctx.save_for_backward(target, peer_weights, row_scale, *tensors)
+        ctx.save_for_backward(target, peer_weights, mimicry_scale, *tensors)
         ctx.set_materialize_grads(False)
-        loss, ce, mimicry = terms if settings.reduction == "none" else terms * row_scale
+        loss, ce, mimicry = terms
         if settings.reduction != "none":
-            loss = loss.sum()
+            problem = settings.problem
+            ce_scale = mimicry_scale if ce_scale is None else ce_scale
+            ce, mimicry = ce * ce_scale, mimicry * mimicry_scale
+            factor = problem.alpha * problem.temperature**2
+            loss = (problem.ce_weight * ce + factor * mimicry).sum()
         ctx.mark_non_differentiable(ce, mimicry)
         return loss, ce, mimicry
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_mimicry):
-        target, peer_weights, row_scale, *tensors = ctx.saved_tensors
+        target, peer_weights, mimicry_scale, *tensors = ctx.saved_tensors
         if grad_loss is None:
-            return (None,) * (4 + len(tensors))
+            return (None,) * (5 + len(tensors))
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             settings = ctx.settings
-            needs = ctx.needs_input_grad[4:]
+            needs = ctx.needs_input_grad[5:]
             grads = _grad_buffers(settings, tensors, needs)
-            scale = grad_loss if settings.reduction == "none" else grad_loss * row_scale
-            _chunked_pass(settings, target, peer_weights, tensors, scale, grads)
+            scale = grad_loss if settings.reduction == "none" else grad_loss * mimicry_scale
+            _chunked_pass(settings, target, peer_weights, tensors, scale, grads, upstream=True)
             grads = _finished(settings, tensors, grads)
         elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss != 1:
             for grad in grads:
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def _peer_list(name: str, value: Peers, dims: str) -> list[Tensor]:
@@ -272,8 +281,11 @@ def _peer_biases(bias: Biases, weights: list[Tensor]) -> list[Tensor | None]:
     return biases
 
 
-def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int, int]:
-    """Shapes, dtypes and devices of the layers; returns (K, N, V)."""
+def _check_layers(
+    hidden: Peers, weight: Peers, bias: Biases, autocast: bool
+) -> tuple[int, int, int]:
+    """Shapes, dtypes and devices of the layers (dtypes may differ under autocast, which casts
+    them); returns (K, N, V)."""
     hiddens = _peer_list("hidden", hidden, "N, H")
     weights = _peer_list("weight", weight, "V, H")
     if len(hiddens) != len(weights):
@@ -283,22 +295,30 @@ def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int,
         )
     if not hiddens:
         raise ValueError("mutual learning needs at least 2 peers, got 0")
-    tensors = hiddens + weights
+    named = [(f"hidden[{k}]", h) for k, h in enumerate(hiddens)]
+    named += [(f"weight[{k}]", w) for k, w in enumerate(weights)]
     if bias is not None:
-        tensors += [b for b in _peer_biases(bias, weights) if b is not None]
+        biases = _peer_biases(bias, weights)
+        named += [(f"bias[{k}]", b) for k, b in enumerate(biases) if b is not None]
     first = hiddens[0]
-    if first.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"hidden must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
-            f"got {first.dtype}"
-        )
-    for tensor in tensors:
-        for what in ("dtype", "device"):
-            if getattr(tensor, what) != getattr(first, what):
-                raise ValueError(
-                    f"every hidden state, weight and bias must share {what}: hidden[0] has "
-                    f"{getattr(first, what)}, another has {getattr(tensor, what)}"
-                )
+    for name, tensor in named:
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be floating point (one of {[str(d) for d in FLOAT_DTYPES]}), "
+                f"got {tensor.dtype}"
+            )
+        if tensor.device != first.device:
+            raise ValueError(
+                f"every hidden state, weight and bias must be on one device: hidden[0] is on "
+                f"{first.device}, {name} on {tensor.device}"
+            )
+        if tensor.dtype != first.dtype and not autocast:
+            raise ValueError(
+                f"every hidden state, weight and bias must share one dtype: hidden[0] has "
+                f"{first.dtype}, {name} has {tensor.dtype}; cast them to one dtype, or call "
+                "the loss under torch.autocast, which runs the matmuls in its dtype as F.linear "
+                "does"
+            )
     for k, (h, w) in enumerate(zip(hiddens, weights, strict=True)):
         if h.shape[0] != first.shape[0]:
             raise ValueError(
@@ -318,6 +338,13 @@ def _check_layers(hidden: Peers, weight: Peers, bias: Biases) -> tuple[int, int,
     return len(hiddens), first.shape[0], weights[0].shape[0]
 
 
+def _cast(value: Peers | Biases, dtype: torch.dtype) -> Peers | Biases:
+    """The tensors of an argument in `dtype` (autograd casts their gradients back)."""
+    if value is None or isinstance(value, Tensor):
+        return None if value is None else value.to(dtype)
+    return [None if tensor is None else tensor.to(dtype) for tensor in value]
+
+
 def _flat(value: Peers | Biases) -> tuple[list[Tensor | None], int]:
     """The tensors an argument passes to the autograd function, and how many."""
     if value is None:
@@ -329,20 +356,27 @@ def _flat(value: Peers | Biases) -> tuple[list[Tensor | None], int]:
 def _checked_fused_linear_mutual_loss(
     hidden: Peers,
     weight: Peers,
-    target: Tensor,
+    target: Tensor | None,
     bias: Biases,
     chunk_size: int | None,
     options: LossOptions,
     return_components: bool,
-) -> Tensor | MutualLossOutput:
+    per_peer: bool = False,
+) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
     """`fused_linear_mutual_loss` once its options are checked."""
-    unfused = options.unfused_option()
-    if unfused is not None:
-        raise ValueError(
-            f"fused_linear_mutual_loss does not compute {unfused} yet; mutual_loss on the "
-            "logits does (backend='torch')"
-        )
-    num_peers, rows, num_classes = _check_layers(hidden, weight, bias)
+    if per_peer:
+        return _per_peer_loss(hidden, weight, target, bias, chunk_size, options, return_components)
+    first = hidden[0]
+    device_type = first.device.type if isinstance(first, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    num_peers, rows, num_classes = _check_layers(hidden, weight, bias, autocast)
+    if autocast:  # as F.linear: the matmuls in autocast's dtype, each gradient in its tensor's
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (_cast(value, dtype) for value in (hidden, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return _checked_fused_linear_mutual_loss(
+                hidden, weight, target, bias, chunk_size, options, return_components
+            )
     first = hidden[0]
     _check_chunk_size(chunk_size)
     if chunk_size is None:
@@ -352,18 +386,28 @@ def _checked_fused_linear_mutual_loss(
     problem = make_problem(
         first.new_zeros(()).expand(num_peers, rows, num_classes), target, options
     )
-    name = backends.select(options.backend, first.device, num_peers, num_classes)
+    name = backends.select(
+        options.backend, first.device, num_peers, num_classes, options.extended_option()
+    )
     # Checked here for the whole batch even where the op checks its own rows (the CPU op), so a
     # bad target fails before any chunk's matmuls, and names its row in the batch.
     if name in backends.RAISES_ON_BAD_TARGETS or backends.needs_target_check(name):
         check_target_values(problem)
     reduction = options.reduction
-    row_scale = backends.row_scale(problem, reduction)
+    ce_scale, mimicry_scale = backends.term_scales(problem, reduction)
+    # Differ only for "mean" with mimic_unlabeled, whose ratio is read here (on CUDA, a sync).
+    # (A tensor is passed once only: autograd.Function under torch.compile takes no duplicates.)
+    ratio = 1.0
+    if ce_scale is mimicry_scale:
+        ce_scale = None
+    else:
+        ratio = float(ce_scale / mimicry_scale)
     flat_hidden, hidden_count = _flat(hidden)
     flat_weight, weight_count = _flat(weight)
     flat_bias, bias_count = _flat(bias)
     settings = _Settings(
         problem=problem,
+        grad_ce_weight=problem.ce_weight * ratio,
         reduction=reduction,
         backend=name,
         chunk_size=chunk_size,
@@ -372,22 +416,80 @@ def _checked_fused_linear_mutual_loss(
         counts=(hidden_count, weight_count, bias_count),
     )
     loss, ce, mimicry = _FusedLinearMutualLoss.apply(
-        settings, target, problem.peer_weights, row_scale, *flat_hidden, *flat_weight, *flat_bias
+        settings,
+        problem.target,
+        problem.peer_weights,
+        ce_scale,
+        mimicry_scale,
+        *flat_hidden,
+        *flat_weight,
+        *flat_bias,
     )
     if not return_components:
         return loss
     return MutualLossOutput(loss, ce, mimicry)
 
 
+def _per_peer_loss(
+    hidden: Peers,
+    weight: Peers,
+    target: Tensor | None,
+    bias: Biases,
+    chunk_size: int | None,
+    options: LossOptions,
+    return_components: bool,
+) -> tuple[Tensor, ...] | MutualLossOutput:
+    """Each peer's loss, backpropagating into its own hidden states, weight and bias only."""
+    if options.reduction == "none":
+        raise ValueError(
+            "per_peer=True needs reduction 'mean' or 'sum' here: the gradients of the weights are "
+            "computed in the forward, where a per-row upstream gradient is not known yet"
+        )
+    hiddens = check_peer_inputs("hidden", hidden)
+    weights = check_peer_inputs("weight", weight)
+    if hiddens and hiddens[0].dtype == torch.float16:
+        raise ValueError(
+            "per_peer=True takes float32, bfloat16 or float64 layers here, got float16: its "
+            "gradients are computed at an upstream gradient of 1, where float16 would flush a "
+            "loss-scaled gradient to zero"
+        )
+    if isinstance(bias, Tensor):
+        biases = check_peer_inputs("bias", bias)
+    else:
+        biases = [None] * len(weights) if bias is None else list(bias)
+    given = [k for k, peer_bias in enumerate(biases) if peer_bias is not None]
+    inputs = [*hiddens, *weights, *(biases[k] for k in given)]
+    peer_of = [*range(len(hiddens)), *range(len(weights)), *given]
+    out: list[MutualLossOutput] = []
+
+    def loss_of(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        h, w = tensors[: len(hiddens)], tensors[len(hiddens) : len(hiddens) + len(weights)]
+        b = list(biases)
+        for k, peer_bias in zip(given, tensors[len(h) + len(w) :], strict=True):
+            b[k] = peer_bias
+        out.append(
+            _checked_fused_linear_mutual_loss(
+                h, w, target, None if bias is None else b, chunk_size, options, True
+            )
+        )
+        loss, ce, mimicry = out[-1]
+        return loss, options.ce_weight * ce + options.alpha * options.temperature**2 * mimicry
+
+    losses = per_peer_losses(inputs, peer_of, loss_of, lambda tensor: tensor.dtype)
+    if not return_components:
+        return losses
+    return MutualLossOutput(losses, out[-1].ce, out[-1].mimicry)
+
+
 def fused_linear_mutual_loss(
     hidden: Peers,
     weight: Peers,
-    target: Tensor,
+    target: Tensor | None,
     bias: Biases = None,
     *,
     chunk_size: int | None = None,
     **options: Any,
-) -> Tensor | MutualLossOutput:
+) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
     """`mutual_loss` of the logits ``h_k @ W_k.T + b_k``, without ever holding them whole.
 
     Equal, value and gradients, to ``mutual_loss([h @ w.T + b for ...], target, **options)``,
@@ -405,7 +507,7 @@ def fused_linear_mutual_loss(
     Args:
         hidden: K tensors [N, H_k] (the widths may differ), or one stacked tensor [K, N, H].
         weight: K tensors [V, H_k] (each peer's output layer), or one tensor [K, V, H].
-        target: int64 class indices [N].
+        target: int64 class indices [N], or None for a mimicry-only loss (``ce_weight=0``).
         bias: None, K tensors [V] (or None for a peer without one), or one tensor [K, V].
         chunk_size: rows per chunk; the default, `default_chunk_size`, keeps one chunk's logits
             near 256 MiB on a GPU and 64 MiB elsewhere. The extra memory is about twice that
@@ -413,12 +515,20 @@ def fused_linear_mutual_loss(
         options: the fields of `LossOptions`, as for `mutual_loss`.
 
     Returns:
-        As `mutual_loss`: the loss (0-dim, or [K, N] for reduction "none"), or with
-        ``return_components=True`` a `MutualLossOutput`.
+        As `mutual_loss`: the loss (0-dim, or [K, N] for reduction "none"); with
+        ``per_peer=True`` (reductions "mean" and "sum"; not float16) each peer's, a tuple of K
+        0-dim tensors; with ``return_components=True`` a `MutualLossOutput`.
     """
     options = LossOptions(**options)
     return _checked_fused_linear_mutual_loss(
-        hidden, weight, target, bias, chunk_size, options, options.return_components
+        hidden,
+        weight,
+        target,
+        bias,
+        chunk_size,
+        options,
+        options.return_components,
+        options.per_peer,
     )
 
 
@@ -445,14 +555,22 @@ class FusedLinearMutualLoss(LossModule):
         self,
         hidden: Peers,
         weight: Peers,
-        target: Tensor,
+        target: Tensor | None,
         bias: Biases = None,
         *,
         return_components: bool | None = None,
-    ) -> Tensor | MutualLossOutput:
-        """As `fused_linear_mutual_loss`; `return_components` overrides the constructor's."""
-        if return_components is None:
-            return_components = self.options.return_components
+        per_peer: bool | None = None,
+    ) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
+        """As `fused_linear_mutual_loss`; `return_components` and `per_peer` override the
+        constructor's."""
+        o = self.options
         return _checked_fused_linear_mutual_loss(
-            hidden, weight, target, bias, self.chunk_size, self.options, return_components
+            hidden,
+            weight,
+            target,
+            bias,
+            self.chunk_size,
+            o,
+            o.return_components if return_components is None else return_components,
+            o.per_peer if per_peer is None else per_peer,
         )

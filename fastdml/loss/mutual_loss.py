@@ -6,26 +6,31 @@ import copy
 import dataclasses
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from fastdml.loss import backends
 from fastdml.loss.arguments import Logits, check_target_values, make_problem
 from fastdml.loss.options import LossOptions
+from fastdml.loss.per_peer import check_peer_inputs, per_peer_losses
 
 
 class MutualLossOutput(NamedTuple):
     """The loss and, for logging, each peer's two terms reduced like the loss (detached).
 
-    `ce` and `mimicry` are [K] for reduction "mean" and "sum", [K, N, d1, ...] for "none";
-    `mimicry` is the KL term M_k itself, before the alpha * T^2 weight.
+    `loss` is a tuple of each peer's loss with ``per_peer=True``. `ce` and `mimicry` are [K] for
+    reduction "mean" and "sum", [K, N, d1, ...] for "none"; `mimicry` is the term M_k itself,
+    before the alpha * T^2 weight.
     """
 
-    loss: Tensor
+    loss: Tensor | tuple[Tensor, ...]
     ce: Tensor
     mimicry: Tensor
 
 
-def mutual_loss(logits: Logits, target: Tensor | None, **options: Any) -> Tensor | MutualLossOutput:
+def mutual_loss(
+    logits: Logits, target: Tensor | None, **options: Any
+) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
     """The Deep Mutual Learning loss of a cohort of K peers.
 
     For peer k and row n: ``l_kn = ce_weight * CE(z_kn, y_n) + alpha * T**2 * M_kn``, with CE
@@ -49,27 +54,40 @@ def mutual_loss(logits: Logits, target: Tensor | None, **options: Any) -> Tensor
             the host (that would synchronize every call): a row whose target is outside [0, C)
             and not ignore_index gets a NaN loss and gradient.
         options: the fields of `LossOptions` (temperature, alpha, mode, peer_weights,
-            label_smoothing, ignore_index, reduction, return_components, backend, divergence,
-            beta, ce_weight, normalizer, mimic_unlabeled).
+            label_smoothing, ignore_index, reduction, return_components, per_peer, backend,
+            divergence, beta, ce_weight, normalizer, mimic_unlabeled).
 
     Returns:
         The loss: a 0-dim tensor for reduction "mean" (each peer's mean over its non-ignored rows,
-        summed over peers) and "sum", [K, N, d1, ...] for "none". With
+        summed over peers) and "sum", [K, N, d1, ...] for "none". With ``per_peer=True``, a
+        tuple of each peer's loss (0-dim, or [N, d1, ...] for "none"). With
         ``return_components=True``, a `MutualLossOutput` (loss, ce, mimicry).
 
     Example::
 
         loss = mutual_loss([net(x) for net in peers], y, temperature=2.0)
         loss.backward()
+
+        losses = mutual_loss([net(x) for net in peers], y, per_peer=True)
+        for loss, opt in zip(losses, optimizers):  # one peer at a time, as in the paper
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     """
     options = LossOptions(**options)
-    return mutual_loss_with(logits, target, options, options.return_components)
+    return mutual_loss_with(logits, target, options, options.return_components, options.per_peer)
 
 
 def mutual_loss_with(
-    logits: Logits, target: Tensor | None, options: LossOptions, return_components: bool
-) -> Tensor | MutualLossOutput:
+    logits: Logits,
+    target: Tensor | None,
+    options: LossOptions,
+    return_components: bool,
+    per_peer: bool = False,
+) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
     """`mutual_loss` with its options checked already: what a call costs beyond the kernels."""
+    if per_peer:
+        return _per_peer_loss(logits, target, options, return_components)
     problem = make_problem(logits, target, options)
     device = problem.logits.device
     name = backends.select(
@@ -77,7 +95,7 @@ def mutual_loss_with(
         device,
         problem.num_peers,
         problem.logits.shape[2],
-        options.unfused_option(),
+        options.extended_option(),
     )
     if backends.needs_target_check(name):
         check_target_values(problem)
@@ -89,6 +107,32 @@ def mutual_loss_with(
     if not return_components:
         return loss
     return MutualLossOutput(loss, ce, mimicry)
+
+
+def _per_peer_loss(
+    logits: Logits, target: Tensor | None, options: LossOptions, return_components: bool
+) -> tuple[Tensor, ...] | MutualLossOutput:
+    peers = check_peer_inputs("logits", logits)
+    out: list[MutualLossOutput] = []
+
+    def loss_of(inputs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        out.append(mutual_loss_with(inputs, target, options, return_components=True))
+        loss, ce, mimicry = out[-1]
+        if options.reduction == "none":
+            return loss, loss
+        factor = options.alpha * options.temperature**2
+        return loss, options.ce_weight * ce + factor * mimicry
+
+    losses = per_peer_losses(peers, range(len(peers)), loss_of, _grad_dtype)
+    if not return_components:
+        return losses
+    return MutualLossOutput(losses, out[-1].ce, out[-1].mimicry)
+
+
+def _grad_dtype(logits: Tensor) -> torch.dtype:
+    """float16 gradients are computed in float32: a gradient computed at an upstream gradient of
+    1 and scaled later (GradScaler's loss scale) would flush to zero in float16."""
+    return torch.float32 if logits.dtype == torch.float16 else logits.dtype
 
 
 class LossModule(nn.Module):
@@ -146,13 +190,24 @@ class MutualLoss(LossModule):
         criterion = MutualLoss(temperature=2.0)
         loss = criterion(torch.stack([net(x) for net in peers]), y)  # [K, N, C], [N]
         out = criterion(logits, y, return_components=True)  # out.loss, out.ce, out.mimicry
+        losses = criterion([net(x) for net in peers], y, per_peer=True)  # K losses
     """
 
     def forward(
-        self, logits: Logits, target: Tensor | None, *, return_components: bool | None = None
-    ) -> Tensor | MutualLossOutput:
+        self,
+        logits: Logits,
+        target: Tensor | None,
+        *,
+        return_components: bool | None = None,
+        per_peer: bool | None = None,
+    ) -> Tensor | tuple[Tensor, ...] | MutualLossOutput:
         """The loss of `logits` [K, N, C, ...] against `target` [N, ...], as `mutual_loss`;
-        `return_components` overrides the constructor's for this call."""
-        if return_components is None:
-            return_components = self.options.return_components
-        return mutual_loss_with(logits, target, self.options, return_components)
+        `return_components` and `per_peer` override the constructor's for this call."""
+        o = self.options
+        return mutual_loss_with(
+            logits,
+            target,
+            o,
+            o.return_components if return_components is None else return_components,
+            o.per_peer if per_peer is None else per_peer,
+        )

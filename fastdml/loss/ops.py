@@ -101,6 +101,25 @@ def fused_arguments(
         problem.ignore_index,
         reduction,
         compute_grad,
+        problem.divergence,
+        problem.beta,
+        problem.ce_weight,
+        problem.mimic_unlabeled,
+        _normalizer(problem, reduction),
+    )
+
+
+def _normalizer(problem: MutualLossProblem, reduction: str) -> Tensor | None:
+    """The normalizer as the op takes it: a 0-dim tensor (a number becomes one of the
+    accumulation dtype; a tensor, detached; both on the logits' device). It divides a mean:
+    per-row terms and sums leave it out, as the reference's do."""
+    normalizer, logits = problem.normalizer, problem.logits
+    if normalizer is None or reduction != "mean":
+        return None
+    if isinstance(normalizer, Tensor):
+        return normalizer.detach().to(logits.device, non_blocking=True)
+    return torch.tensor(
+        float(normalizer), dtype=accumulation_dtype(logits.dtype), device=logits.device
     )
 
 
@@ -137,8 +156,24 @@ def fused_loss(backend: str):
     return loss
 
 
-def fused_fake(logits, target, weights, grad_scale, *options):
-    *_, reduction, compute_grad = options
+def fused_fake(
+    logits,
+    target,
+    weights,
+    grad_scale,
+    mode,
+    temperature,
+    alpha,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    compute_grad,
+    divergence="kl",
+    beta=0.5,
+    ce_weight=1.0,
+    mimic_unlabeled=False,
+    normalizer=None,
+):
     k, rows, _ = logits.shape
     acc = accumulation_dtype(logits.dtype)
     per_peer = logits.new_empty((k, rows) if reduction == "none" else (k,), dtype=acc)

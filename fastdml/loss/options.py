@@ -67,6 +67,9 @@ class LossOptions:
             cross-entropy); "mean" then averages the cross-entropy over the labeled rows and the
             mimicry over all rows.
         return_components: return a `MutualLossOutput` with each peer's terms, not the loss only.
+        per_peer: return each peer's loss, a tuple of K tensors that backpropagate one at a
+            time in any order, each into its own peer only (for loops that step one peer at a
+            time); one fused call computes them all.
         backend: "auto", "torch", "cpp", "triton" or "cuda" (docs/loss.md, Backends).
     """
 
@@ -78,6 +81,7 @@ class LossOptions:
     ignore_index: int = -100
     reduction: str = "mean"
     return_components: bool = False
+    per_peer: bool = False
     backend: str = "auto"
     divergence: str = "kl"
     beta: float = 0.5
@@ -88,6 +92,7 @@ class LossOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "return_components", bool(self.return_components))
         object.__setattr__(self, "mimic_unlabeled", bool(self.mimic_unlabeled))
+        object.__setattr__(self, "per_peer", bool(self.per_peer))
         if isinstance(self.alpha, Tensor) and self.alpha.dim() == 0:
             object.__setattr__(self, "alpha", float(self.alpha))
         if self.peer_weights is not None:
@@ -159,9 +164,10 @@ class LossOptions:
                 f"normalizer must be a finite number > 0 or a 0-dim tensor, got {normalizer!r}"
             )
 
-    def unfused_option(self) -> str | None:
-        """The first option, as ``name=value``, that only the pure-PyTorch backend computes so
-        far, or None when the fused kernels compute them all."""
+    def extended_option(self) -> str | None:
+        """The first option, as ``name=value``, beyond the paper's loss (forward KL, ce_weight 1,
+        no normalizer, labeled rows only), which only some backends compute
+        (`fastdml.loss.backends.EVERY_OPTION`); None when there is none."""
         if self.divergence != "kl":
             return f"divergence={self.divergence!r}"
         if self.ce_weight != 1:

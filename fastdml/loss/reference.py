@@ -2,8 +2,7 @@
 
 It is the correctness oracle of the fused kernels and runs on any device. Autograd gives the
 gradient; the mimicry targets are detached (and so are the peers' entropies where they are
-constants), so each peer's loss sends gradient only into its own logits. It alone computes the
-options the fused kernels do not compute yet (LossOptions.unfused_option).
+constants), so each peer's loss sends gradient only into its own logits. It computes every option.
 """
 
 from __future__ import annotations

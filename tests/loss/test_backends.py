@@ -127,3 +127,36 @@ def test_auto_on_cuda_takes_the_measured_faster_op(monkeypatch):
     assert backends.select("auto", cuda, 2, backends.TRITON_FROM_CLASSES) == "triton"
     assert backends.select("auto", cuda, 17, backends.TRITON_FROM_CLASSES) == "cuda"
     assert backends.select("auto", cuda, 1025, 10) == "torch"
+
+
+def test_torch_func_transforms_run_the_pure_pytorch_backend():
+    """Under torch.func.grad_and_value (as Liger-Kernel's chunked losses take their gradients)
+    backend="auto" computes with the pure-PyTorch backend; a fused backend by name is refused."""
+    logits = torch.randn(3, 6, 7, dtype=torch.float64)
+    target = torch.randint(0, 7, (6,))
+    grad, value = torch.func.grad_and_value(lambda z: mutual_loss(z, target, temperature=2.0))(
+        logits
+    )
+    expected = logits.clone().requires_grad_()
+    loss = mutual_loss(expected, target, temperature=2.0)
+    loss.backward()
+    torch.testing.assert_close(value, loss.detach())
+    torch.testing.assert_close(grad, expected.grad)
+    with pytest.raises(ValueError, match="backend='cpp' cannot run under torch.func transforms"):
+        torch.func.grad(lambda z: mutual_loss(z, target, backend="cpp"))(logits)
+
+
+def test_auto_passes_over_the_backends_that_lack_an_option(monkeypatch):
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    for device in (torch.device("cuda"), torch.device("cpu")):
+        expected = next(
+            (
+                name
+                for name in ("cpp", "cuda", "triton")
+                if name in backends.EVERY_OPTION and backends._runs_on(name, device)
+            ),
+            "torch",
+        )
+        assert backends.select("auto", device, 2, 100, "divergence='jsd'") == expected
+    with pytest.raises(ValueError, match="backend='cuda' does not compute divergence='jsd' yet"):
+        backends.select("cuda", torch.device("cuda"), 2, 100, "divergence='jsd'")

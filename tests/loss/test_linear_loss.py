@@ -93,6 +93,63 @@ def test_matches_materialized_logits(options, reduction):
     assert_matches(hidden, weight, biases, target, chunk_size=4, reduction=reduction, **options)
 
 
+EXTENDED = [
+    pytest.param(dict(divergence="reverse_kl"), id="reverse_kl"),
+    pytest.param(dict(divergence="jsd", beta=0.3, mode="ensemble"), id="jsd"),
+    pytest.param(dict(ce_weight=0.4, mimic_unlabeled=True), id="ce_weight-unlabeled"),
+    pytest.param(dict(normalizer=23.0, mimic_unlabeled=True), id="normalizer"),
+    pytest.param(dict(normalizer=torch.tensor(5), divergence="jsd"), id="tensor-normalizer"),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", EXTENDED)
+def test_extended_options(options, reduction):
+    """The loss family beyond the paper's loss, on whichever backend computes it."""
+    if "normalizer" in options and reduction != "mean":
+        pytest.skip("a normalizer divides reduction 'mean' only")
+    hidden, weight, biases, target = layers((5, 7, 3))
+    target[4:7] = -100  # unlabeled rows, which mimic_unlabeled keeps in the mimicry
+    assert_matches(hidden, weight, biases, target, chunk_size=4, reduction=reduction, **options)
+
+
+def test_mimicry_only_without_target():
+    hidden, weight, biases, _ = layers((5, 7))
+    assert_matches(hidden, weight, biases, None, chunk_size=4, ce_weight=0.0, temperature=2.0)
+
+
+def test_autocast_runs_the_matmuls_in_its_dtype():
+    """As F.linear under autocast: bfloat16 hidden states with float32 weights (what a model's
+    body and its lm_head give under autocast), the matmuls in bfloat16, and each gradient in its
+    own tensor's dtype."""
+    hidden, weight, biases, target = layers((5, 7), dtype=torch.float32, bias=(True, False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        body = [h.to(torch.bfloat16) for h in hidden]
+        fused = fused_linear_mutual_loss(body, weight, target, biases, chunk_size=4)
+        logits = materialized(body, weight, biases)
+        assert logits[0].dtype == torch.bfloat16
+        expected = mutual_loss(logits, target)
+    inputs = [*hidden, *weight, biases[0]]
+    grads = torch.autograd.grad(fused, inputs)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    torch.testing.assert_close(fused, expected, rtol=1e-3, atol=1e-3)
+    for got, want, tensor in zip(grads, expected_grads, inputs, strict=True):
+        assert got.dtype == tensor.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_mixed_dtypes_outside_autocast_name_both_tensors():
+    hidden, weight, _, target = layers((5, 7), dtype=torch.float32)
+    body = [h.to(torch.bfloat16) for h in hidden]
+    with pytest.raises(
+        ValueError,
+        match=r"hidden\[0\] has torch.bfloat16, weight\[0\] has "
+        "torch.float32; cast them to one dtype, or call the loss under "
+        "torch.autocast",
+    ):
+        fused_linear_mutual_loss(body, weight, target)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backends(backend, reduction):
     hidden, weight, biases, target = layers((5, 7), rows=6, classes=11, dtype=torch.float32)
@@ -285,7 +342,11 @@ def bad(**changes):
         (lambda h, w: bad(hidden=[h[0], h[0]]), ValueError, "peer 1: hidden .* H = 3"),
         (lambda h, w: bad(weight=[w[0], w[1][:5]]), ValueError, "same V classes"),
         (lambda h, w: bad(hidden=[h[0], h[1][:4]]), ValueError, "same N rows"),
-        (lambda h, w: bad(hidden=[h[0], h[1].float()]), ValueError, "share dtype"),
+        (
+            lambda h, w: bad(hidden=[h[0], h[1].float()]),
+            ValueError,
+            r"share one dtype: hidden\[0\] has torch.float64, hidden\[1\] has torch.float32",
+        ),
         (lambda h, w: bad(hidden=h[:1], weight=w[:1], bias=None), ValueError, "at least 2"),
         (lambda h, w: bad(hidden=h[0]), ValueError, "stacked tensor"),
         (lambda h, w: bad(hidden="x"), TypeError, "list of K tensors"),

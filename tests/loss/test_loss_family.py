@@ -1,13 +1,30 @@
 """The loss family beyond the paper's: reverse KL and generalized JSD(beta), mimicry-only losses,
-a global normalizer and unlabeled rows, against the naive float64 loop. Only the pure-PyTorch
-backend computes them so far; the fused ones refuse them by name."""
+a global normalizer and unlabeled rows, against the naive float64 loop, on every backend that
+computes them (fastdml.loss.backends.EVERY_OPTION); the others refuse them by name."""
+
+import dataclasses
 
 import pytest
 import torch
+from conftest import BACKENDS, on_device, skip_if_unsupported
 from naive import naive_mutual_loss
 from test_mutual_loss import MODES, check_against_naive, make_inputs, mode_kwargs
 
-from fastdml import MutualLoss, fused_linear_mutual_loss, mutual_loss
+from fastdml import MutualLoss, mutual_loss
+from fastdml.loss import backends, reference
+from fastdml.loss.arguments import make_problem
+from fastdml.loss.ops import fused_arguments, fused_op
+from fastdml.loss.options import LossOptions
+
+# conftest's `backend` and `fused_backend` fixtures narrowed to the backends of EVERY_OPTION, each
+# on the devices it runs on: adding a backend there tests it here. The others must refuse.
+FAMILY = [param for param in BACKENDS if param.values[0][1] in backends.EVERY_OPTION]
+every_option = pytest.mark.parametrize("backend", FAMILY, indirect=True)
+fused_every_option = pytest.mark.parametrize(
+    "fused_backend", [param for param in FAMILY if param.values[0][1] != "torch"], indirect=True
+)
+REFUSING = sorted({param.values[0][1] for param in BACKENDS} - set(backends.EVERY_OPTION))
+
 
 DIVERGENCES = [
     pytest.param(dict(divergence="reverse_kl"), id="reverse_kl"),
@@ -22,17 +39,18 @@ OPTIONS = [
 ]
 
 
+@every_option
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_divergences_match_naive(divergence, mode, reduction, options):
+def test_divergences_match_naive(backend, divergence, mode, reduction, options):
     for k in (2, 3):
         logits, target = make_inputs(k, 9, 23)
         check_against_naive(
             logits,
             target,
-            "torch",
+            backend,
             reduction=reduction,
             **mode_kwargs(mode, k),
             **divergence,
@@ -40,21 +58,47 @@ def test_divergences_match_naive(divergence, mode, reduction, options):
         )
 
 
-def test_jsd_endpoints_are_the_two_kls():
+@every_option
+def test_jsd_endpoints_are_the_two_kls(backend):
     """beta = 0 is KL(t || q_k) (the default divergence), beta = 1 the reverse KL."""
     logits, target = make_inputs(3, 6, 11)
     for beta, same in ((0.0, dict(divergence="kl")), (1.0, dict(divergence="reverse_kl"))):
-        jsd = mutual_loss(logits, target, divergence="jsd", beta=beta, backend="torch")
-        torch.testing.assert_close(jsd, mutual_loss(logits, target, backend="torch", **same))
+        jsd = mutual_loss(logits, target, divergence="jsd", beta=beta, backend=backend)
+        torch.testing.assert_close(jsd, mutual_loss(logits, target, backend=backend, **same))
 
 
+@every_option
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("divergence", DIVERGENCES[:2])
+def test_rows_of_many_chunks(backend, divergence, mode):
+    """Rows longer than the CPU kernel's chunk of classes (about 1024 / K of them, the last one
+    partial): each pass adds up its chunks."""
+    logits, target = make_inputs(3, 5, 1000)
+    options = dict(temperature=2.0, label_smoothing=0.1, mimic_unlabeled=True)
+    check_against_naive(logits, target, backend, **mode_kwargs(mode, 3), **divergence, **options)
+
+
+@every_option
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("divergence", DIVERGENCES[:2])
+def test_low_precision_dtypes(backend, divergence, mode, dtype):
+    """Computed in float32 from the rounded logits: within the tolerances of the paper's loss,
+    against float64 on the same logits."""
+    skip_if_unsupported(backend, dtype)
+    logits, target = make_inputs(3, 16, 100, dtype=dtype)
+    options = dict(temperature=2.0, label_smoothing=0.1, mimic_unlabeled=True, ce_weight=0.5)
+    check_against_naive(logits, target, backend, **mode_kwargs(mode, 3), **divergence, **options)
+
+
+@every_option
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck(divergence, mode):
+def test_gradcheck(backend, divergence, mode):
     """Each peer's gradient is that of its own loss with the other peers fixed (the targets are
     constants), in float64 against finite differences."""
     logits, target = make_inputs(3, 4, 7, scale=1.0)
-    kwargs = dict(temperature=2.0, reduction="none", backend="torch", **divergence)
+    kwargs = dict(temperature=2.0, reduction="none", backend=backend, **divergence)
     kwargs |= mode_kwargs(mode, 3)
     for k in range(3):
 
@@ -65,72 +109,111 @@ def test_gradcheck(divergence, mode):
         assert torch.autograd.gradcheck(own_loss, (logits[k].clone().requires_grad_(),))
 
 
+@every_option
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_classes_every_peer_masks(divergence):
+@pytest.mark.parametrize("mode", MODES)
+def test_classes_every_peer_masks(backend, divergence, mode):
     """Classes that every peer masks with -inf logits add nothing; the rest as without them."""
     logits, target = make_inputs(3, 6, 11)
     target[target >= 9] = 0
     logits[:, :, 9:] = float("-inf")
-    check_against_naive(logits, target, "torch", temperature=2.0, **divergence)
-    finite = mutual_loss(logits[:, :, :9], target, backend="torch", temperature=2.0, **divergence)
-    masked = mutual_loss(logits, target, backend="torch", temperature=2.0, **divergence)
-    torch.testing.assert_close(masked, finite)
+    kwargs = dict(temperature=2.0, backend=backend, **divergence, **mode_kwargs(mode, 3))
+    check_against_naive(logits, target, **kwargs)
+    finite = mutual_loss(logits[:, :, :9], target, **kwargs)
+    torch.testing.assert_close(mutual_loss(logits, target, **kwargs), finite)
+    # Without a cross-entropy, a target in the masked classes costs nothing (no 0 * inf either).
+    mimicry_only = dict(kwargs, ce_weight=0.0)
+    expected = mutual_loss(logits, target, **mimicry_only)
+    target[target != -100] = 10
+    torch.testing.assert_close(mutual_loss(logits, target, **mimicry_only), expected)
 
 
+@every_option
+@pytest.mark.parametrize("mode", MODES)
+def test_reverse_kl_of_a_target_that_masks_a_class(backend, mode):
+    """Where one peer masks a class that the others keep, KL(q_k || t) is inf wherever the
+    target is 0 there (each pair's, peer_weights', ensemble_logits'; not the ensemble's mean of
+    the others): not NaN, nor a clamped finite number, as in the reference. The JSD stays
+    finite."""
+    logits, target = make_inputs(3, 4, 7)
+    logits[1, :, 0] = float("-inf")
+    kwargs = dict(reduction="none", return_components=True, **mode_kwargs(mode, 3))
+    for divergence in ("reverse_kl", "jsd"):
+        expected = mutual_loss(logits, target, backend="torch", divergence=divergence, **kwargs)
+        got = mutual_loss(logits, target, backend=backend, divergence=divergence, **kwargs)
+        torch.testing.assert_close(got.mimicry, expected.mimicry)
+        assert not got.mimicry.isnan().any()
+        assert got.mimicry.isinf().any() == (divergence == "reverse_kl" and mode != "ensemble")
+
+
+@every_option
 @pytest.mark.parametrize("divergence", [dict(divergence="kl"), *DIVERGENCES[:2]])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_mimicry_only(divergence, reduction):
+def test_mimicry_only(backend, divergence, reduction):
     """ce_weight = 0: the loss is the mimicry alone; without a target every row counts, with one
     the ignored rows are masked."""
     logits, target = make_inputs(3, 8, 13)
     kwargs = dict(ce_weight=0.0, reduction=reduction, temperature=2.0, **divergence)
-    check_against_naive(logits, None, "torch", **kwargs)
-    check_against_naive(logits, target, "torch", **kwargs)
-    full = mutual_loss(logits, None, backend="torch", return_components=True, **kwargs)
+    check_against_naive(logits, None, backend, **kwargs)
+    check_against_naive(logits, target, backend, **kwargs)
+    full = mutual_loss(logits, None, backend=backend, return_components=True, **kwargs)
     assert not full.ce.any()
 
 
+@every_option
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3, 2.0])
-def test_ce_weight(ce_weight):
+@pytest.mark.parametrize("divergence", [dict(divergence="kl"), DIVERGENCES[1]])
+def test_ce_weight(backend, divergence, ce_weight):
     logits, target = make_inputs(2, 8, 13)
-    check_against_naive(logits, target, "torch", ce_weight=ce_weight, temperature=2.0)
+    for temperature in (1.0, 2.0):
+        check_against_naive(
+            logits, target, backend, ce_weight=ce_weight, temperature=temperature, **divergence
+        )
 
 
-@pytest.mark.parametrize("normalizer", [37, 2.5, torch.tensor(37), torch.tensor(9.0)])
+@every_option
+@pytest.mark.parametrize(
+    "normalizer",
+    [37, 2.5, torch.tensor(37), torch.tensor(9.0), torch.tensor(0.5, dtype=torch.float64)],
+    ids=["int", "float", "int64-tensor", "float32-tensor", "float64-tensor"],
+)
 @pytest.mark.parametrize("mimic_unlabeled", [False, True])
-def test_normalizer(normalizer, mimic_unlabeled):
+def test_normalizer(backend, normalizer, mimic_unlabeled):
     """The sum over peers and rows divided by the normalizer, for both terms."""
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(torch.get_default_device())  # the logits' device
     logits, target = make_inputs(3, 8, 13)
     kwargs = dict(normalizer=normalizer, mimic_unlabeled=mimic_unlabeled, divergence="jsd")
-    check_against_naive(logits, target, "torch", **kwargs)
-    summed = mutual_loss(logits, target, backend="torch", reduction="sum", **kwargs | dict(
+    check_against_naive(logits, target, backend, **kwargs)
+    summed = mutual_loss(logits, target, backend=backend, reduction="sum", **kwargs | dict(
         normalizer=None))  # fmt: skip
-    got = mutual_loss(logits, target, backend="torch", **kwargs)
+    got = mutual_loss(logits, target, backend=backend, **kwargs)
     torch.testing.assert_close(got, summed / float(normalizer))
 
 
+@every_option
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mode", MODES)
-def test_mimic_unlabeled(mode, reduction):
+def test_mimic_unlabeled(backend, mode, reduction):
     """Unlabeled rows keep their mimicry term, not their cross-entropy: "mean" averages each term
     over the rows it covers."""
     logits, target = make_inputs(3, 8, 13, ignore_every=2)
     kwargs = dict(mimic_unlabeled=True, reduction=reduction, **mode_kwargs(mode, 3))
-    out = check_against_naive(logits, target, "torch", **kwargs)
+    out = check_against_naive(logits, target, backend, **kwargs)
     if reduction == "none":
         unlabeled = target == -100
         assert not out.ce[:, unlabeled].any() and out.mimicry[:, unlabeled].all()
 
 
-def test_defaults_give_the_paper_loss():
+@every_option
+def test_defaults_give_the_paper_loss(backend):
     """The new options at their defaults change nothing."""
     logits, target = make_inputs(3, 8, 13)
     explicit = dict(divergence="kl", ce_weight=1.0, normalizer=None, mimic_unlabeled=False)
-    for backend in ("torch", "cpp"):
-        torch.testing.assert_close(
-            mutual_loss(logits, target, backend=backend, **explicit),
-            mutual_loss(logits, target, backend=backend),
-        )
+    torch.testing.assert_close(
+        mutual_loss(logits, target, backend=backend, **explicit),
+        mutual_loss(logits, target, backend=backend),
+    )
 
 
 def test_alpha_as_a_tensor():
@@ -140,7 +223,11 @@ def test_alpha_as_a_tensor():
     assert MutualLoss(alpha=torch.tensor(0.25, dtype=torch.float64)).alpha == 0.25
 
 
-def test_auto_picks_the_pure_pytorch_backend():
+def test_auto_picks_a_backend_that_computes_every_option():
+    """On the CPU the C++ op; on a device without a fused op that computes them, PyTorch."""
+    cpu, cuda, option = torch.device("cpu"), torch.device("cuda"), "divergence='reverse_kl'"
+    assert backends.select("auto", cpu, 2, 13, option) == "cpp"
+    assert backends.select("auto", cuda, 2, 13, option) == "torch"
     logits, target = make_inputs(2, 8, 13)
     got = mutual_loss(logits, target, divergence="reverse_kl")
     torch.testing.assert_close(
@@ -188,15 +275,132 @@ def test_target_none_needs_ce_weight_zero():
         dict(mimic_unlabeled=True),
     ],
 )
-def test_fused_backends_refuse_what_they_do_not_compute(options):
+@pytest.mark.parametrize("backend", REFUSING)
+def test_other_backends_refuse_what_they_do_not_compute(backend, options):
+    """By name, before any check of the device (these are CPU tensors)."""
     logits, target = make_inputs(2, 4, 5)
     name = next(iter(options))
-    with pytest.raises(ValueError, match=f"backend='cpp' does not compute {name}"):
-        mutual_loss(logits, target, backend="cpp", **options)
-    hidden = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
-    weight = [torch.randn(5, 3, dtype=torch.float64) for _ in range(2)]
-    with pytest.raises(ValueError, match=f"fused_linear_mutual_loss does not compute {name}"):
-        fused_linear_mutual_loss(hidden, weight, target, **options)
+    with pytest.raises(ValueError, match=f"backend='{backend}' does not compute {name}"):
+        mutual_loss(logits, target, backend=backend, **options)
+
+
+@fused_every_option
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("divergence", DIVERGENCES[:3])
+def test_op_gradient_is_that_of_its_loss(fused_backend, divergence, reduction):
+    """The gradient the op writes with a grad_scale (0-dim, or [K, R] at any strides with a zero)
+    is that of sum(grad_scale * loss) for the loss of the reference, each term weighed as the
+    loss weighs it."""
+    logits, target = make_inputs(3, 8, 11, ignore_every=3)
+    options = dict(temperature=2.0, alpha=0.5, label_smoothing=0.1, ce_weight=0.7, **divergence)
+    if reduction == "mean":
+        options |= dict(normalizer=torch.tensor(6))
+        grad_scale = torch.tensor(0.3, dtype=torch.float64)
+    else:
+        grad_scale = torch.rand(8, 3, dtype=torch.float64).t()
+        grad_scale[1, 3] = 0.0
+    for mimic_unlabeled in (False, True):
+        problem = make_problem(
+            logits, target, LossOptions(mimic_unlabeled=mimic_unlabeled, **options)
+        )
+        loss, ce, mimicry, grad = torch.ops.fastdml.fused_mutual_loss(
+            *fused_arguments(problem, reduction, grad_scale)
+        )
+        z = logits.clone().requires_grad_()
+        expected = reference.mutual_loss(dataclasses.replace(problem, logits=z), reduction)
+        for got, want in zip((loss, ce, mimicry), expected, strict=True):
+            torch.testing.assert_close(got, want.detach())
+        (want_grad,) = torch.autograd.grad(expected[0], z, grad_scale.expand_as(expected[0]))
+        torch.testing.assert_close(grad, want_grad)
+
+
+def _op_arguments(**changes):
+    """fused_mutual_loss's arguments by name, for float64 logits and reduction "mean", changed."""
+    logits, target = make_inputs(2, 4, 5)
+    schema = torch.ops.fastdml.fused_mutual_loss.default._schema
+    problem = make_problem(logits, target, LossOptions())
+    arguments = fused_arguments(problem, "mean")
+    return {a.name: v for a, v in zip(schema.arguments, arguments, strict=True)} | changes
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(divergence="js"), r"unknown divergence 'js' \(expected kl, reverse_kl or jsd\)"),
+        (dict(divergence="jsd", beta=1.5), r"beta must be in \[0, 1\], got 1.5"),
+        (dict(beta=float("nan")), r"beta must be in \[0, 1\], got nan"),
+        (dict(ce_weight=-1.0), "ce_weight must be a finite number >= 0, got -1"),
+        (dict(ce_weight=float("inf")), "ce_weight must be a finite number >= 0, got inf"),
+        (dict(normalizer=torch.tensor(0.0)), "normalizer must be > 0, got 0"),
+        (dict(normalizer=torch.tensor(-2)), "normalizer must be > 0, got -2"),
+        (
+            dict(normalizer=torch.ones(2)),
+            r"normalizer must be a 0-dim real tensor, got shape \[2\]",
+        ),
+        (dict(normalizer=torch.tensor(True)), "normalizer must be a 0-dim real tensor"),
+        (dict(normalizer=torch.tensor(2.0), reduction="sum"), "reduction 'mean' only"),
+    ],
+)
+def test_op_rejects_bad_family_arguments(changes, message):
+    """The C++ op checks what it is given itself, before its kernel: for direct callers, and
+    under torch.compile, where LossOptions does not check."""
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fastdml.fused_mutual_loss(**_op_arguments(**changes))
+
+
+@pytest.mark.parametrize(
+    ("device", "backend", "op"),
+    [
+        pytest.param("cuda", "cuda", "CUDA", marks=pytest.mark.cuda, id="cuda"),
+        pytest.param("cpu", "triton", "Triton", id="triton"),
+        pytest.param("cuda", "triton", "Triton", marks=pytest.mark.cuda, id="cuda-triton"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(divergence="jsd"), "does not compute divergence='jsd' yet"),
+        (dict(divergence="reverse_kl"), "does not compute divergence='reverse_kl' yet"),
+        (dict(ce_weight=0.5), "does not compute ce_weight=0.5 yet"),
+        (dict(mimic_unlabeled=True), "does not compute mimic_unlabeled=True yet"),
+        (dict(normalizer=torch.tensor(3.0)), "does not compute a normalizer yet"),
+    ],
+)
+def test_gpu_ops_refuse_the_family(request, device, backend, op, changes, message):
+    """The GPU backends are never given these (select refuses them first); their ops say so
+    too."""
+    on_device(device, backend, request)
+    with pytest.raises(NotImplementedError, match=f"the {op} op {message}"):
+        fused_op(backend)(**_op_arguments(**changes))
+    # beta is unused by "kl": any beta in [0, 1] is the paper's loss
+    fused_op(backend)(**_op_arguments(beta=0.2))
+
+
+@fused_every_option
+@pytest.mark.parametrize("normalizer", [12.0, torch.tensor(12)], ids=["number", "tensor"])
+def test_compile_fullgraph(fused_backend, normalizer):
+    """The family's options in one graph: the op and its fake kernel take them all."""
+    torch._dynamo.reset()
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(torch.get_default_device())
+    criterion = MutualLoss(
+        temperature=2.0,
+        divergence="jsd",
+        beta=0.3,
+        ce_weight=0.5,
+        mimic_unlabeled=True,
+        normalizer=normalizer,
+        backend=fused_backend,
+    )
+    logits, target = make_inputs(3, 16, 10, dtype=torch.float32)
+    results = []
+    for form in (criterion, torch.compile(criterion, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        loss = form(z, target)
+        loss.backward()
+        results.append((loss, z.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_naive_normalizer_matches_definition():
@@ -205,3 +409,9 @@ def test_naive_normalizer_matches_definition():
     target = torch.randint(0, 7, (5,))
     summed = naive_mutual_loss(peers, target, reduction="sum")[0]
     torch.testing.assert_close(naive_mutual_loss(peers, target, normalizer=4)[0], summed / 4)
+
+
+def test_a_normalizer_on_another_device_is_refused():
+    logits, target = make_inputs(2, 4, 5)
+    with pytest.raises(ValueError, match="normalizer is on meta but the logits are on cpu"):
+        mutual_loss(logits, target, normalizer=torch.tensor(2.0, device="meta"))

@@ -12,13 +12,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdml import MutualLoss, mutual_loss
 from fastdml.loss.arguments import make_problem
+from fastdml.loss.backends import EVERY_OPTION
 from fastdml.loss.ops import fused_arguments, fused_op
 from fastdml.loss.options import LossOptions
 
 MODES = ["pairwise", "ensemble", "ensemble_logits", "weights"]
 
 
-def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.0):
+def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.0, **family):
+    """The problem of a small loss; `family`: options of the loss family (divergence, ...)."""
     logits = torch.randn(k, n, c, dtype=dtype)
     target = torch.randint(0, c, (n,))
     target[1] = -100
@@ -33,6 +35,7 @@ def op_args(k=3, n=6, c=11, dtype=torch.float64, mode="pairwise", temperature=2.
             peer_weights=weights,
             label_smoothing=0.1,
             ignore_index=-100,
+            **family,
         ),
     )
     return problem
@@ -80,6 +83,30 @@ def test_opcheck_fused(fused, mode, dtype, reduction):
     problem.logits.requires_grad_()
     torch.library.opcheck(
         forward.default,
+        fused_arguments(problem, reduction, compute_grad=dtype != torch.float16),
+        test_utils=FUSED_CHECKS,
+    )
+
+
+FAMILY = [
+    pytest.param(dict(divergence="reverse_kl"), id="reverse_kl"),
+    pytest.param(dict(divergence="jsd", beta=0.3, ce_weight=0.0), id="jsd-mimicry-only"),
+    pytest.param(dict(ce_weight=0.5, mimic_unlabeled=True), id="ce_weight-unlabeled"),
+    pytest.param(dict(normalizer=7.0, divergence="jsd"), id="normalizer"),
+    pytest.param(dict(normalizer=torch.tensor(7)), id="tensor-normalizer"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILY)
+def test_opcheck_fused_family(family, mode, dtype):
+    """The loss family's arguments, on the CPU op (the CUDA op refuses them)."""
+    reduction = "mean" if "normalizer" in family else "none"
+    problem = op_args(mode=mode, dtype=dtype, **family)
+    problem.logits.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.fastdml.fused_mutual_loss.default,
         fused_arguments(problem, reduction, compute_grad=dtype != torch.float16),
         test_utils=FUSED_CHECKS,
     )
@@ -490,16 +517,22 @@ def test_compile_follows_changing_options(fused_backend):
         torch.testing.assert_close(compiled(logits, target), criterion(logits, target))
 
 
-def test_deterministic(fused_backend):
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_deterministic(fused_backend, divergence):
+    """Bit-identical from run to run, for each divergence's passes where the backend computes
+    it."""
     backend = fused_backend
+    if divergence != "kl" and backend not in EVERY_OPTION:
+        pytest.skip(f"backend={backend!r} computes divergence='kl' only")
     threads = torch.get_num_threads()
     logits = torch.randn(4, 300, 1000, requires_grad=True)
     target = torch.randint(0, 1000, (300,))
+    kwargs = dict(temperature=2.0, backend=backend, reduction="none", divergence=divergence)
 
     def run(num_threads):
         torch.set_num_threads(num_threads)
         logits.grad = None
-        loss = mutual_loss(logits, target, temperature=2.0, backend=backend, reduction="none")
+        loss = mutual_loss(logits, target, **kwargs)
         loss.sum().backward()
         return loss.detach(), logits.grad.clone()
 
@@ -526,9 +559,12 @@ def test_reduced_loss_is_deterministic(fused_backend):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
 @pytest.mark.parametrize("mode", MODES)
-def test_very_many_classes(fused_backend, mode):
+def test_very_many_classes(fused_backend, mode, divergence):
     backend = fused_backend
+    if divergence != "kl" and backend not in EVERY_OPTION:
+        pytest.skip(f"backend={backend!r} computes divergence='kl' only")
     k, c = 3, 262144
     logits = 4 * torch.randn(k, 3, c)
     target = torch.tensor([0, c - 1, 7])
@@ -537,7 +573,13 @@ def test_very_many_classes(fused_backend, mode):
     for name in ["torch", backend]:
         z = logits.clone().requires_grad_()
         out = mutual_loss(
-            z, target, temperature=2.0, return_components=True, backend=name, **weights
+            z,
+            target,
+            temperature=2.0,
+            return_components=True,
+            backend=name,
+            divergence=divergence,
+            **weights,
         )
         out.loss.backward()
         results.append((*out, z.grad))
