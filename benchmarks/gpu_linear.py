@@ -13,9 +13,13 @@ both for two trained peers ("mutual") and for a student distilled from a frozen 
 no gradient). In the second setting, when liger_kernel imports, also:
 
 - ``liger_jsd``: ``LigerFusedLinearJSD(jsd_beta=0)``, Liger-Kernel's fused linear KL from the
-  teacher, without the student's cross-entropy;
+  teacher, without the student's cross-entropy (with ``--beta``: its generalized JSD(beta));
 - ``liger_jsd_ce``: that plus ``LigerFusedLinearCrossEntropyLoss`` of the student, the same terms
   as fastdml's student loss.
+
+``--beta B`` measures the generalized JSD(B) instead of the KL from the teacher: fastdml's
+``divergence="jsd", beta=B`` and Liger's ``jsd_beta=B``, whose beta means the same (0 the KL from
+the teacher, 1 the reverse KL).
 
 Time: CUDA events around each step after a warm-up, median of --reps. Memory: the peak of
 ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it (inputs
@@ -44,21 +48,26 @@ DISTILLATION = [[0, 1], [0, 0]]  # peer 0 imitates peer 1, a frozen teacher
 Step = Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def _fused(peer_weights):
+def _divergence(beta: float | None) -> dict[str, object]:
+    """fastdml's options for the measured divergence: the KL, or the generalized JSD(beta)."""
+    return {} if beta is None else {"divergence": "jsd", "beta": beta}
+
+
+def _fused(peer_weights, beta: float | None):
     return lambda hidden, weight, target: fastdml.fused_linear_mutual_loss(
-        hidden, weight, target, peer_weights=peer_weights
+        hidden, weight, target, peer_weights=peer_weights, **_divergence(beta)
     )
 
 
-def _unfused(peer_weights):
+def _unfused(peer_weights, beta: float | None):
     def step(hidden, weight, target):
         logits = [F.linear(h, w) for h, w in zip(hidden, weight, strict=True)]
-        return fastdml.mutual_loss(logits, target, peer_weights=peer_weights)
+        return fastdml.mutual_loss(logits, target, peer_weights=peer_weights, **_divergence(beta))
 
     return step
 
 
-def _liger() -> dict[str, Step]:
+def _liger(beta: float | None) -> dict[str, Step]:
     """Liger-Kernel's fused linear losses for the frozen-teacher setting, where it imports."""
     try:
         from liger_kernel.transformers import (
@@ -67,7 +76,8 @@ def _liger() -> dict[str, Step]:
         )
     except ImportError:
         return {}
-    jsd, cross_entropy = LigerFusedLinearJSD(jsd_beta=0.0), LigerFusedLinearCrossEntropyLoss()
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0 if beta is None else beta)
+    cross_entropy = LigerFusedLinearCrossEntropyLoss()
 
     def liger_jsd(hidden, weight, target):
         return jsd(hidden[0], weight[0], hidden[1], weight[1], target)
@@ -78,11 +88,11 @@ def _liger() -> dict[str, Step]:
     return {"liger_jsd": liger_jsd, "liger_jsd_ce": liger_jsd_ce}
 
 
-def candidates(setting: str) -> dict[str, Step]:
+def candidates(setting: str, beta: float | None = None) -> dict[str, Step]:
     peer_weights = DISTILLATION if setting == "frozen_teacher" else None
-    found = {"fused": _fused(peer_weights), "unfused": _unfused(peer_weights)}
+    found = {"fused": _fused(peer_weights, beta), "unfused": _unfused(peer_weights, beta)}
     if setting == "frozen_teacher":
-        found.update(_liger())
+        found.update(_liger(beta))
     return found
 
 
@@ -145,6 +155,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--beta", type=float, help="the generalized JSD(beta) instead of the KL")
     args = parser.parse_args()
     shape = tuple(int(size) for size in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
@@ -154,8 +165,9 @@ def main() -> None:
     with args.out.open("a") as out:
         for setting in ("mutual", "frozen_teacher"):
             hidden, weight, target = make_inputs(shape, dtype, device, setting)
-            for candidate, step in candidates(setting).items():
+            for candidate, step in candidates(setting, args.beta).items():
                 record = {"bench": "linear_loss", "device": name, "setting": setting}
+                record["divergence"] = "kl" if args.beta is None else f"jsd({args.beta})"
                 record.update(candidate=candidate, shape=list(shape), dtype=args.dtype)
                 try:
                     record.update(measure(step, hidden, weight, target, args.reps))

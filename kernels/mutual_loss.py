@@ -18,7 +18,9 @@ split over programs: three launches, merged in a fixed order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -43,16 +45,26 @@ MAX_PEERS = 16
 # that the values of a tile stay in registers.
 _PEER_REGISTERS = 16
 _VECTOR_BYTES = 16
+
+
 # The most warps of a program, and the registers a thread may take with up to 4 peers in 32-bit
 # accumulation: as the CUDA op, 128, so that 16 warps are resident on a multiprocessor (more
 # peers, or float64: 255, 8 warps). The persistent grid is as many programs as are resident.
 # FASTDML_TRITON_TILE=WARPS,REGISTERS overrides them (benchmarks/gpu_tune.py measures choices).
-_MAX_WARPS, _REGISTERS = map(int, os.environ.get("FASTDML_TRITON_TILE", "4,128").split(","))
-if not (0 < _MAX_WARPS <= 32 and _MAX_WARPS & (_MAX_WARPS - 1) == 0 and 24 <= _REGISTERS <= 255):
+def _tile_setting(text: str) -> tuple[int, int]:
+    """FASTDML_TRITON_TILE's (warps, registers), checked."""
+    fields = text.split(",")
+    if len(fields) == 2 and all(field.strip().isdigit() for field in fields):
+        warps, registers = map(int, fields)
+        if 0 < warps <= 32 and warps & (warps - 1) == 0 and 24 <= registers <= 255:
+            return warps, registers
     raise ValueError(
         "FASTDML_TRITON_TILE must be WARPS,REGISTERS: the most warps of a program (a power of 2 "
-        f"up to 32) and the registers of a thread (24 to 255), got {_MAX_WARPS},{_REGISTERS}"
+        f"up to 32) and the registers of a thread (24 to 255), got {text!r}"
     )
+
+
+_MAX_WARPS, _REGISTERS = _tile_setting(os.environ.get("FASTDML_TRITON_TILE", "4,128"))
 _MANY_PEERS = 5  # from which a thread takes 255 registers (with float64 always)
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
@@ -512,7 +524,7 @@ def _mutual_loss_kernel(
         y = tl.load(target_ptr + row)
         # (peer 0's row, the peers' stride) of the logits and of the gradient, in elements:
         # multiples of VEC, so the compiler knows every vector aligned.
-        rows_at = ((row * stride_r) * VEC, stride_k * VEC)
+        rows_at = ((row * stride_r) * VEC, tl.cast(stride_k, tl.int64) * VEC)
         g_rows = ((row * CV) * VEC, (tl.cast(R, tl.int64) * CV) * VEC)
         ignored = y == ignore_index
         if ~ignored & (y >= 0) & (y < C):
@@ -717,10 +729,11 @@ def _scale_grad_kernel(grad_ptr, grad_loss_ptr, rows, R, C, stride_k, stride_r,
                 _scale_row(grad_ptr, row, g, CV, lanes, cols, VEC, LANES)
 
 
-def _split(x: float) -> tuple[float, float]:
+def _split(x: float, name: str) -> tuple[float, float]:
     """x as hi + lo, two float32 numbers: Triton passes Python floats as float32, and float64
     logits need their options to about 48 bits."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
+    _require(math.isfinite(hi), f"{name} = {x} is beyond the float32 range the kernels take")
     return hi, x - hi
 
 
@@ -887,6 +900,7 @@ def _check_fused_args(
     )
     _require(k >= 2, f"mutual learning needs at least 2 peers, got K = {k}")
     _require(num_classes >= 1, "logits need at least one class")
+    _require(num_classes < 2**31, f"the Triton op takes C < 2**31 classes, got {num_classes}")
     _require(target.device == logits.device, f"target is on {target.device}, not {logits.device}")
     _require(target.dtype == torch.int64, f"target must be int64, got {target.dtype}")
     _require(target.shape == (rows,), f"target must be [{rows}], got {list(target.shape)}")
@@ -1010,10 +1024,10 @@ def kernel_launches(
         *scale_strides,
         work.chunk,
         work.splits,
-        *_split(1.0 / temperature),
-        *_split(alpha * temperature),
-        *_split(alpha * temperature**2),
-        *_split(label_smoothing),
+        *_split(1.0 / temperature, "1 / temperature"),
+        *_split(alpha * temperature, "alpha * temperature"),
+        *_split(alpha * temperature**2, "alpha * temperature**2"),
+        *_split(label_smoothing, "label_smoothing"),
         ignore_index,
     )
     return outputs, [(launch, arguments) for launch in work.launches]
@@ -1057,6 +1071,12 @@ INTERPRETED = isinstance(_scale_grad_kernel, InterpretedFunction)
 _PTX = tl.constexpr(not INTERPRETED)
 
 
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its current stream: the tensors' own, as
+    the C++ op's device guard makes it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 # An opaque custom op, also on CUDA: its launches hold state that tracing must not copy (the
 # ticket), and the kernels gain nothing from being traced into a graph.
 @custom_op("fastdml::triton_fused_mutual_loss", mutates_args=())
@@ -1079,12 +1099,13 @@ def fused_mutual_loss(
     normalizer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_paper_loss(divergence, beta, ce_weight, mimic_unlabeled, normalizer)
-    outputs, launches = kernel_launches(
-        logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
-        ignore_index, reduction, compute_grad,
-    )  # fmt: skip
-    for launch, arguments in launches:
-        _mutual_loss_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
+    with _current_device(logits.device):
+        outputs, launches = kernel_launches(
+            logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
+            ignore_index, reduction, compute_grad,
+        )  # fmt: skip
+        for launch, arguments in launches:
+            _mutual_loss_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
     return outputs
 
 
@@ -1092,7 +1113,8 @@ def fused_mutual_loss(
 def scale_grad_(grad: Tensor, grad_loss: Tensor) -> None:
     launch, arguments = scale_launch(grad, grad_loss)
     if grad.numel() > 0:
-        _scale_grad_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
+        with _current_device(grad.device):
+            _scale_grad_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)
 
 
 def _setup_context(ctx, inputs, output):

@@ -44,6 +44,9 @@ _triton_error: str | None = _TRITON_NOT_LOADED
 
 def _load_triton() -> None:
     global _triton_error
+    if torch.version.hip is not None:
+        _triton_error = "the Triton kernels are written for NVIDIA GPUs (inline PTX), not ROCm"
+        return
     try:
         from fastdml.kernels import mutual_loss  # noqa: F401
     except ImportError as error:

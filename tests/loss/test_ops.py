@@ -390,6 +390,23 @@ def test_triton_plan_single_tile_and_split():
         assert stages(4, 131072) == ([(1, False), (2, False), (3, False)], 8)
 
 
+@pytest.mark.parametrize("setting", ["4", "4,128,1", "3,128", "4,300", "four,128"])
+def test_triton_tile_setting_is_checked(setting):
+    from fastdml.kernels import mutual_loss as triton_kernels
+
+    with pytest.raises(ValueError, match="FASTDML_TRITON_TILE must be WARPS,REGISTERS"):
+        triton_kernels._tile_setting(setting)
+    assert triton_kernels._tile_setting("8,255") == (8, 255)
+
+
+def test_triton_refuses_options_beyond_float32(triton_device):
+    """The kernels take their options as float32 pairs: an alpha past float32's range is an
+    error, not a NaN loss."""
+    logits, target = torch.randn(2, 3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"alpha \* temperature = 1e\+39 is beyond the float32"):
+        mutual_loss(logits, target, alpha=1e39, backend="triton")
+
+
 def test_logits_are_not_written(fused_backend):
     logits = torch.randn(3, 6, 11, requires_grad=True)
     before = logits.detach().clone()
@@ -609,6 +626,28 @@ def test_more_than_2_pow_31_elements(fused_backend):
     assert torch.equal(logits.grad[:, -2:], logits.grad[:, :2])
     expected = mutual_loss(probe.float(), target[:2], reduction="none", backend="torch")
     torch.testing.assert_close(loss[:, :2], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_peer_stride_past_2_pow_31(tmp_path):
+    """A peer stride of more than 2**31 elements (rows of K >= 3 peers at language-model sizes):
+    a sparse file's views, read in the interpreter, where the offset wrapping to 32 bits would
+    read the planted decoy instead of peer 1."""
+    if not INTERPRETED:
+        pytest.skip("the interpreter's check; on the GPU, test_more_than_2_pow_31_elements")
+    rows, c = 4, 64
+    stride = 2**32 + c  # a multiple of the vector width, its quotient within 32 bits
+    path = tmp_path / "sparse.bin"
+    with path.open("wb") as file:
+        file.truncate(4 * (stride + rows * c))  # no disk blocks until written
+    storage = torch.from_file(str(path), shared=True, size=stride + rows * c)
+    logits = storage.as_strided((2, rows, c), (stride, c, 1))
+    logits[0], logits[1] = torch.randn(rows, c), 3 * torch.randn(rows, c)
+    storage[c : c + rows * c] = 100.0  # where stride mod 2**32 points
+    target = torch.randint(0, c, (rows,))
+    got = mutual_loss(logits, target, backend="triton", return_components=True)
+    want = mutual_loss(logits.contiguous(), target, backend="torch", return_components=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.cuda
