@@ -25,10 +25,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -256,22 +258,46 @@ T log_ratio_terms(const T* q, const T* log_q, T w, const T* L, int64_t n, T* e) 
   return hsum(acc);
 }
 
-// One pair of the generalized JSD, target t and peer q: adds w log m to L, with the mixture
-// m = beta t + (1 - beta) q, and returns sum_c t (log t - log m), the target's KL to m
-// (0 log 0 = 0). m = 0 only where t = q = 0: there log m = -inf, and no term uses it.
+// One pair of the generalized JSD, target t and peer q, with the mixture m = beta t + (1 - beta) q:
+// adds w (log m - log q) to L and returns sum_c t (log t - log m) (0 log 0 = 0) first. With a
+// mirror (beta = 1/2, where the pair of target q and peer t has the same mixture) it also adds
+// w_mirror (log m - log t) to L_mirror and returns sum_c q (log q - log m) second.
+// Per class, log m is taken from its larger term b = max(beta t, (1 - beta) q) and the smaller s:
+// log m = log b + log1p(s / b), with s / b in [0, 1]. So log m - log t and log m - log q keep the
+// digits that log(beta t + (1 - beta) q) - log t loses near beta = 1 (or 0), and no ratio
+// overflows. Where b = 0, m = 0 and log m = -inf. Non-finite terms land only where their own
+// distribution is 0, whose products with it are taken as 0.
 template <typename T>
-T jsd_pair(const T* t, const T* log_t, const T* q, int64_t n, T beta, T one_minus_beta, T w,
-           T* L) {
+std::pair<T, T> jsd_pair(const T* t, const T* log_t, const T* q, const T* log_q, int64_t n, T beta,
+                         T one_minus_beta, T w, T* L, T w_mirror, T* L_mirror) {
   using V = Vectorized<T>;
-  const V vb(beta), vq(one_minus_beta), vw(w);
-  V acc(0);
+  // log beta and log(1 - beta), each from the smaller of the two (in double): near beta = 1,
+  // log(beta) of the rounded beta would lose the digits 1 - beta keeps.
+  const auto log_of = [](double x, double one_minus_x) {
+    return static_cast<T>(x < 0.5 ? std::log(x) : std::log1p(-one_minus_x));
+  };
+  const V vb(beta), vo(one_minus_beta);
+  const V log_b(log_of(beta, one_minus_beta)), log_o(log_of(one_minus_beta, beta));
+  const V vw(w), vw_mirror(w_mirror), zero(0), minus_inf(-std::numeric_limits<T>::infinity());
+  V acc_t(0), acc_q(0);
   for_each_vector<T>(n, [&](int64_t c, auto cnt) {
-    const V tc = load(t + c, cnt);
-    const V log_m = at::vec::fmadd(vb, tc, vq * load(q + c, cnt)).log();
-    store(at::vec::fmadd(vw, log_m, load(L + c, cnt)), L + c, cnt);
-    acc += plogq(tc, load(log_t + c, cnt) - log_m);  // dead lanes load t = 0
+    const V tc = load(t + c, cnt), qc = load(q + c, cnt);
+    const V bt = vb * tc, oq = vo * qc;
+    const V t_larger = bt >= oq;
+    const V larger = at::vec::maximum(bt, oq), smaller = at::vec::minimum(bt, oq);
+    const V log1p_ratio = V::blendv((smaller / larger).log1p(), minus_inf, larger == zero);
+    const V log_ratio = load(log_t + c, cnt) - load(log_q + c, cnt);  // log t - log q
+    const V from_t = log_b + log1p_ratio, from_q = log_o + log1p_ratio;
+    const V rel_t = V::blendv(from_q - log_ratio, from_t, t_larger);  // log m - log t
+    const V rel_q = V::blendv(from_q, from_t + log_ratio, t_larger);  // log m - log q
+    store(at::vec::fmadd(vw, rel_q, load(L + c, cnt)), L + c, cnt);
+    acc_t += plogq(tc, zero - rel_t);  // dead lanes load t = q = 0
+    if (L_mirror != nullptr) {
+      store(at::vec::fmadd(vw_mirror, rel_t, load(L_mirror + c, cnt)), L_mirror + c, cnt);
+      acc_q += plogq(qc, zero - rel_q);
+    }
   });
-  return hsum(acc);
+  return {hsum(acc_t), hsum(acc_q)};
 }
 
 // The K vectors of one class block, held in registers when K is a compile-time constant and in
@@ -379,8 +405,9 @@ struct Problem {
 
 template <typename T>
 struct Workspace {
-  // About 1024 values per buffer keeps a chunk's working set in L1 for any K.
-  Workspace(int64_t K, int64_t C)
+  // About 1024 values per buffer keeps a chunk's working set in L1 for any K. `whole_rows`: the
+  // gradient of a divergence other than KL, which keeps q and q * d of the whole row.
+  Workspace(int64_t K, int64_t C, bool whole_rows)
       : width(std::min<int64_t>(std::max<int64_t>(16, 1024 / K / 16 * 16), C)),
         z(K * width),
         a(K * width),
@@ -389,6 +416,8 @@ struct Workspace {
         u(K * width),
         log_t(K * width),
         ratio(K * width),
+        row_q(whole_rows ? K * C : 0),
+        row_e(whole_rows ? K * C : 0),
         x(K),
         a_rows(K),
         b_rows(K),
@@ -419,6 +448,9 @@ struct Workspace {
   // Only for the divergences other than KL: log t_k of the ensemble modes, and the log-target mix
   // L_k, then q_k * d_k (divergence_terms), K rows each.
   std::vector<T> log_t, ratio;
+  // q_k and q_k * d_k of the whole row, K rows of C each, kept by pass 2 for pass 3: they cost
+  // exps and logs to recompute, and at K x C of a few hundred KiB they are still in L2 cache.
+  std::vector<T> row_q, row_e;
   std::vector<const T*> x;      // the current chunk of logits, per peer
   std::vector<const T*> a_rows, b_rows;
   std::vector<Vectorized<T>> spill;  // per-class peer vectors when K is not a template argument
@@ -526,14 +558,15 @@ struct PeerState {
 
 // The chunk's terms of a divergence other than KL, from every peer's log q (ws.a) and q (ws.b):
 // the log-target mix L_k, such that d_k = w_k log q_k - L_k (docs/design.md, Other divergences),
-// then q_k * d_k, both into ws.ratio. Where `add` (pass 2), adds <q_k, d_k> to st.inner and the
-// JSD's targets' KL to their mixtures to st.kl_t; pass 3 needs ws.ratio only.
+// into ws.ratio, then q_k * d_k into e (row k at e + k * ld). Adds <q_k, d_k> to st.inner and the
+// JSD's targets' KL to their mixtures to st.kl_t.
 //   reverse KL: L_k = sum_j W[k, j] log q_j, or log t_k in the ensemble modes.
-//   JSD: L_k = sum_j W[k, j] log m_kj with m_kj = beta q_j + (1 - beta) q_k, a logarithm per pair
-//        and class, or log m_k of the one target in the ensemble modes.
+//   JSD: L_k = sum_j W[k, j] (log m_kj - log q_k) with m_kj = beta q_j + (1 - beta) q_k, and
+//        w_k = 0: a logarithm per pair and class (per unordered pair at beta = 1/2), or the one
+//        target's m_k in the ensemble modes.
 template <int KT, typename scalar_t, typename T>
 void divergence_terms(const Problem<scalar_t, T>& pb, Workspace<T>& ws, PeerState<T>& st,
-                      int64_t n, bool add) {
+                      int64_t n, T* e, int64_t ld) {
   const int64_t K = KT > 0 ? KT : pb.K;
   const bool one_target = pb.mode == Mode::Ensemble || pb.mode == Mode::EnsembleLogits;
   if (one_target) {  // t_k into ws.t and log t_k into ws.log_t
@@ -550,26 +583,30 @@ void divergence_terms(const Problem<scalar_t, T>& pb, Workspace<T>& ws, PeerStat
     }
   }
   const T* L = ws.ratio.data();
-  if (pb.divergence == Divergence::JSD) {
+  if (pb.divergence == Divergence::JSD) {  // L_k = sum_j W[k, j] (log m_kj - log q_k): d_k = -L_k
     std::fill(ws.ratio.begin(), ws.ratio.end(), T(0));
+    const T beta = pb.beta, one_minus_beta = pb.one_minus_beta;
+    // At beta = 1/2 the pairs (k, j) and (j, k) share their mixture: one logarithm serves both.
+    const bool mirrored = !one_target && beta == T(0.5);
     for (int64_t k = 0; k < K; ++k) {
       const T* q = ws.row(ws.b, k);
+      const T* log_q = ws.row(ws.a, k);
       T* L_k = ws.row(ws.ratio, k);
-      double kl_t = 0;
       if (one_target) {
-        kl_t = jsd_pair(ws.row(ws.t, k), ws.row(ws.log_t, k), q, n, pb.beta, pb.one_minus_beta,
-                        T(1), L_k);
-      } else {
-        for (int64_t j = 0; j < K; ++j) {
-          const T w = peer_weight(pb, k, j);
-          // j == k, and the peers k does not imitate: their log m may be -inf (0 * -inf).
-          if (w == T(0)) continue;
-          const T kl_j = jsd_pair(ws.row(ws.b, j), ws.row(ws.a, j), q, n, pb.beta,
-                                    pb.one_minus_beta, w, L_k);
-          kl_t += static_cast<double>(w) * kl_j;
-        }
+        st.kl_t[k] += jsd_pair(ws.row(ws.t, k), ws.row(ws.log_t, k), q, log_q, n, beta,
+                               one_minus_beta, T(1), L_k, T(0), static_cast<T*>(nullptr))
+                          .first;
+        continue;
       }
-      if (add) st.kl_t[k] += kl_t;
+      for (int64_t j = mirrored ? k + 1 : 0; j < K; ++j) {
+        const T w = peer_weight(pb, k, j), w_mirror = mirrored ? peer_weight(pb, j, k) : T(0);
+        if (w == T(0) && w_mirror == T(0)) continue;  // j == k, or peers k does not imitate
+        const auto [kl_j, kl_k] =
+            jsd_pair(ws.row(ws.b, j), ws.row(ws.a, j), q, log_q, n, beta, one_minus_beta, w, L_k,
+                     w_mirror, mirrored ? ws.row(ws.ratio, j) : nullptr);
+        st.kl_t[k] += static_cast<double>(w) * kl_j;
+        st.kl_t[j] += static_cast<double>(w_mirror) * kl_k;
+      }
     }
   } else if (one_target) {
     L = ws.log_t.data();
@@ -581,21 +618,20 @@ void divergence_terms(const Problem<scalar_t, T>& pb, Workspace<T>& ws, PeerStat
                    ws.spill.data());
   }
   for (int64_t k = 0; k < K; ++k) {
-    const T inner = log_ratio_terms(ws.row(ws.b, k), ws.row(ws.a, k), own_weight(pb, k),
-                                    L + k * ws.width, n, ws.row(ws.ratio, k));
-    if (add) st.inner[k] += inner;
+    const T w_k = pb.divergence == Divergence::JSD ? T(0) : own_weight(pb, k);
+    st.inner[k] += log_ratio_terms(ws.row(ws.b, k), ws.row(ws.a, k), w_k, L + k * ws.width, n,
+                                   e + k * ld);
   }
 }
 
 // One chunk's gradient for peer k: g = g_ce (p - (1 - eps) onehot - eps / C) + q_coef q
-// + t_coef t, with q and log q (overwritten by p when T != 1) in the workspace. The mimicry's part
-// is (g_mim / T) (w_k q - t_k) for KL, and (g_mim / T) (q * d - <q, d> q) with t = q * d for the
+// + t_coef t, p computed from the chunk's logits (ws.x) when T != 1. The mimicry's part is
+// (g_mim / T) (w_k q - t_k) for KL, and (g_mim / T) (q * d - <q, d> q) with t = q * d for the
 // other divergences. label is -1 in rows without a cross-entropy.
 template <typename scalar_t, typename T>
 void chunk_gradient(const Problem<scalar_t, T>& pb, Workspace<T>& ws, int64_t k, int64_t label,
-                    int64_t c0, int64_t n, T lse, T g_ce, T q_coef, T t_coef, const T* t,
-                    scalar_t* dst) {
-  const T* q = ws.row(ws.b, k);
+                    int64_t c0, int64_t n, T lse, T g_ce, const T* q, T q_coef, const T* t,
+                    T t_coef, scalar_t* dst) {
   const T* p = q;
   if (!pb.unit_T && g_ce != T(0)) {  // without a cross-entropy p is multiplied by 0: q will do
     exp_affine(ws.x[k], n, T(1), lse, ws.row(ws.a, k));
@@ -615,9 +651,9 @@ void chunk_gradient(const Problem<scalar_t, T>& pb, Workspace<T>& ws, int64_t k,
 
 // Pass 1 finds each peer's maxima and sums of exp; pass 2 recomputes q, the targets and the
 // loss sums and, for KL, writes the gradient: two reads of the row and one write. The other
-// divergences' gradient needs <q_k, d_k>, a sum over the whole row, so pass 3 recomputes the
-// chunk's terms and writes it, reading the row a third time: from L2 cache where its K x C
-// logits fit there (256 KiB at K = 2, C = 32000 in float32).
+// divergences' gradient needs <q_k, d_k>, a sum over the whole row: pass 2 keeps q_k and
+// q_k * d_k of the whole row in the workspace (in L2 cache for rows of a few hundred KiB), and
+// pass 3 writes the gradient from them, with no exp or log.
 template <int KT, typename scalar_t, typename T>
 void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerState<T>& st,
               const RowOut<scalar_t, T>& out, const GradScale<T>& scale) {
@@ -660,22 +696,26 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
   const auto& log_s_T = st.s_T;
   const auto& log_s_u = st.s_u;
   // log q (ws.a) and q (ws.b) of a chunk's peers; their sums go to st in pass 2 only.
-  const auto posteriors = [&](int64_t c0, int64_t n, bool add) {
-    ws.load_chunk(pb, r, c0, n);
-    for (int64_t k = 0; k < K; ++k) {
-      double unused_d = 0, unused_h = 0;
-      log_softmax(ws.x[k], n, pb.inv_T, st.m[k], static_cast<T>(log_s_T[k]), ws.row(ws.a, k),
-                  ws.row(ws.b, k), add ? st.sum_d[k] : unused_d, add ? st.h[k] : unused_h);
-    }
-  };
   const bool kl = pb.divergence == Divergence::KL;
+  const bool whole_rows = !kl && out.grad != nullptr;  // pass 3 follows
 
   // Pass 2: log q (ws.a), q (ws.b), the targets (ws.t), the sums and, for KL, the gradient.
   for (int64_t c0 = 0; c0 < C; c0 += width) {
     const int64_t n = std::min(width, C - c0);
-    posteriors(c0, n, true);
+    ws.load_chunk(pb, r, c0, n);
+    for (int64_t k = 0; k < K; ++k) {
+      log_softmax(ws.x[k], n, pb.inv_T, st.m[k], static_cast<T>(log_s_T[k]), ws.row(ws.a, k),
+                  ws.row(ws.b, k), st.sum_d[k], st.h[k]);
+    }
     if (!kl) {
-      divergence_terms<KT>(pb, ws, st, n, true);
+      if (whole_rows) {
+        for (int64_t k = 0; k < K; ++k) {
+          std::copy_n(ws.row(ws.b, k), n, ws.row_q.data() + k * C + c0);
+        }
+        divergence_terms<KT>(pb, ws, st, n, ws.row_e.data() + c0, C);
+      } else {
+        divergence_terms<KT>(pb, ws, st, n, ws.ratio.data(), width);
+      }
       continue;
     }
     peer_targets<KT>(pb, ws, n);
@@ -703,23 +743,25 @@ void loss_row(const Problem<scalar_t, T>& pb, int64_t r, Workspace<T>& ws, PeerS
       }
       const T g_scale = scale.at(k, r), g_mim_T = scale.mimicry_T * g_scale;
       chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]),
-                     ce_scale * g_scale, g_mim_T * own_weight(pb, k), -g_mim_T, t,
-                     out.grad + pb.idx(k, r) * C + c0);
+                     ce_scale * g_scale, ws.row(ws.b, k), g_mim_T * own_weight(pb, k), t,
+                     -g_mim_T, out.grad + pb.idx(k, r) * C + c0);
     }
   }
 
-  // Pass 3 (divergences other than KL): the gradient, (g_mim / T) * factor * q * (d - <q, d>).
-  if (!kl && out.grad != nullptr) {
+  // Pass 3 (divergences other than KL): the gradient, (g_mim / T) * factor * q * (d - <q, d>),
+  // from the row's q and q * d; the logits are read again only for the cross-entropy's p at T != 1.
+  if (whole_rows) {
     const T factor = pb.divergence == Divergence::JSD ? pb.one_minus_beta : T(1);
+    const bool needs_p = !pb.unit_T && ce_scale != T(0);
     for (int64_t c0 = 0; c0 < C; c0 += width) {
       const int64_t n = std::min(width, C - c0);
-      posteriors(c0, n, false);
-      divergence_terms<KT>(pb, ws, st, n, false);
+      if (needs_p) ws.load_chunk(pb, r, c0, n);
       for (int64_t k = 0; k < K; ++k) {
         const T g_scale = scale.at(k, r), coef = scale.mimicry_T * g_scale * factor;
         chunk_gradient(pb, ws, k, label, c0, n, static_cast<T>(st.m[k] + log_s[k]),
-                       ce_scale * g_scale, static_cast<T>(-coef * st.inner[k]), coef,
-                       ws.row(ws.ratio, k), out.grad + pb.idx(k, r) * C + c0);
+                       ce_scale * g_scale, ws.row_q.data() + k * C + c0,
+                       static_cast<T>(-coef * st.inner[k]), ws.row_e.data() + k * C + c0, coef,
+                       out.grad + pb.idx(k, r) * C + c0);
       }
     }
   }
@@ -775,10 +817,23 @@ void dispatch_peers(int64_t K, const F& f) {
   }
 }
 
-// Enough rows per task that a task amortises its scratch allocation. (at::parallel_for is inline:
-// it only spreads rows over threads when this file is compiled with OpenMP, -fopenmp.)
+// Enough rows per block that threads start only for enough work and claim blocks rarely.
+// (at::parallel_for is inline: it only spreads work over threads when this file is compiled with
+// OpenMP, -fopenmp.)
 int64_t row_grain(int64_t K, int64_t C) {
   return std::max<int64_t>(1, 32768 / (K * C));
+}
+
+// Runs worker(claim) once on each thread, where claim() returns the first row of the next block
+// of `grain` rows, R or more when none are left. Threads claim blocks as they go rather than take
+// equal shares up front, so a thread that other work on the machine slows down takes fewer rows
+// instead of holding the others up; per-row results do not depend on which thread computes them.
+template <typename F>
+void for_row_blocks(int64_t R, int64_t grain, const F& worker) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&] { return next.fetch_add(grain, std::memory_order_relaxed); };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), at::divup(R, grain));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(claim); });
 }
 
 // A fresh output is faulted in on first write. In 4 KiB pages that alone can cost more than the
@@ -902,11 +957,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu
                                       mimicry_rows.mutable_data_ptr<T>(),
                                       compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr};
         dispatch_peers(K, [&](auto kt) {
-          at::parallel_for(0, R, row_grain(K, C), [&](int64_t begin, int64_t end) {
-            Workspace<T> ws(K, C);
+          const int64_t grain = row_grain(K, C);
+          for_row_blocks(R, grain, [&](const auto& claim) {
+            Workspace<T> ws(K, C, divergence != Divergence::KL && compute_grad);
             PeerState<T> st(K);
-            for (int64_t r = begin; r < end; ++r) {
-              loss_row<decltype(kt)::value>(pb, r, ws, st, out, scale);
+            for (int64_t begin; (begin = claim()) < R;) {
+              for (int64_t r = begin; r < std::min(begin + grain, R); ++r) {
+                loss_row<decltype(kt)::value>(pb, r, ws, st, out, scale);
+              }
             }
           });
         });

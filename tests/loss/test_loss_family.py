@@ -67,6 +67,32 @@ def test_jsd_endpoints_are_the_two_kls(backend):
         torch.testing.assert_close(jsd, mutual_loss(logits, target, backend=backend, **same))
 
 
+@fused_every_option
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("beta", [1e-6, 1 - 1e-6])
+def test_jsd_near_its_endpoints_in_float32(fused_backend, beta, mode):
+    """Near beta = 0 or 1 the mixture is within a hair of one of its terms, and the JSD and its
+    gradient are of the order of the hair: float32 keeps their digits only where log m is taken
+    relative to that term (the tolerances are relative to values of about 1e-6)."""
+    logits, _ = make_inputs(3, 8, 500, dtype=torch.float32)
+    options = dict(ce_weight=0.0, divergence="jsd", beta=beta, **mode_kwargs(mode, 3))
+    check_against_naive(logits, None, fused_backend, rtol=1e-4, atol=1e-12, **options)
+
+
+@fused_every_option
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.7])
+def test_jsd_of_peers_far_apart_in_float32(fused_backend, beta):
+    """A class one peer gives about 1e-44 (a float32 subnormal, or 0 where an exp flushes it)
+    and the other nearly 1: the mixture is the larger term's, to float32's precision."""
+    logits = torch.zeros(2, 3, 5)
+    logits[0, :, 1], logits[1, :, 1] = -100.0, 12.0
+    logits[:, 1] = logits[:, 1].flip(0)  # the other peer far below too
+    check_against_naive(
+        logits, None, fused_backend, rtol=1e-4, atol=1e-7, ce_weight=0.0, divergence="jsd",
+        beta=beta,
+    )  # fmt: skip
+
+
 @every_option
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES[:2])
