@@ -218,7 +218,7 @@ class _FusedLinearMutualLoss(torch.autograd.Function):
             needs = ctx.needs_input_grad[5:]
             grads = _grad_buffers(settings, tensors, needs)
             scale = grad_loss if settings.reduction == "none" else grad_loss * mimicry_scale
-            _chunked_pass(settings, target, peer_weights, tensors, scale, grads, upstream=True)
+            _chunked_pass(settings, target, peer_weights, tensors, scale, grads)
             grads = _finished(settings, tensors, grads)
         elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss != 1:
             for grad in grads:
