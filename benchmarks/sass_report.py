@@ -27,9 +27,11 @@ inlining chain: an instruction carries the line of the innermost function it com
 regions are the functions that hold a tile's arithmetic, `_fold_lse` (pass 1) and `_emit_tile`
 (pass 2), found with ast. Their loops stream (the global way), one vector of every peer a thread:
 K * VEC elements an iteration. A row kernel's mode and path are named as the CUDA kernels' (the
-path from its options, ",scalar" where VEC = 1); the split's kernels are split_stats, split_emit
-and split_finish, the backward's scale_grad; `demangled` is the specialization (constexprs, warps,
-registers, pointer types). Triton's budget covers the 16- and 32-bit floats.
+path from its options, ",scalar" where VEC = 1; the loss family's paths are named in
+TRITON_FAMILY, and their pass 2 adds the loops of pass 3 where there is one); the split's kernels
+are split_stats, split_emit, split_grad and split_finish, the backward's scale_grad; `demangled`
+is the specialization (constexprs, warps, registers, pointer types). Triton's budget covers the
+16- and 32-bit floats.
 
 Rows of the backends not compiled in a run (--backends) are kept from --out, so the JSON and the
 section of BENCHMARKS.md stay whole.
@@ -810,18 +812,25 @@ def hot_loops(
     return found, "lineinfo" if by_lines else "heuristic"
 
 
-def _steady(loops: list[HotLoop]) -> HotLoop | None:
-    """The steady-state loop of several: the most elements, then the most instructions each."""
+def _steady(loops: list[HotLoop], every: bool = False) -> list[HotLoop]:
+    """The steady-state loop of several: the most elements, then the most instructions each; or,
+    `every`, all the loops of the most elements (Triton's kernel has no versioned loops: each
+    runs, as pass 3 of the divergences other than KL, a second loop of `_emit_tile`)."""
     if not loops:
-        return None
-    return max(loops, key=lambda h: (h.elements, h.per_element))
+        return []
+    most = max(h.elements for h in loops)
+    if every:
+        return [h for h in loops if h.elements == most]
+    return [max(loops, key=lambda h: (h.elements, h.per_element))]
 
 
-def ways(loops: list[HotLoop]) -> dict[str, tuple[list[HotLoop], list[HotLoop]]]:
+def ways(
+    loops: list[HotLoop], every: bool = False
+) -> dict[str, tuple[list[HotLoop], list[HotLoop]]]:
     """Per way, the loops that count for its pass 1 and pass 2: the steady-state loop of each
-    region (a pass's regions run one after the other for every element); a pass without loops
-    of its way takes its other way's. The cluster way only where it has pass-1 loops; its pass 2
-    is the cache way's."""
+    region (a pass's regions run one after the other for every element; `every`: see _steady);
+    a pass without loops of its way takes its other way's. The cluster way only where it has
+    pass-1 loops; its pass 2 is the cache way's."""
     own: dict[tuple[int, str], list[HotLoop]] = {}
     for pass_ in (1, 2):
         for way in WAYS:
@@ -829,7 +838,7 @@ def ways(loops: list[HotLoop]) -> dict[str, tuple[list[HotLoop], list[HotLoop]]]
             for h in loops:
                 if h.pass_ == pass_ and h.way == way:
                     by_region.setdefault(h.region, []).append(h)
-            own[pass_, way] = [h for group in by_region.values() if (h := _steady(group))]
+            own[pass_, way] = [h for group in by_region.values() for h in _steady(group, every)]
     found = {
         way: (own[1, way] or own[1, other], own[2, way] or own[2, other])
         for way, other in (("cache", "global"), ("global", "cache"))
@@ -847,10 +856,10 @@ def _per_element(loops: list[HotLoop]) -> float | None:
     return round(_total(loops), 2) if loops else None
 
 
-def summarize(loops: list[HotLoop]) -> dict:
+def summarize(loops: list[HotLoop], every: bool = False) -> dict:
     """Per-element instructions and MUFU of both passes along the costliest way, and the cluster
-    way's instructions."""
-    found = ways(loops)
+    way's instructions (`every`: see _steady)."""
+    found = ways(loops, every)
     first, second = max(found.values(), key=lambda way: sum(map(_total, way)))
     both = first + second
     cluster = found.get("cluster")
@@ -1031,7 +1040,7 @@ def kernel_row(
             {"pass": h.pass_, "way": h.way, "instructions": h.instructions, "elements": h.elements}
             for h in loops
         ],
-        **summarize(loops),
+        **summarize(loops, info.backend == "triton"),
         loop_barriers=sum(h.loop.count("BAR") for h in loops),
         registers=usage["registers"],
         spill_bytes=spill_stores + usage["local"],
@@ -1058,13 +1067,21 @@ def kernel_row(
 TRITON_SHAPE = (4096, 32000)
 TRITON_SCALAR_SHAPE = (4096, 50257)
 TRITON_SPLIT_SHAPE = (4, 131072)
-TRITON_ROLES = {1: "split_stats", 2: "split_emit", 3: "split_finish"}
+TRITON_ROLES = {1: "split_stats", 2: "split_emit", 3: "split_finish", 4: "split_grad"}
 # Options of a path: (temperature, label smoothing, the gradient).
 TRITON_PATHS = {
     "default": (1.0, 0.0, True),
     "T!=1": (2.0, 0.0, True),
     "smoothing": (1.0, 0.1, True),
     "no_grad": (1.0, 0.0, False),
+}
+# The loss family's paths (docs/loss.md), with the default options otherwise: each divergence,
+# whose pass 2 column adds its pass 3 (the gradient, a second loop), and a mimicry-only loss of
+# unlabeled rows with a normalizer (a 0-dim tensor in place of None).
+TRITON_FAMILY = {
+    "reverse_kl": dict(divergence="reverse_kl"),
+    "jsd": dict(divergence="jsd", beta=0.5),
+    "mimicry_only,normalizer": dict(ce_weight=0.0, mimic_unlabeled=True, normalizer=None),
 }
 
 
@@ -1093,9 +1110,9 @@ def python_regions(path: str) -> Regions:
 def triton_jobs() -> list[TritonJob]:
     """The reported specializations: the row kernel's default path in every dtype at K = 2, 3, 4,
     8 and 16 (float64 to 8: from 9 peers its values, two registers each, spill in the loops);
-    every mode with a temperature and without, and pairwise's other paths, at K = 2 and 4 in
-    float32 and bfloat16, the dtypes of the GPU targets; the scalar fallback, the split's three
-    kernels and the backward's."""
+    every mode with a temperature and without, and pairwise's other paths and the loss family's
+    (TRITON_FAMILY), at K = 2 and 4 in float32 and bfloat16, the dtypes of the GPU targets; the
+    scalar fallback, the split's three kernels and the backward's."""
     import torch
 
     from benchmarks import triton_compile as tc
@@ -1106,15 +1123,19 @@ def triton_jobs() -> list[TritonJob]:
     meta = dict(device="meta")
 
     def add(dtype: str, k: int, mode: str, path: str, shape: tuple[int, int]) -> None:
-        temperature, smoothing, grad = TRITON_PATHS[path]
+        temperature, smoothing, grad = TRITON_PATHS.get(path, TRITON_PATHS["default"])
         rows, classes = shape
         logits = torch.empty(k, rows, classes, dtype=getattr(torch, dtype), **meta)
         target = torch.empty(rows, dtype=torch.int64, **meta)
         acc = torch.float64 if dtype == "float64" else torch.float32
         weights = torch.empty(k, k, dtype=acc, **meta) if mode == "weights" else None
+        family = dict(TRITON_FAMILY.get(path, {}))
+        if "normalizer" in family:
+            family["normalizer"] = torch.empty((), dtype=acc, **meta)
         _, launches = km.kernel_launches(
-            logits, target, weights, None, mode, temperature, 0.5, smoothing, -100, "mean", grad
-        )
+            logits, target, weights, None, mode, temperature, 0.5, smoothing, -100, "mean", grad,
+            **family,
+        )  # fmt: skip
         for launch, arguments in launches:
             spec = tc.specialize(km._mutual_loss_kernel, arguments, launch)
             vec, stage = launch.constexprs["VEC"], launch.constexprs["STAGE"]
@@ -1135,6 +1156,8 @@ def triton_jobs() -> list[TritonJob]:
             for path in TRITON_PATHS if mode == "pairwise" else ("default", "T!=1"):
                 add(dtype, k, mode, path, TRITON_SHAPE)
         add(dtype, k, "pairwise", "default", TRITON_SCALAR_SHAPE)
+        for path in TRITON_FAMILY:
+            add(dtype, k, "pairwise", path, TRITON_SHAPE)
     add("float32", 2, "pairwise", "default", TRITON_SPLIT_SHAPE)
     for dtype in targets:
         grad = torch.empty(2, *TRITON_SHAPE, dtype=getattr(torch, dtype), **meta)

@@ -54,6 +54,18 @@ SHAPES = (
     (4, 2 * km.SPLIT_MIN_CLASSES),
     (7, 128256),
 )
+# The loss family's options (docs/loss.md) beyond the paper's loss: each divergence, and a
+# mimicry-only loss of unlabeled rows with a normalizer; at K = 2 and 4, in float32 and bfloat16,
+# the dtypes of the GPU targets. (None: the normalizer, a 0-dim tensor, goes in its place.)
+FAMILY = (
+    dict(divergence="reverse_kl"),
+    dict(divergence="jsd", beta=0.3),
+    dict(ce_weight=0.0, mimic_unlabeled=True, normalizer=None),
+)
+FAMILY_DTYPES = (torch.float32, torch.bfloat16)
+FAMILY_PEERS = (2, 4)
+# The family's constexprs at the paper's loss: left out of a specialization's description.
+_PAPER_LOSS = dict(DIVERGENCE=0, CE=1, MIMIC_UNLABELED=False, NORMALIZER=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,8 @@ class Specialization:
         keys = ("STAGE", "SINGLE_TILE", "K", "VEC", "LANES", "MODE", "HAS_T", "HAS_SMOOTHING")
         keys += ("COMPUTE_GRAD", "REDUCTION", "SCALE", "ACC", "PER_ROW")
         parts = [f"{key}={named[key]}" for key in keys if key in named]
+        parts += [f"{key}={named[key]}" for key in _PAPER_LOSS if named.get(key, _PAPER_LOSS[key])
+                  != _PAPER_LOSS[key]]  # fmt: skip
         pointers = sorted({t for _, t in self.signature if t.startswith("*")})
         options = f"warps={self.num_warps}" + (f" maxnreg={self.maxnreg}" if self.maxnreg else "")
         return f"{self.kernel} {' '.join(parts)} {options} {','.join(pointers)}"
@@ -103,30 +117,38 @@ def specialize(fn, arguments: tuple, launch: km.Launch) -> Specialization:
 
 def specializations() -> list[Specialization]:
     """Every distinct specialization over modes, dtypes, options, K, shapes, reductions and
-    grad_scales."""
+    grad_scales; and the loss family's (FAMILY) over modes, options, shapes and reductions."""
     found: dict[Specialization, None] = {}
     meta = dict(device="meta")
-    options = itertools.product(MODES, DTYPES, (1.0, 2.0), (0.0, 0.1), (False, True))
-    for (mode, dtype, temperature, smoothing, grad), k in itertools.product(options, PEERS):
+    paper = itertools.product(MODES, DTYPES, (1.0, 2.0), (0.0, 0.1), (False, True), PEERS, [{}])
+    family = itertools.product(
+        MODES, FAMILY_DTYPES, (1.0, 2.0), (0.0, 0.1), (False, True), FAMILY_PEERS, FAMILY
+    )
+    for mode, dtype, temperature, smoothing, grad, k, options in itertools.chain(paper, family):
         acc = accumulation_dtype(dtype)
         weights = torch.empty(k, k, dtype=acc, **meta) if mode == "weights" else None
+        if "normalizer" in options:
+            options = dict(options, normalizer=torch.empty((), dtype=acc, **meta))
         for rows, classes in SHAPES:
             logits = torch.empty(k, rows, classes, dtype=dtype, **meta)
             target = torch.empty(rows, dtype=torch.int64, **meta)
             # Without grad_scale (a loss), with one value (the float16 backward of a reduced
-            # loss) or one per row (that of reduction "none", and the fused linear loss).
+            # loss) or one per row (that of reduction "none", and the fused linear loss). A
+            # normalizer divides a mean only.
             for reduction, grad_scale in (
                 ("mean", None), ("sum", None), ("none", None),
                 ("mean", torch.empty((), dtype=acc, **meta)),
                 ("none", torch.empty(k, rows, dtype=acc, **meta)),
             ):  # fmt: skip
+                if reduction != "mean" and "normalizer" in options:
+                    continue
                 _, launches = km.kernel_launches(
                     logits, target, weights, grad_scale, mode, temperature, 0.5, smoothing, -100,
-                    reduction, grad,
+                    reduction, grad, **options,
                 )  # fmt: skip
                 for launch, arguments in launches:
                     found[specialize(km._mutual_loss_kernel, arguments, launch)] = None
-            if grad:
+            if grad and not options:
                 grad_buffer = torch.empty(k, rows, classes, dtype=dtype, **meta)
                 for grad_loss in (torch.empty((), dtype=acc, **meta), torch.empty(k, rows, **meta)):
                     launch, arguments = km.scale_launch(grad_buffer, grad_loss.to(acc))

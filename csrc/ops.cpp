@@ -13,8 +13,8 @@
 // are the loss family of docs/loss.md: the divergence ("kl", "reverse_kl" or "jsd" with its
 // beta), the cross-entropy's weight, mimic_unlabeled (rows whose target is ignore_index keep their
 // mimicry) and, for reduction "mean", a 0-dim normalizer on the logits' device that divides both
-// terms' sums instead of the rows counted. Only the CPU op computes them so far; the CUDA op
-// refuses any that is not its default.
+// terms' sums instead of the rows counted. The CPU op and the Triton op (which takes these
+// arguments too) compute them; the CUDA op refuses any that is not its default.
 #include <Python.h>
 #include <torch/library.h>
 

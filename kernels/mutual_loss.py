@@ -13,7 +13,10 @@ registers. Pass 1 folds the tiles into per-lane (max, sum of exponentials); pass
 again, last tile first (what pass 1 read last is the likeliest still in L2), adds the loss sums
 per element and writes the gradient. Each pass ends with one cross-thread reduction per value. A
 row that fits one tile is read once. When rows are too few to fill the GPU, a row's classes are
-split over programs: three launches, merged in a fixed order.
+split over programs: three launches, merged in a fixed order. The divergences other than KL
+(reverse KL, JSD) read the row a third time to write the gradient, which needs the row's sum
+<q, d> from pass 2 (docs/design.md, "Other divergences"): a fourth launch for a split row. Every
+option of the loss family is a constexpr, so that the paper's loss compiles to the same loops.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fastdml.loss.arguments import accumulation_dtype
 from fastdml.loss.ops import RECOMPUTE_GRAD_DTYPES, fused_fake
 
 MODE_IDS = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
+DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2}
 # A row's per-peer values live in registers, K of each: beyond 16 peers, the CUDA op. (float64,
 # two registers a value, spills in the loops from 9 peers: slower, not wrong.)
@@ -65,7 +69,10 @@ def _tile_setting(text: str) -> tuple[int, int]:
 
 
 _MAX_WARPS, _REGISTERS = _tile_setting(os.environ.get("FASTDML_TRITON_TILE", "4,128"))
-_MANY_PEERS = 5  # from which a thread takes 255 registers (with float64 always)
+# From which a thread takes 255 registers (with float64 always; with the JSD, whose pass 2 keeps
+# a logarithm per pair of peers, from _MANY_JSD_PEERS).
+_MANY_PEERS = 5
+_MANY_JSD_PEERS = 3
 SPLIT_PROGRAMS = 512  # rows fewer than this split their classes across programs...
 SPLIT_MIN_CLASSES = 16384  # ...into chunks of at least this many classes
 # The per-class loops work in base 2 (docs/design.md, "Exponentials in base 2"): a natural
@@ -94,6 +101,20 @@ def _exp2(x):
         )
     else:
         return tl.exp2(x)
+
+
+@triton.jit
+def _log2(x):
+    """log2 x. In float32, lg2.approx: one MUFU instruction, within about 2^-22
+    (tl.log2 is a library polynomial); subnormal inputs are kept, not flushed (a mixture of tiny
+    probabilities stays > 0), and log2 0 = -inf. float64's is exact, and so is the
+    interpreter's."""
+    if _PTX and x.dtype == tl.float32:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -213,32 +234,19 @@ def _store_grad(grad_ptr, g_rows, v0, lanes, cols, CV, gs, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, label, v0, lanes, cols,
-               CV, grad_ptr, g_rows, MASKED: tl.constexpr, K: tl.constexpr, VEC: tl.constexpr,
-               MODE: tl.constexpr, HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-               COMPUTE_GRAD: tl.constexpr):  # fmt: skip
-    """Pass 2 on one tile: every peer's q, its mimicry target t and the loss sums, per element in
-    units (docs/design.md, "The loss"), and the gradient. sums[k] is (sum q log q, sum t log q)
-    in pairwise and weights modes, (the KL, unused) in the ensemble ones, then sum (z - m) for
-    label smoothing. log q is clamped at the lowest finite value in q log q, so that 0 log 0 adds
-    0 and one FMA adds a term; t log q is taken as 0 where t = 0, and as -inf where q = 0 < t
-    (the KL is infinite)."""
-    label = tl.cast(label, tl.int32)  # the label's offset from the tile, within (-C, C)
-    ds = ()
-    ls = ()
-    qs = ()
-    for k in tl.static_range(K):
-        d = zs[k] - rows[k][0]
-        ds = ds + (d,)
-        ls = ls + (d * a_t - rows[k][1],)
-        qs = qs + (_exp2(ls[k]),)
+def _targets(qs, zs, rows, weights, u_scale, inv_km1, K: tl.constexpr, MODE: tl.constexpr):
+    """Per peer, its target t (pairwise: the others' sum, inv_km1 left out) and, in the modes
+    of one target, log2 t (else unused)."""
     if MODE == 0:
         ts = _sum_others(qs, K)  # unscaled: inv_km1 is folded into coefs and the loss
+        lts = ts
     elif MODE == 1:
         others = _sum_others(qs, K)
         ts = ()
+        lts = ()
         for k in tl.static_range(K):
             ts = ts + (others[k] * inv_km1,)
+            lts = lts + (_log2(ts[k]),)
     elif MODE == 2:
         us = _sum_others(zs, K)
         lts = ()
@@ -255,16 +263,110 @@ def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, label, v0,
                 if j != k:
                     t += weights[k][j] * qs[j]
             ts = ts + (t,)
+        lts = ts
+    return ts, lts
+
+
+@triton.jit
+def _own_weight(weights, k: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr):
+    """w_k = sum_{j != k} W[k, j], the weight of peer k's own q in its mimicry: 1 but with peer
+    weights."""
+    w = 1.0
+    if MODE == 3:
+        w = 0.0
+        for j in tl.static_range(K):
+            if j != k:
+                w += weights[k][j]
+    return w
+
+
+@triton.jit
+def _divergence_terms(qs, ls, ts, lts, weights, inv_km1, beta, one_minus_beta,
+                      K: tl.constexpr, MODE: tl.constexpr, DIVERGENCE: tl.constexpr):  # fmt: skip
+    """Per peer, for the divergences other than KL (docs/design.md, Other divergences), in base 2:
+    e = q * d with d = w log q - L, L the log-target mix (0 where q = 0), and for the JSD the
+    targets' terms of their KL to the mixtures (pairwise: without inv_km1; else unused).
+    Reverse KL: L = sum_j W[k, j] log q_j, or log t of the one target. JSD: L = sum_j W[k, j]
+    log m_kj, m_kj = beta q_j + (1 - beta) q_k, a logarithm per pair, or log m of the one
+    target."""
+    es = ()
+    kts = ()
+    for k in tl.static_range(K):
+        q = qs[k]
+        kt = tl.zeros_like(q)
+        if MODE == 1 or MODE == 2:
+            if DIVERGENCE == 1:
+                mix = lts[k]
+            else:
+                lm = _log2(beta * ts[k] + one_minus_beta * q)
+                kt = tl.where(ts[k] == 0, 0.0, ts[k] * (lts[k] - lm))
+                mix = lm
+            d = ls[k] - mix
+        else:
+            mix = tl.zeros_like(q)
+            for j in tl.static_range(K):
+                if j != k:
+                    if DIVERGENCE == 1:
+                        term = ls[j]
+                        if MODE == 3:  # 0 log 0 of a peer not imitated, never 0 * -inf
+                            term = tl.where(weights[k][j] == 0, 0.0, weights[k][j] * term)
+                    else:
+                        lm = _log2(beta * qs[j] + one_minus_beta * q)
+                        kl_j = tl.where(qs[j] == 0, 0.0, qs[j] * (ls[j] - lm))
+                        term = lm
+                        if MODE == 3:
+                            term = weights[k][j] * lm
+                            kl_j = weights[k][j] * kl_j
+                        kt += kl_j
+                    mix += term
+            d = (
+                ls[k] - mix * inv_km1
+                if MODE == 0
+                else _own_weight(weights, k, K, MODE) * ls[k] - mix
+            )
+        es = es + (tl.where(q == 0, 0.0, q * d),)
+        kts = kts + (kt,)
+    return es, kts
+
+
+@triton.jit
+def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, beta, one_minus_beta,
+               label, v0, lanes, cols, CV, grad_ptr, g_rows, MASKED: tl.constexpr,
+               K: tl.constexpr, VEC: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr,
+               HAS_SMOOTHING: tl.constexpr, CE: tl.constexpr, DIVERGENCE: tl.constexpr,
+               COMPUTE_GRAD: tl.constexpr):  # fmt: skip
+    """Pass 2 on one tile: every peer's q, its mimicry target t and the loss sums, per element in
+    units (docs/design.md, "The loss"), and the gradient. With KL, sums[k] is (sum q log q,
+    sum t log q) in pairwise and weights modes, (the KL, unused) in the ensemble ones; with the
+    other divergences (sum q d, the JSD's targets' terms); then sum (z - m) for label smoothing.
+    log q is clamped at the lowest finite value in q log q, so that 0 log 0 adds 0 and one FMA
+    adds a term; t log q is taken as 0 where t = 0, and as -inf where q = 0 < t (the KL is
+    infinite). The gradient's mimicry part is c_q q + c_t t with KL, c_q q + c_t q d with the
+    others (pass 3: the row's sum q d is in c_q)."""
+    label = tl.cast(label, tl.int32)  # the label's offset from the tile, within (-C, C)
+    ds = ()
+    ls = ()
+    qs = ()
+    for k in tl.static_range(K):
+        d = zs[k] - rows[k][0]
+        ds = ds + (d,)
+        ls = ls + (d * a_t - rows[k][1],)
+        qs = qs + (_exp2(ls[k]),)
+    ts, lts = _targets(qs, zs, rows, weights, u_scale, inv_km1, K, MODE)
+    if DIVERGENCE != 0:
+        ts, kts = _divergence_terms(qs, ls, ts, lts, weights, inv_km1, beta,
+                                    one_minus_beta, K, MODE, DIVERGENCE)  # fmt: skip
     added = ()
     gs = ()
     for k in tl.static_range(K):
         s0, s1, s2 = sums[k]
         q, t, lq = qs[k], ts[k], ls[k]
-        if MODE == 0 or MODE == 3:
+        if DIVERGENCE != 0:
+            s0 += t
+            s1 += kts[k]
+        elif MODE == 0 or MODE == 3:
             s0 += q * tl.maximum(lq, _LOWEST, propagate_nan=tl.PropagateNan.ALL)
             s1 += t * tl.where(t == 0, 0.0, lq)
-        elif MODE == 1:
-            s0 += tl.where(t == 0, 0.0, t * (tl.log2(t) - lq))
         else:
             s0 += tl.where(t == 0, 0.0, t * (lts[k] - lq))
         if HAS_SMOOTHING:
@@ -272,9 +374,13 @@ def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, label, v0,
         added = added + ((s0, s1, s2),)
         if COMPUTE_GRAD:
             c_q, c_t, c_p, on, off = coefs[k]
-            # The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
-            g = c_q * q + (c_t * t + tl.where(cols == label, on, off))
-            if HAS_T:
+            x = c_t * t
+            if CE != 0:
+                # The label's term joins before the cast to a narrower dtype (p - 1 cancels at
+                # p ~ 1).
+                x += tl.where(cols == label, on, off)
+            g = c_q * q + x
+            if HAS_T and CE != 0:
                 g += c_p * _exp2(ds[k] * _LOG2E - rows[k][2])
             gs = gs + (g,)
     if COMPUTE_GRAD:
@@ -283,13 +389,17 @@ def _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, label, v0,
 
 
 @triton.jit
-def _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, weights, alpha_t,
-                inv_km1, smoothing, C, K: tl.constexpr, MODE: tl.constexpr,
-                HAS_T: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
-    """Per peer, the gradient's coefficients in row r: s (p - (1 - eps) onehot - eps / C +
-    alpha T (w_k q - t)) is c_q q + c_t t (+ c_p p) plus `on` at the label and `off` elsewhere,
-    s being grad_scale (SCALE 0: none, 1: one value, 2: [K, R]) times `factor`, the mean's.
-    With T = 1, p = q and c_q holds c_p; pairwise's 1 / (K - 1) is in c_t, not in t."""
+def _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, ce_relative, sums, weights,
+                alpha_t, inv_km1, smoothing, one_minus_beta, C, K: tl.constexpr,
+                MODE: tl.constexpr, HAS_T: tl.constexpr, DIVERGENCE: tl.constexpr,
+                SCALE: tl.constexpr):  # fmt: skip
+    """Per peer, the gradient's coefficients in row r: s (c (p - (1 - eps) onehot - eps / C) +
+    alpha T m) is c_q q + c_t x (+ c_p p) plus `on` at the label and `off` elsewhere, s being
+    grad_scale (SCALE 0: none, 1: one value, 2: [K, R]) times `factor`, the mimicry's row
+    weight, c the cross-entropy's weight relative to it (ce_relative) and m the mimicry's
+    gradient: with KL w_k q - t (x = t), with the others q (d - <q, d>) times 1 or 1 - beta
+    (x = q d; pass 3, after the row's sums). With T = 1, p = q and c_q holds c_p; pairwise's
+    1 / (K - 1) is in c_t, not in t."""
     if SCALE == 1:
         one = tl.load(scale_ptr).to(factor.dtype) * factor
     coefs = ()
@@ -300,44 +410,59 @@ def _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, weights, a
             s = one
         else:
             s = factor
-        w = 1.0
-        if MODE == 3:
-            w = 0.0
-            for j in tl.static_range(K):
-                if j != k:
-                    w += weights[k][j]
-        c_q = s * (alpha_t * w + (0.0 if HAS_T else 1.0))
-        c_t = -s * alpha_t * (inv_km1 if MODE == 0 else 1.0)
-        off = -s * smoothing / C
-        coefs = coefs + ((c_q, c_t, s, off - s * (1.0 - smoothing), off),)
+        s_ce = s * ce_relative
+        if DIVERGENCE == 0:
+            w = _own_weight(weights, k, K, MODE)
+            c_q = s * (alpha_t * w + (0.0 if HAS_T else ce_relative))
+            c_t = -s * alpha_t * (inv_km1 if MODE == 0 else 1.0)
+        else:  # d and <q, d> in base 2
+            c_t = s * alpha_t * (_LN2 * (one_minus_beta if DIVERGENCE == 2 else 1.0))
+            c_q = -c_t * sums[k][0] + (0.0 if HAS_T else s_ce)
+        off = -s_ce * smoothing / C
+        coefs = coefs + ((c_q, c_t, s_ce, off - s_ce * (1.0 - smoothing), off),)
     return coefs
 
 
 @triton.jit
-def _lanes_sums(sums, K: tl.constexpr, MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Per peer, the loss sums of pass 2 added across the lanes (those the mode uses)."""
+def _lanes_sums(sums, K: tl.constexpr, MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                DIVERGENCE: tl.constexpr):  # fmt: skip
+    """Per peer, the loss sums of pass 2 added across the lanes (those the loss uses)."""
     zero = tl.zeros([], sums[0][0].dtype)
     reduced = ()
     for k in tl.static_range(K):
         s0, s1, s2 = sums[k]
-        s1 = tl.sum(s1) if MODE == 0 or MODE == 3 else zero
+        if DIVERGENCE == 2 or (DIVERGENCE == 0 and (MODE == 0 or MODE == 3)):
+            s1 = tl.sum(s1)
+        else:
+            s1 = zero
         reduced = reduced + ((tl.sum(s0), s1, tl.sum(s2) if HAS_SMOOTHING else zero),)
     return reduced
 
 
 @triton.jit
-def _row_terms(rows, sums, z_label, weights, inv_km1, smoothing, C, K: tl.constexpr,
-               MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
-    """Per peer, the row's (cross-entropy, mimicry) from its statistics and loss sums."""
+def _row_terms(rows, sums, z_label, labeled, weights, inv_km1, smoothing, beta, one_minus_beta,
+               C, K: tl.constexpr, MODE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+               CE: tl.constexpr, MIMIC_UNLABELED: tl.constexpr,
+               DIVERGENCE: tl.constexpr):  # fmt: skip
+    """Per peer, the row's (cross-entropy, mimicry) from its statistics and loss sums; the
+    cross-entropy 0 where the row has no label or the loss none."""
     terms = ()
     for k in tl.static_range(K):
         m, ls = rows[k][0], rows[k][5]
-        ce = (1.0 - smoothing) * ((m - z_label[k]) + ls)
-        # Skipped without smoothing, so that -inf logits of other classes keep the loss finite.
-        if HAS_SMOOTHING:
-            ce += smoothing * (ls - sums[k][2] / C)
+        ce = tl.zeros([], m.dtype)
+        if CE != 0:
+            ce = (1.0 - smoothing) * ((m - z_label[k]) + ls)
+            # Skipped without smoothing, so that -inf logits of other classes keep the loss
+            # finite.
+            if HAS_SMOOTHING:
+                ce += smoothing * (ls - sums[k][2] / C)
+            if MIMIC_UNLABELED:
+                ce = tl.where(labeled, ce, 0.0)
         mimicry = sums[k][0]
-        if MODE == 0 or MODE == 3:  # sum_j W[k, j] h_j - sum_c t_k log q_k
+        if DIVERGENCE == 2:  # beta sum_j W[k, j] KL(t_j || m_kj) + (1 - beta) <q_k, d_k>
+            kl_targets = sums[k][1] * (inv_km1 if MODE == 0 else 1.0)
+            mimicry = beta * kl_targets + one_minus_beta * mimicry
+        elif DIVERGENCE == 0 and (MODE == 0 or MODE == 3):  # sum_j W[k, j] h_j - sum_c t log q
             mimicry = -sums[k][1] * (inv_km1 if MODE == 0 else 1.0)
             for j in tl.static_range(K):
                 if j != k:
@@ -360,27 +485,45 @@ def _fill_grad(grad_ptr, g_rows, v_lo, v_hi, value, lanes, cols, K: tl.constexpr
 
 
 @triton.jit
-def _mean_factor(target_ptr, R, ignore_index, REDUCTION: tl.constexpr, ACC: tl.constexpr):
-    """1 / (rows whose target is not ignore_index, at least 1) for the mean, else 1. Every program
-    counts for itself, so that nothing runs before the forward; the targets come from L2."""
+def _row_weights(target_ptr, normalizer_ptr, R, ignore_index, REDUCTION: tl.constexpr,
+                 MIMIC_UNLABELED: tl.constexpr, NORMALIZER: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
+    """The weights of a row's cross-entropy and of its mimicry in the reduced loss: 1 but for the
+    mean, where both are 1 / normalizer (NaN unless it is > 0: a device value, never read on the
+    host), or 1 / the rows each term covers, at least 1: those whose target is not ignore_index,
+    and with MIMIC_UNLABELED all rows for the mimicry. Every program counts for itself, so that
+    nothing runs before the forward; the targets come from L2."""
+    ce = tl.full([], 1.0, ACC)
+    mimicry = ce
     if REDUCTION == 2:
-        offsets = tl.arange(0, _COUNT_BLOCK)
-        counted = tl.zeros([_COUNT_BLOCK], tl.int32)
-        for r0 in range(0, R, _COUNT_BLOCK):
-            y = tl.load(target_ptr + r0 + offsets, mask=r0 + offsets < R, other=ignore_index)
-            counted += (y != ignore_index).to(tl.int32)
-        return 1.0 / tl.maximum(tl.sum(counted), 1).to(ACC)
-    else:
-        return tl.full([], 1.0, ACC)
+        if NORMALIZER:
+            n = tl.load(normalizer_ptr).to(ACC)
+            ce = tl.where(n > 0, 1.0 / n, float("nan"))
+            mimicry = ce
+        else:
+            offsets = tl.arange(0, _COUNT_BLOCK)
+            counted = tl.zeros([_COUNT_BLOCK], tl.int32)
+            for r0 in range(0, R, _COUNT_BLOCK):
+                y = tl.load(target_ptr + r0 + offsets, mask=r0 + offsets < R, other=ignore_index)
+                counted += (y != ignore_index).to(tl.int32)
+            ce = 1.0 / tl.maximum(tl.sum(counted), 1).to(ACC)
+            mimicry = 1.0 / tl.cast(R, ACC) if MIMIC_UNLABELED else ce
+    return ce, mimicry
 
 
 @triton.jit
-def _reduce_programs(terms, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, factor,
-                     alpha_t2, K: tl.constexpr):  # fmt: skip
+def _weighted_ce(ce, ce_weight, CE: tl.constexpr):
+    """ce_weight times a cross-entropy term; no multiply where ce_weight is 1 (CE)."""
+    return ce if CE == 1 else ce_weight * ce
+
+
+@triton.jit
+def _reduce_programs(terms, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, weights,
+                     ce_weight, alpha_t2, K: tl.constexpr, CE: tl.constexpr):  # fmt: skip
     """Reductions "sum" and "mean" without a host sync or another launch: each program stores its
     rows' sums, (cross-entropy, mimicry) per peer; the last program to take a ticket adds them,
-    program by program in blocks of a fixed order, times `factor`, writes the outputs and leaves
-    the ticket at 0 for the next forward."""
+    program by program in blocks of a fixed order, times their row weights (`weights`), writes
+    the outputs and leaves the ticket at 0 for the next forward."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     for k in tl.static_range(K):
@@ -389,19 +532,19 @@ def _reduce_programs(terms, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_p
     tl.debug_barrier()  # every thread's stores come before the ticket ...
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == programs - 1:  # ... whose acquire sees all
         parts = tl.arange(0, _PARTS_BLOCK)
-        loss = tl.zeros([], factor.dtype)
+        loss = tl.zeros([], alpha_t2.dtype)
         for k in tl.static_range(K):
             reduced = ()
             for i in tl.static_range(2):
-                total = tl.zeros([_PARTS_BLOCK], factor.dtype)
+                total = tl.zeros([_PARTS_BLOCK], alpha_t2.dtype)
                 for p0 in range(0, programs, _PARTS_BLOCK):
                     at = partial_ptr + (2 * k + i) * programs + p0 + parts
                     live = p0 + parts < programs
                     total += tl.load(at, mask=live, other=0.0, cache_modifier=".cg")
-                reduced = reduced + (tl.sum(total) * factor,)
+                reduced = reduced + (tl.sum(total) * weights[i],)
             tl.store(ce_ptr + k, reduced[0])
             tl.store(mimicry_ptr + k, reduced[1])
-            loss += reduced[0] + alpha_t2 * reduced[1]
+            loss += _weighted_ce(reduced[0], ce_weight, CE) + alpha_t2 * reduced[1]
         tl.store(loss_ptr, loss)
         tl.store(ticket_ptr, 0)
 
@@ -451,6 +594,7 @@ def _mutual_loss_kernel(
     sums_ptr,
     partial_ptr,
     ticket_ptr,
+    normalizer_ptr,
     R,
     C,
     stride_k,
@@ -467,6 +611,12 @@ def _mutual_loss_kernel(
     alpha_t2_lo,
     smoothing_hi,
     smoothing_lo,
+    ce_weight_hi,
+    ce_weight_lo,
+    beta_hi,
+    beta_lo,
+    one_minus_beta_hi,
+    one_minus_beta_lo,
     ignore_index,
     K: tl.constexpr,
     VEC: tl.constexpr,
@@ -480,6 +630,10 @@ def _mutual_loss_kernel(
     COMPUTE_GRAD: tl.constexpr,
     REDUCTION: tl.constexpr,
     SCALE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    CE: tl.constexpr,
+    MIMIC_UNLABELED: tl.constexpr,
+    NORMALIZER: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """STAGE 0: whole rows, rows pid, pid + programs, ... of a persistent grid; SINGLE_TILE (C at
@@ -487,7 +641,11 @@ def _mutual_loss_kernel(
     over programs (axis 1: its chunk of `chunk` vectors) takes three launches: STAGE 1 writes each
     chunk's statistics to `stats`, STAGE 2 merges them, writes the chunk's gradient and its loss
     sums to `sums`, STAGE 3 (a persistent grid again) merges those into the row's terms. The
-    reduced outputs of STAGE 0 and 3 go through _reduce_programs."""
+    reduced outputs of STAGE 0 and 3 go through _reduce_programs. DIVERGENCE (0: KL, 1: reverse
+    KL, 2: JSD) other than KL writes the gradient in a third pass over the row, after its sums:
+    for a split row STAGE 4, between STAGE 2 and 3. A row whose target is ignore_index is
+    computed only with MIMIC_UNLABELED, without a cross-entropy. CE: 0 where ce_weight is 0 (no
+    cross-entropy at all), 1 where it is 1, else 2."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
     programs = tl.num_programs(0)
@@ -498,6 +656,11 @@ def _mutual_loss_kernel(
     alpha_t = tl.cast(alpha_t_hi, ACC) + tl.cast(alpha_t_lo, ACC)
     alpha_t2 = tl.cast(alpha_t2_hi, ACC) + tl.cast(alpha_t2_lo, ACC)
     smoothing = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+    ce_weight = tl.cast(ce_weight_hi, ACC) + tl.cast(ce_weight_lo, ACC)
+    betas = (
+        tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC),
+        tl.cast(one_minus_beta_hi, ACC) + tl.cast(one_minus_beta_lo, ACC),
+    )
     zero = tl.zeros([], ACC)
     a_t = inv_t * _LOG2E
     inv_km1 = tl.full([], 1.0 / (K - 1), ACC)  # a tensor of ACC: a float64 1 / 3 stays exact
@@ -510,15 +673,23 @@ def _mutual_loss_kernel(
             for j in tl.static_range(K):
                 w_k = w_k + (tl.load(weights_ptr + k * K + j).to(ACC),)
             weights = weights + (w_k,)
-    factor = _mean_factor(target_ptr, R, ignore_index, REDUCTION, ACC) if STAGE != 1 else zero
+    # The row weights of the cross-entropy and of the mimicry, and the first times ce_weight
+    # relative to the second: 1 where they agree (ce_weight 1, labeled rows only).
+    row_weights = (zero, zero)
+    ce_relative = 0.0 if CE == 0 else 1.0
+    if STAGE != 1:
+        row_weights = _row_weights(target_ptr, normalizer_ptr, R, ignore_index, REDUCTION,
+                                   MIMIC_UNLABELED, NORMALIZER, ACC)  # fmt: skip
+        if CE == 2 or (CE == 1 and MIMIC_UNLABELED):
+            ce_relative = _weighted_ce(row_weights[0], ce_weight, CE) / row_weights[1]
     # The rows' terms a program adds up for a reduced loss, per peer (cross-entropy, mimicry).
     totals = ()
     for _ in tl.static_range(K):
         totals = totals + ((zero, zero),)
-    # STAGE 1 and 2: one row a program, the grid being (R, splits).
+    # STAGE 1, 2 and 4: one row a program, the grid being (R, splits).
     step = programs if STAGE == 0 or STAGE == 3 else R
     v_lo = part * chunk
-    v_hi = tl.minimum(v_lo + chunk, CV) if STAGE == 1 or STAGE == 2 else CV
+    v_hi = tl.minimum(v_lo + chunk, CV) if STAGE == 1 or STAGE == 2 or STAGE == 4 else CV
     for r in range(pid, R, step):
         row = tl.cast(r, tl.int64)  # offsets pass 2**31 at language-model sizes
         y = tl.load(target_ptr + row)
@@ -527,13 +698,17 @@ def _mutual_loss_kernel(
         rows_at = ((row * stride_r) * VEC, tl.cast(stride_k, tl.int64) * VEC)
         g_rows = ((row * CV) * VEC, (tl.cast(R, tl.int64) * CV) * VEC)
         ignored = y == ignore_index
-        if ~ignored & (y >= 0) & (y < C):
+        computed = ~ignored & (y >= 0) & (y < C)
+        if MIMIC_UNLABELED:
+            computed = computed | ignored
+        if computed:
             terms = _row(
                 logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, row, y,
-                part, v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes, cols,
-                weights, factor, a_t, u_scale, inv_km1, alpha_t, smoothing, K, VEC, LANES,
-                STAGE, SINGLE_TILE, SPLITS_PAD, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD,
-                SCALE, ACC,
+                ~ignored, part, v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes,
+                cols, weights, row_weights[1], ce_relative, betas, a_t, u_scale, inv_km1,
+                alpha_t, smoothing,
+                K, VEC, LANES, STAGE, SINGLE_TILE, SPLITS_PAD, MODE, HAS_T, HAS_SMOOTHING,
+                COMPUTE_GRAD, SCALE, DIVERGENCE, CE, MIMIC_UNLABELED, ACC,
             )  # fmt: skip
         else:
             # A row that reads no logits (nothing there may leak): 0 where ignored, NaN where its
@@ -550,7 +725,8 @@ def _mutual_loss_kernel(
                     ce, mimicry = terms[k]
                     tl.store(ce_ptr + k * R + row, ce)
                     tl.store(mimicry_ptr + k * R + row, mimicry)
-                    tl.store(loss_ptr + k * R + row, ce + alpha_t2 * mimicry)
+                    loss = _weighted_ce(ce, ce_weight, CE) + alpha_t2 * mimicry
+                    tl.store(loss_ptr + k * R + row, loss)
             else:
                 summed = ()
                 for k in tl.static_range(K):
@@ -558,8 +734,9 @@ def _mutual_loss_kernel(
                 totals = summed
     if (STAGE == 0 or STAGE == 3) and REDUCTION != 0:
         _reduce_programs(
-            totals, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, factor, alpha_t2, K
-        )
+            totals, partial_ptr, ticket_ptr, loss_ptr, ce_ptr, mimicry_ptr, row_weights,
+            ce_weight, alpha_t2, K, CE,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -591,39 +768,45 @@ def _pass_1(logits_ptr, rows_at, kept, v_lo, v_hi, lanes, cols, a_t, u_scale, K:
 
 
 @triton.jit
-def _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, y, v_lo, v_hi,
-            lanes, cols, a_t, u_scale, inv_km1, K: tl.constexpr, VEC: tl.constexpr,
+def _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, betas, y,
+            v_lo, v_hi, lanes, cols, a_t, u_scale, inv_km1, K: tl.constexpr, VEC: tl.constexpr,
             LANES: tl.constexpr, SINGLE_TILE: tl.constexpr, MODE: tl.constexpr,
-            HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+            HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CE: tl.constexpr,
+            DIVERGENCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
             ACC: tl.constexpr):  # fmt: skip
     """Each peer's loss sums over vectors [v_lo, v_hi), and their gradient: the tail first,
     then the whole tiles last first, so that what pass 1 read last, the likeliest still in L2,
-    is read first (evict_first: none of it is read again)."""
+    is read first (evict_first: none of it is read again). Also pass 3 of the divergences other
+    than KL, which writes the gradient only."""
     empty = tl.zeros([LANES, VEC], ACC)
     sums = ()
     for _ in tl.static_range(K):
         sums = sums + ((empty, empty, empty),)
+    beta, one_minus_beta = betas
     if SINGLE_TILE:
-        sums = _emit_tile(sums, kept, rows, coefs, weights, a_t, u_scale, inv_km1, y, 0, lanes,
-                          cols, v_hi, grad_ptr, g_rows, True, K, VEC, MODE, HAS_T,
-                          HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
+        sums = _emit_tile(sums, kept, rows, coefs, weights, a_t, u_scale, inv_km1, beta,
+                          one_minus_beta, y, 0, lanes, cols, v_hi, grad_ptr, g_rows, True, K,
+                          VEC, MODE, HAS_T, HAS_SMOOTHING, CE, DIVERGENCE,
+                          COMPUTE_GRAD)  # fmt: skip
     else:
         tiles = (v_hi - v_lo) // LANES
         tail = v_lo + tiles * LANES
         if tail < v_hi:
             zs = _load_peers(logits_ptr, rows_at, tail, lanes, cols, v_hi, True, "evict_first",
                              K, VEC, ACC)  # fmt: skip
-            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1,
-                              y - tail * VEC, tail, lanes, cols, v_hi, grad_ptr, g_rows, True, K,
-                              VEC, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
+            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, beta,
+                              one_minus_beta, y - tail * VEC, tail, lanes, cols, v_hi, grad_ptr,
+                              g_rows, True, K, VEC, MODE, HAS_T, HAS_SMOOTHING, CE,
+                              DIVERGENCE, COMPUTE_GRAD)  # fmt: skip
         for i in range(tiles):
             v0 = v_lo + (tiles - 1 - i) * LANES
             zs = _load_peers(logits_ptr, rows_at, v0, lanes, cols, v_hi, False, "evict_first",
                              K, VEC, ACC)  # fmt: skip
-            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1,
-                              y - v0 * VEC, v0, lanes, cols, v_hi, grad_ptr, g_rows, False, K,
-                              VEC, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD)  # fmt: skip
-    return _lanes_sums(sums, K, MODE, HAS_SMOOTHING)
+            sums = _emit_tile(sums, zs, rows, coefs, weights, a_t, u_scale, inv_km1, beta,
+                              one_minus_beta, y - v0 * VEC, v0, lanes, cols, v_hi, grad_ptr,
+                              g_rows, False, K, VEC, MODE, HAS_T, HAS_SMOOTHING, CE,
+                              DIVERGENCE, COMPUTE_GRAD)  # fmt: skip
+    return _lanes_sums(sums, K, MODE, HAS_SMOOTHING, DIVERGENCE)
 
 
 @triton.jit
@@ -650,17 +833,23 @@ def _merge_sums(sums_ptr, r, splits, K: tl.constexpr, SPLITS_PAD: tl.constexpr):
 
 
 @triton.jit
-def _row(logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, r, y, part,
-         v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes, cols, weights, factor,
-         a_t, u_scale, inv_km1, alpha_t, smoothing, K: tl.constexpr, VEC: tl.constexpr,
-         LANES: tl.constexpr, STAGE: tl.constexpr, SINGLE_TILE: tl.constexpr,
-         SPLITS_PAD: tl.constexpr, MODE: tl.constexpr, HAS_T: tl.constexpr,
-         HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE: tl.constexpr,
-         ACC: tl.constexpr):  # fmt: skip
-    """One row whose target counts (its chunk [v_lo, v_hi) in STAGE 1 and 2): its terms per
-    peer, (cross-entropy, mimicry), in STAGE 0 and 3; STAGE 1 and 2 write theirs to memory."""
+def _row(logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, r, y, labeled,
+         part, v_lo, v_hi, C, splits, stride_scale_k, stride_scale_r, lanes, cols, weights,
+         factor, ce_relative, betas, a_t, u_scale, inv_km1, alpha_t, smoothing,
+         K: tl.constexpr,
+         VEC: tl.constexpr, LANES: tl.constexpr, STAGE: tl.constexpr,
+         SINGLE_TILE: tl.constexpr, SPLITS_PAD: tl.constexpr, MODE: tl.constexpr,
+         HAS_T: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+         SCALE: tl.constexpr, DIVERGENCE: tl.constexpr, CE: tl.constexpr,
+         MIMIC_UNLABELED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """One row that is computed (its chunk [v_lo, v_hi) in STAGE 1, 2 and 4): its terms per
+    peer, (cross-entropy, mimicry), in STAGE 0 and 3; STAGE 1 and 2 write theirs to memory,
+    STAGE 4 the chunk's gradient (_grad_coefs: factor, ce_relative, 0 where the row has no
+    label)."""
+    if MIMIC_UNLABELED:
+        ce_relative = tl.where(labeled, ce_relative, 0.0)
     kept = ()
-    if SINGLE_TILE:  # loaded once, for both passes
+    if SINGLE_TILE:  # loaded once, for every pass
         kept = _load_peers(logits_ptr, rows_at, 0, lanes, cols, v_hi, True, "evict_first", K,
                            VEC, ACC)  # fmt: skip
     if STAGE <= 1:
@@ -672,26 +861,42 @@ def _row(logits_ptr, grad_ptr, stats_ptr, sums_ptr, scale_ptr, rows_at, g_rows, 
         _store_fields(stats_ptr + (r * splits + part) * (_STAT_FIELDS * K), stats, K,
                       _STAT_FIELDS)  # fmt: skip
     rows = _peer_rows(stats, K, HAS_T)
-    if STAGE == 3:
+    if STAGE == 3 or STAGE == 4:
         sums = _merge_sums(sums_ptr, r, splits, K, SPLITS_PAD)
     elif STAGE != 1:
-        coefs = _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, weights,
-                            alpha_t, inv_km1, smoothing, C, K, MODE, HAS_T, SCALE)  # fmt: skip
-        sums = _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, y,
-                       v_lo, v_hi, lanes, cols, a_t, u_scale, inv_km1, K, VEC, LANES,
-                       SINGLE_TILE, MODE, HAS_T, HAS_SMOOTHING, COMPUTE_GRAD, ACC)  # fmt: skip
+        coefs = ()
+        if DIVERGENCE == 0:
+            coefs = _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor,
+                                ce_relative, (), weights, alpha_t, inv_km1, smoothing, betas[1],
+                                C, K, MODE, HAS_T, DIVERGENCE, SCALE)  # fmt: skip
+        sums = _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights,
+                       betas, y, v_lo, v_hi, lanes, cols, a_t, u_scale, inv_km1, K, VEC, LANES,
+                       SINGLE_TILE, MODE, HAS_T, HAS_SMOOTHING, CE, DIVERGENCE,
+                       COMPUTE_GRAD and DIVERGENCE == 0, ACC)  # fmt: skip
     if STAGE == 2:
         _store_fields(sums_ptr + (r * splits + part) * (_SUM_FIELDS * K), sums, K, _SUM_FIELDS)
+    if DIVERGENCE != 0 and COMPUTE_GRAD and (STAGE == 0 or STAGE == 4):  # pass 3
+        coefs = _grad_coefs(scale_ptr, stride_scale_k, stride_scale_r, r, factor, ce_relative,
+                            sums, weights, alpha_t, inv_km1, smoothing, betas[1], C, K, MODE,
+                            HAS_T, DIVERGENCE, SCALE)  # fmt: skip
+        _pass_2(logits_ptr, grad_ptr, rows_at, g_rows, kept, rows, coefs, weights, betas, y,
+                v_lo, v_hi, lanes, cols, a_t, u_scale, inv_km1, K, VEC, LANES, SINGLE_TILE, MODE,
+                HAS_T, False, CE, DIVERGENCE, True, ACC)  # fmt: skip
     zero = tl.zeros([], ACC)
     terms = ()
     for _ in tl.static_range(K):
         terms = terms + ((zero, zero),)
     if STAGE == 0 or STAGE == 3:
+        label = tl.where(labeled, y, 0) if MIMIC_UNLABELED else y
         z_label = ()
         for k in tl.static_range(K):
-            z_label = z_label + (tl.load(logits_ptr + rows_at[0] + k * rows_at[1] + y).to(ACC),)
-        terms = _row_terms(rows, sums, z_label, weights, inv_km1, smoothing, C, K, MODE,
-                           HAS_SMOOTHING)  # fmt: skip
+            z = zero
+            if CE != 0:
+                z = tl.load(logits_ptr + rows_at[0] + k * rows_at[1] + label).to(ACC)
+            z_label = z_label + (z,)
+        terms = _row_terms(rows, sums, z_label, labeled, weights, inv_km1, smoothing, betas[0],
+                           betas[1], C, K, MODE, HAS_SMOOTHING, CE, MIMIC_UNLABELED,
+                           DIVERGENCE)  # fmt: skip
     return terms
 
 
@@ -808,13 +1013,19 @@ def plan(
     compute_grad: bool,
     reduction: str,
     scale: int,
+    divergence: str = "kl",
+    ce_weight: float = 1.0,
+    mimic_unlabeled: bool = False,
+    has_normalizer: bool = False,
 ) -> Plan:
     """The launches of the forward for logits [k, rows, num_classes] of `dtype` read in vectors
     of `vec` classes: the one place that decides tiles, warps, grids and splits (the op launches
-    them; the compile check and the static report enumerate them).
+    them; the compile check and the static report enumerate them). `divergence` is the one
+    computed ("jsd" at beta 0 or 1 comes as the KL it is).
 
     A row's classes are split across programs when there are too few rows to fill the GPU and each
-    chunk keeps at least SPLIT_MIN_CLASSES: three launches, merged in a fixed order.
+    chunk keeps at least SPLIT_MIN_CLASSES: three launches, merged in a fixed order, and a fourth
+    for the gradient of a divergence other than KL.
     """
     vectors = num_classes // vec
     lanes, num_warps = _tile(vectors)
@@ -836,14 +1047,21 @@ def plan(
         COMPUTE_GRAD=compute_grad,
         REDUCTION=REDUCTION_IDS[reduction],
         SCALE=scale,
+        DIVERGENCE=DIVERGENCE_IDS[divergence],
+        CE=0 if ce_weight == 0 else 1 if ce_weight == 1 else 2,
+        MIMIC_UNLABELED=mimic_unlabeled,
+        NORMALIZER=has_normalizer,
         ACC=tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32,
     )
-    registers = _REGISTERS if k < _MANY_PEERS and common["ACC"] == tl.float32 else 255
+    many = k >= (_MANY_JSD_PEERS if divergence == "jsd" else _MANY_PEERS)
+    registers = _REGISTERS if not many and common["ACC"] == tl.float32 else 255
     persistent = (min(rows, resident_programs(device, num_warps, registers)), 1)
     if splits == 1:
         stages = [(persistent, 0, vectors <= lanes)]
     else:
         stages = [((rows, splits), 1, False), ((rows, splits), 2, False), (persistent, 3, False)]
+        if divergence != "kl" and compute_grad:  # the gradient after the rows' sums
+            stages.insert(2, ((rows, splits), 4, False))
     launches = tuple(
         Launch(grid, dict(common, STAGE=stage, SINGLE_TILE=single), num_warps, registers)
         for grid, stage, single in stages
@@ -916,21 +1134,40 @@ def _check_fused_args(
         _check_acc_tensor(grad_scale, "grad_scale", shapes, acc, logits.device)
 
 
-def _check_paper_loss(
-    divergence: str, beta: float, ce_weight: float, mimic_unlabeled: bool, normalizer
+def _check_family_args(
+    logits: Tensor,
+    reduction: str,
+    divergence: str,
+    beta: float,
+    ce_weight: float,
+    normalizer: Tensor | None,
 ) -> None:
-    """The kernels compute the paper's loss only: the loss family's options at their defaults.
-    Python routes the others to the CPU op or backend='torch'."""
+    """The checks of the C++ op (csrc/mutual_loss.h, check_family_args). A normalizer on the CPU
+    (the interpreter's) is checked > 0 as the CPU op does; on the GPU its value is read by the
+    kernel only (no host sync), where one <= 0 makes the loss NaN."""
+    _require(
+        divergence in DIVERGENCE_IDS,
+        f"unknown divergence {divergence!r} (expected kl, reverse_kl or jsd)",
+    )
     _require(0 <= beta <= 1, f"beta must be in [0, 1], got {beta}")
-    others = " yet; backend='torch' computes it on any device"
-    for computed, option in (
-        (divergence == "kl", f"divergence={divergence!r}"),
-        (ce_weight == 1.0, f"ce_weight={ce_weight}"),
-        (not mimic_unlabeled, "mimic_unlabeled=True"),
-        (normalizer is None, "a normalizer"),
-    ):
-        if not computed:
-            raise NotImplementedError(f"fastdml: the Triton op does not compute {option}{others}")
+    _require(
+        math.isfinite(ce_weight) and ce_weight >= 0,
+        f"ce_weight must be a finite number >= 0, got {ce_weight}",
+    )
+    if normalizer is None:
+        return
+    _require(reduction == "mean", "normalizer divides the loss of reduction 'mean' only")
+    _require(
+        normalizer.device == logits.device,
+        f"normalizer is on {normalizer.device}, not {logits.device} as the logits",
+    )
+    _require(
+        normalizer.dim() == 0 and normalizer.dtype != torch.bool and not normalizer.is_complex(),
+        f"normalizer must be a 0-dim real tensor, got shape {list(normalizer.shape)} and dtype "
+        f"{normalizer.dtype}",
+    )
+    if normalizer.device.type == "cpu":
+        _require(normalizer.item() > 0, f"normalizer must be > 0, got {normalizer.item()}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -967,6 +1204,11 @@ def kernel_launches(
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ce_weight: float = 1.0,
+    mimic_unlabeled: bool = False,
+    normalizer: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[tuple[Launch, tuple]]]:
     """The op's outputs (allocated, not yet written) and the launches that compute them, each
     with its arguments; bad arguments raise first. Shared by the op and the compile check
@@ -975,6 +1217,9 @@ def kernel_launches(
     _check_fused_args(
         logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing, reduction
     )
+    _check_family_args(logits, reduction, divergence, beta, ce_weight, normalizer)
+    if divergence == "jsd" and beta in (0.0, 1.0):  # defined as the KL and the reverse KL
+        divergence = "kl" if beta == 0 else "reverse_kl"
     k, rows, num_classes = logits.shape
     if logits.stride(2) != 1:
         logits = logits.contiguous()
@@ -996,7 +1241,8 @@ def kernel_launches(
     scale = 0 if grad_scale is None else 1 if grad_scale.dim() == 0 else 2
     work = plan(
         k, rows, num_classes, vec, logits.dtype, device, mode, temperature != 1.0,
-        label_smoothing != 0.0, compute_grad, reduction, scale,
+        label_smoothing != 0.0 and ce_weight != 0, compute_grad, reduction, scale, divergence,
+        ce_weight, mimic_unlabeled, normalizer is not None,
     )  # fmt: skip
     split = work.splits > 1
     stats = loss.new_empty((rows, work.splits, _STAT_FIELDS, k) if split else (0,))
@@ -1017,6 +1263,7 @@ def kernel_launches(
         sums,
         partial,
         ticket,
+        loss if normalizer is None else normalizer,
         rows,
         num_classes,
         logits.stride(0) // vec,
@@ -1028,6 +1275,9 @@ def kernel_launches(
         *_split(alpha * temperature, "alpha * temperature"),
         *_split(alpha * temperature**2, "alpha * temperature**2"),
         *_split(label_smoothing, "label_smoothing"),
+        *_split(ce_weight, "ce_weight"),
+        *_split(beta, "beta"),
+        *_split(1.0 - beta, "1 - beta"),
         ignore_index,
     )
     return outputs, [(launch, arguments) for launch in work.launches]
@@ -1098,11 +1348,11 @@ def fused_mutual_loss(
     mimic_unlabeled: bool = False,
     normalizer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_paper_loss(divergence, beta, ce_weight, mimic_unlabeled, normalizer)
     with _current_device(logits.device):
         outputs, launches = kernel_launches(
             logits, target, weights, grad_scale, mode, temperature, alpha, label_smoothing,
-            ignore_index, reduction, compute_grad,
+            ignore_index, reduction, compute_grad, divergence, beta, ce_weight, mimic_unlabeled,
+            normalizer,
         )  # fmt: skip
         for launch, arguments in launches:
             _mutual_loss_kernel[launch.grid](*arguments, **launch.options, **launch.constexprs)

@@ -91,7 +91,7 @@ TRITON_FROM_CLASSES = 65536
 
 # The backends that compute every option of LossOptions; the others compute the paper's loss
 # (LossOptions.extended_option is None), and backend="auto" passes them over for the rest.
-EVERY_OPTION = ("torch", "cpp")
+EVERY_OPTION = ("torch", "cpp", "triton")
 
 
 # The most peers the CUDA op takes: it keeps per-peer statistics in shared memory (its C++ checks
@@ -181,9 +181,10 @@ def select(
             )
         return "torch"
     if extended_option is not None and backend not in ("auto", *EVERY_OPTION):
+        *others, last = map(repr, EVERY_OPTION)
         raise ValueError(
             f"backend={backend!r} does not compute {extended_option} yet; "
-            f"{' and '.join(map(repr, EVERY_OPTION))} do (backend='auto' picks one)"
+            f"{', '.join(others)} and {last} do (backend='auto' picks one)"
         )
     if backend == "auto":
         return _auto(device, num_peers, num_classes, extended_option is not None)
