@@ -281,14 +281,45 @@ def _own_weight(weights, k: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
+def _log2_1p(r):
+    """log2(1 + r) to the precision of r, for r in [-1/2, 1] (Goldberg's: the rounding of 1 + r
+    cancels in r / (u - 1)); with the library log2, not lg2.approx, whose absolute error would
+    swamp a logarithm near 0."""
+    u = 1.0 + r
+    return tl.where(u == 1.0, r * _LOG2E, tl.log2(u) * (r / (u - 1.0)))
+
+
+@triton.jit
+def _jsd_logs(t, lt, q, lq, beta, one_minus_beta, log2_beta, log2_one_minus_beta):
+    """(log2 m - log2 t, log2 m - log2 q) of the mixture m = beta t + (1 - beta) q, per class
+    from its larger term b and the smaller s: log2 m = log2 b + log2(1 + s / b), s / b <= 1, so
+    that neither difference loses the digits near beta = 0 or 1 that log2 m - log2 q would, and
+    no ratio overflows (docs/design.md, Other divergences). -inf where m = 0."""
+    bt = beta * t
+    oq = one_minus_beta * q
+    t_larger = bt >= oq
+    larger = tl.maximum(bt, oq)
+    l1p = tl.where(larger == 0, float("-inf"), _log2_1p(tl.minimum(bt, oq) / larger))
+    from_t = log2_beta + l1p
+    from_q = log2_one_minus_beta + l1p
+    ratio = lt - lq  # log2 t - log2 q
+    rel_t = tl.where(t_larger, from_t, from_q - ratio)
+    rel_q = tl.where(t_larger, from_t + ratio, from_q)
+    return rel_t, rel_q
+
+
+@triton.jit
 def _divergence_terms(qs, ls, ts, lts, weights, inv_km1, beta, one_minus_beta,
                       K: tl.constexpr, MODE: tl.constexpr, DIVERGENCE: tl.constexpr):  # fmt: skip
     """Per peer, for the divergences other than KL (docs/design.md, Other divergences), in base 2:
     e = q * d with d = w log q - L, L the log-target mix (0 where q = 0), and for the JSD the
     targets' terms of their KL to the mixtures (pairwise: without inv_km1; else unused).
-    Reverse KL: L = sum_j W[k, j] log q_j, or log t of the one target. JSD: L = sum_j W[k, j]
-    log m_kj, m_kj = beta q_j + (1 - beta) q_k, a logarithm per pair, or log m of the one
-    target."""
+    Reverse KL: L = sum_j W[k, j] log q_j, or log t of the one target. JSD: d = -sum_j W[k, j]
+    (log m_kj - log q_k), m_kj = beta q_j + (1 - beta) q_k, a logarithm per pair, or that of the
+    one target's m."""
+    if DIVERGENCE == 2:  # log2 beta and log2(1 - beta), each from the smaller of the two
+        log2_beta = tl.where(beta < 0.5, tl.log2(beta), _log2_1p(-one_minus_beta))
+        log2_one_minus_beta = tl.where(beta < 0.5, _log2_1p(-beta), tl.log2(one_minus_beta))
     es = ()
     kts = ()
     for k in tl.static_range(K):
@@ -296,12 +327,13 @@ def _divergence_terms(qs, ls, ts, lts, weights, inv_km1, beta, one_minus_beta,
         kt = tl.zeros_like(q)
         if MODE == 1 or MODE == 2:
             if DIVERGENCE == 1:
-                mix = lts[k]
+                d = ls[k] - lts[k]
             else:
-                lm = _log2(beta * ts[k] + one_minus_beta * q)
-                kt = tl.where(ts[k] == 0, 0.0, ts[k] * (lts[k] - lm))
-                mix = lm
-            d = ls[k] - mix
+                rel_t, rel_q = _jsd_logs(
+                    ts[k], lts[k], q, ls[k], beta, one_minus_beta, log2_beta, log2_one_minus_beta
+                )
+                kt = tl.where(ts[k] == 0, 0.0, -ts[k] * rel_t)
+                d = -rel_q
         else:
             mix = tl.zeros_like(q)
             for j in tl.static_range(K):
@@ -311,19 +343,22 @@ def _divergence_terms(qs, ls, ts, lts, weights, inv_km1, beta, one_minus_beta,
                         if MODE == 3:  # 0 log 0 of a peer not imitated, never 0 * -inf
                             term = tl.where(weights[k][j] == 0, 0.0, weights[k][j] * term)
                     else:
-                        lm = _log2(beta * qs[j] + one_minus_beta * q)
-                        kl_j = tl.where(qs[j] == 0, 0.0, qs[j] * (ls[j] - lm))
-                        term = lm
-                        if MODE == 3:
-                            term = weights[k][j] * lm
+                        rel_t, term = _jsd_logs(
+                            qs[j], ls[j], q, ls[k], beta, one_minus_beta, log2_beta,
+                            log2_one_minus_beta,
+                        )  # fmt: skip
+                        kl_j = tl.where(qs[j] == 0, 0.0, -qs[j] * rel_t)
+                        if MODE == 3:  # a peer not imitated adds nothing, never 0 * -inf
+                            term = tl.where(weights[k][j] == 0, 0.0, weights[k][j] * term)
                             kl_j = weights[k][j] * kl_j
                         kt += kl_j
                     mix += term
-            d = (
-                ls[k] - mix * inv_km1
-                if MODE == 0
-                else _own_weight(weights, k, K, MODE) * ls[k] - mix
-            )
+            if DIVERGENCE == 2:  # mix: sum_j W[k, j] (log m_kj - log q_k)
+                d = -mix * inv_km1 if MODE == 0 else -mix
+            elif MODE == 0:
+                d = ls[k] - mix * inv_km1
+            else:
+                d = _own_weight(weights, k, K, MODE) * ls[k] - mix
         es = es + (tl.where(q == 0, 0.0, q * d),)
         kts = kts + (kt,)
     return es, kts
@@ -1374,13 +1409,13 @@ def _setup_context(ctx, inputs, output):
     version is checked instead. (A non-differentiable output holds no reference to this node, so
     keeping it on ctx makes no reference cycle.)"""
     logits, target, weights, grad_scale = inputs[:4]
-    ctx.save_for_backward(logits, target, weights)
+    ctx.save_for_backward(logits, target, weights, inputs[15])  # the normalizer, version-checked
     grad = output[3]
     reusable = grad_scale is None and logits.dtype not in RECOMPUTE_GRAD_DTYPES
     ctx.grad = grad if reusable else None
     ctx.grad_version = grad._version
     ctx.options = inputs[4:10]
-    ctx.family = inputs[11:]
+    ctx.family = inputs[11:15]
     ctx.mark_non_differentiable(*output[1:])
     # No zero-filled gradients for the outputs nothing differentiates (the gradient buffer is the
     # size of the logits: autograd would allocate and fill a copy of it in every backward).
@@ -1400,13 +1435,13 @@ def _backward(ctx, grad_loss, _grad_ce, _grad_mimicry, _grad_grad):
             "the fused ops of fastdml have no double backward (create_graph=True); "
             "use backend='torch' for higher-order gradients"
         )
-    logits, target, weights = ctx.saved_tensors
+    logits, target, weights, normalizer = ctx.saved_tensors
     grad, ctx.grad = ctx.grad, None
     if grad is not None and grad.shape == logits.shape and grad._version == ctx.grad_version:
         scale_grad_(grad, grad_loss)
     else:
         grad = fused_mutual_loss(
-            logits, target, weights, grad_loss, *ctx.options, True, *ctx.family
+            logits, target, weights, grad_loss, *ctx.options, True, *ctx.family, normalizer
         )[3]
     return (grad,) + (None,) * 15
 

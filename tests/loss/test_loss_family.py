@@ -210,6 +210,18 @@ def test_ce_weight(backend, divergence, ce_weight):
 
 
 @every_option
+def test_normalizer_changed_before_backward_is_an_error(backend):
+    """A tensor normalizer changed in place between forward and backward raises where the
+    backward would read it (float16 computes its gradient there), never a silent wrong scale."""
+    logits = torch.randn(2, 4, 16).half().requires_grad_()
+    normalizer = torch.tensor(4.0, device=torch.get_default_device())
+    loss = mutual_loss(logits, torch.tensor([0, 3, 5, 7]), backend=backend, normalizer=normalizer)
+    normalizer.mul_(100)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@every_option
 @pytest.mark.parametrize(
     "normalizer",
     [37, 2.5, torch.tensor(37), torch.tensor(9.0), torch.tensor(0.5, dtype=torch.float64)],
