@@ -46,6 +46,14 @@ inline Divergence parse_divergence(c10::string_view divergence) {
                     "' (expected kl, reverse_kl or jsd)");
 }
 
+// "jsd" at beta 0 and 1 is defined as the KL and the reverse KL (docs/loss.md), where its formula
+// gives 0: the kernels compute those as such.
+inline Divergence computed_divergence(Divergence divergence, double beta) {
+  if (divergence != Divergence::JSD) return divergence;
+  if (beta == 0) return Divergence::KL;
+  return beta == 1 ? Divergence::ReverseKL : Divergence::JSD;
+}
+
 // Losses, statistics and gradients are accumulated in float64 for float64 logits, else float32.
 inline at::ScalarType acc_dtype(at::ScalarType logits_dtype) {
   return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;

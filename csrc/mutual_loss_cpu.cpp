@@ -874,14 +874,6 @@ void sum_rows(const T* rows, int64_t K, int64_t R, double factor, T* out) {
   }
 }
 
-// "jsd" at beta 0 and 1 is defined as the KL and the reverse KL (docs/loss.md), where its formula
-// gives 0: those are computed as such.
-Divergence computed_divergence(Divergence divergence, double beta) {
-  if (divergence != Divergence::JSD) return divergence;
-  if (beta == 0) return Divergence::KL;
-  return beta == 1 ? Divergence::ReverseKL : Divergence::JSD;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,

@@ -1,9 +1,10 @@
 // CUDA binding of fastdml::fused_mutual_loss and fastdml::scale_grad_ (schemas in ops.cpp; their
 // autograd, shared with the CPU op, in mutual_loss_autograd.cpp): argument checks shared with the
 // CPU op (mutual_loss.h), the output tensors, and the launches of mutual_loss_cuda_api.cu on the
-// current stream. Nothing here waits for the device: the targets, grad_scale and grad_loss are
-// read by the kernels only (a target out of range gives NaN in its row, not an error), and a
-// reduced loss is reduced on the device.
+// current stream. Nothing here waits for the device: the targets, grad_scale, grad_loss and the
+// normalizer are read by the kernels only (a target out of range gives NaN in its row, and a
+// normalizer that is not positive a NaN loss, not an error), and a reduced loss is reduced on the
+// device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -47,6 +48,15 @@ gpu::LossReduction gpu_reduction(Reduction reduction) {
     case Reduction::Mean: return gpu::LossReduction::Mean;
   }
   TORCH_CHECK(false, "fastdml: unknown reduction");
+}
+
+gpu::LossDivergence gpu_divergence(Divergence divergence) {
+  switch (divergence) {
+    case Divergence::KL: return gpu::LossDivergence::KL;
+    case Divergence::ReverseKL: return gpu::LossDivergence::ReverseKL;
+    case Divergence::JSD: return gpu::LossDivergence::JSD;
+  }
+  TORCH_CHECK(false, "fastdml: unknown divergence");
 }
 
 gpu::LossMode gpu_mode(Mode mode) {
@@ -115,24 +125,6 @@ void check_cuda(const at::Tensor& t, const char* name) {
               t.device());
 }
 
-// The kernels compute the paper's loss only: the loss family's options at their defaults (beta,
-// checked to be in [0, 1], is unused by "kl"). Python routes the others to the CPU op or
-// backend='torch'.
-void check_paper_loss(Divergence divergence, c10::string_view divergence_name, double ce_weight,
-                      bool mimic_unlabeled, const std::optional<at::Tensor>& normalizer) {
-  constexpr const char* others = "; backend='torch' computes it on any device";
-  TORCH_CHECK_NOT_IMPLEMENTED(divergence == Divergence::KL,
-                              "fastdml: the CUDA op does not compute divergence='",
-                              divergence_name, "' yet", others);
-  TORCH_CHECK_NOT_IMPLEMENTED(ce_weight == 1.0, "fastdml: the CUDA op does not compute ce_weight=",
-                              ce_weight, " yet", others);
-  TORCH_CHECK_NOT_IMPLEMENTED(!mimic_unlabeled,
-                              "fastdml: the CUDA op does not compute mimic_unlabeled=True yet",
-                              others);
-  TORCH_CHECK_NOT_IMPLEMENTED(!normalizer.has_value(),
-                              "fastdml: the CUDA op does not compute a normalizer yet", others);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cuda(
     const at::Tensor& logits_in, const at::Tensor& target,
     const std::optional<at::Tensor>& weights_in, const std::optional<at::Tensor>& grad_scale,
@@ -142,10 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
     const std::optional<at::Tensor>& normalizer) {
   const Mode mode = parse_mode(mode_name);
   const Reduction reduction = parse_reduction(reduction_name);
-  const Divergence divergence = parse_divergence(divergence_name);
+  const Divergence divergence = computed_divergence(parse_divergence(divergence_name), beta);
   check_fused_args(logits_in, target, weights_in, grad_scale, mode, temperature, alpha,
                    label_smoothing, reduction, beta, ce_weight, normalizer);
-  check_paper_loss(divergence, divergence_name, ce_weight, mimic_unlabeled, normalizer);
   check_cuda(logits_in, "logits");
   const int64_t K = logits_in.size(0), R = logits_in.size(1), C = logits_in.size(2);
   TORCH_CHECK(K <= kMaxPeers, "fastdml: the CUDA op supports up to ", kMaxPeers,
@@ -156,6 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
   const at::Tensor logits = logits_in.stride(2) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor weights = mode == Mode::Weights ? weights_in->contiguous() : at::Tensor();
   const auto acc_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  // Any real dtype will do (an int64 token count): converted on the device, not read here.
+  const at::Tensor normalizer_acc =
+      normalizer.has_value() ? normalizer->to(acc_options) : at::Tensor();
   const bool reduced = reduction != Reduction::None;
   const std::vector<int64_t> rows_shape = {K, R};
   at::Tensor loss = at::empty(reduced ? std::vector<int64_t>{} : rows_shape, acc_options);
@@ -195,6 +189,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mutual_loss_cud
   params.label_smoothing = label_smoothing;
   params.ignore_index = ignore_index;
   params.compute_grad = compute_grad;
+  params.divergence = gpu_divergence(divergence);
+  params.beta = beta;
+  params.ce_weight = ce_weight;
+  params.mimic_unlabeled = mimic_unlabeled;
+  params.normalizer = normalizer_acc.defined() ? normalizer_acc.const_data_ptr() : nullptr;
   const gpu::DeviceInfo device = device_info();
   // Scratch (a reduced loss's per-block sums, the split's partials), freed into the stream's pool
   // after the launch.

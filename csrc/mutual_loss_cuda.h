@@ -19,6 +19,9 @@ enum class DType : int { Float32, Float64, Float16, BFloat16 };
 // need torch headers.
 enum class LossMode : int { Pairwise, Ensemble, EnsembleLogits, Weights };
 enum class LossReduction : int { None, Sum, Mean };
+// fastdml::Divergence: "jsd" at beta 0 or 1 arrives as the KL or reverse KL it is
+// (computed_divergence).
+enum class LossDivergence : int { KL, ReverseKL, JSD };
 
 // What the launchers need to know about the device: the binding reads it from the driver once per
 // device and caches it, so no launch queries the driver.
@@ -40,13 +43,12 @@ struct MutualLossParams {
   // grad_scale, accumulation dtype, on the device: row_scale[k * row_scale_stride_k +
   // r * row_scale_stride_r] for peer k and row r (both strides 0 for one value, any otherwise),
   // or null for 1. The forward writes the gradient of sum(grad_scale * loss), loss reduced as
-  // asked: for "mean", each row's gradient is also divided by the rows whose target is not
-  // ignore_index (counted on the device, at least 1).
+  // asked: for "mean", each term's gradient is also divided as the term is (see normalizer).
   const void* row_scale;
   int64_t row_scale_stride_k;
   int64_t row_scale_stride_r;
   // Accumulation dtype. Reduction None: loss, ce, mimicry [K, R] contiguous; Sum and Mean: loss
-  // 0-dim, ce and mimicry [K] (each peer's sum, or mean over the counted rows).
+  // 0-dim, ce and mimicry [K] (each peer's sum, or mean: see normalizer).
   void* loss;
   void* ce;
   void* mimicry;
@@ -69,6 +71,19 @@ struct MutualLossParams {
   // leaves zero (its last block resets it), so that no launch has to clear it. Forwards that may
   // run at the same time need counters of their own: one per stream.
   unsigned* ticket;
+  // The loss family (docs/design.md, Other divergences). Any of them other than its default
+  // (KL, ce_weight 1, no mimic_unlabeled, no normalizer) takes the any-K kernels.
+  LossDivergence divergence;
+  double beta;            // the JSD's, in (0, 1) (unread by the others)
+  // The loss is ce_weight * ce + alpha * T^2 * mimicry; at 0 no cross-entropy is computed (its
+  // terms are 0).
+  double ce_weight;
+  bool mimic_unlabeled;   // rows whose target is ignore_index keep their mimicry
+  // Reduction Mean only: one value of the accumulation dtype on the device that divides the
+  // summed terms instead of the counts of the rows they cover (a value <= 0 gives NaN), or null.
+  // Without it, "mean" divides the cross-entropy by the labeled rows and the mimicry by the rows
+  // mimicked (every row with mimic_unlabeled), each at least 1.
+  const void* normalizer;
 };
 
 struct ScaleGradParams {
@@ -85,10 +100,11 @@ struct ScaleGradParams {
 };
 
 // Enqueue the work on `stream`; nothing synchronizes and nothing is read back on the host.
-// The forward is one kernel (three for the split of few long rows), whatever the reduction; the
-// backward is one kernel. They return the error of any CUDA call made before the launches (a
-// kernel attribute) or cudaErrorInvalidValue for missing scratch or ticket, or more than 2^31 - 1
-// classes; the caller checks the launches with cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// The forward is one kernel (three for the split of few long rows, four for its divergences other
+// than KL), whatever the reduction; the backward is one kernel. They return the error of any CUDA
+// call made before the launches (a kernel attribute) or cudaErrorInvalidValue for missing scratch
+// or ticket, or more than 2^31 - 1 classes; the caller checks the launches with
+// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
 // Empty problems launch nothing.
 // Bytes of scratch the forward needs, for the same params (but workspace) and device.
 int64_t mutual_loss_workspace_bytes(const MutualLossParams& params, const DeviceInfo& device);

@@ -13,8 +13,8 @@
 // logits), merged across the team by butterfly shuffles and a fixed-order pass over the warps.
 // Pass 2 recomputes q, p and the mimicry target per class, accumulates the loss sums and writes
 // s[k, r] * gradient: peer k's grad_scale in row r (none: 1; one value, or one per peer and row
-// at any strides), times 1 / (counted rows) for "mean", read once per row and peer, folded into
-// the gradient's coefficients (GradCoefs). The per-class loops are lean: the hot option sets
+// at any strides), times the factors of "mean" (row_factors), read once per row and peer, folded
+// into the gradient's coefficients (GradCoefs). The per-class loops are lean: the hot option sets
 // (pairwise or ensemble, T = 1 or not, label smoothing or not, the gradient or not) are template
 // arguments (FixedOptions), so that no option is tested in the loops; the rest share one kernel
 // (RuntimeOptions). In float the exponentials are ex2.approx of max-shifted differences in base 2
@@ -29,7 +29,10 @@
 // many peers) when every row is aligned, scalar ones otherwise. K is a template argument for 2..8
 // (two blocks per multiprocessor up to 6 peers, one for 7 and 8, whose registers would spill);
 // beyond it, and for float64, a simpler kernel loops over the peers with their statistics in
-// shared memory.
+// shared memory. That kernel alone computes the loss family's options other than their defaults
+// (docs/design.md, Other divergences): ce_weight, mimic_unlabeled, a normalizer read on the
+// device, and the reverse KL and JSD, whose gradient q (d - <q, d>) needs <q, d> of the whole
+// row first: a third pass over it, for each peer, from L1 and L2.
 //
 // Reductions "sum" and "mean", with no host sync and no launch besides the forward's: the grids
 // are at most kMaxBlocksPerSm blocks per multiprocessor, and for "mean" each block counts the
@@ -136,7 +139,8 @@ __device__ __forceinline__ float lg2_approx(float x) {
 // The logarithms the kernels work in: base 2 in float, with ex2_approx and lg2_approx (the
 // per-class loops: 2 instructions where expf takes 9); base e in double, exact. A natural log
 // times kUnit is in these units; a value in them times kToNatural is a natural log again. The
-// once-per-row logs are accurate (acc_log, per_row_log).
+// once-per-row logs are accurate (acc_log, accurate_log), and so are the per-class logs of the
+// divergences other than KL (accurate_log, log1p: docs/design.md, Other divergences).
 template <typename A>
 struct Log;
 template <>
@@ -148,7 +152,8 @@ struct Log<float> {
   static constexpr float kTiny = FLT_MIN;
   __device__ static __forceinline__ float pow(float x) { return ex2_approx(x); }
   __device__ static __forceinline__ float log(float x) { return lg2_approx(x); }
-  __device__ static __forceinline__ float per_row_log(float x) { return log2f(x); }
+  __device__ static __forceinline__ float accurate_log(float x) { return log2f(x); }
+  __device__ static __forceinline__ float log1p(float x) { return log1pf(x) * kUnit; }
 };
 template <>
 struct Log<double> {
@@ -159,7 +164,8 @@ struct Log<double> {
   static constexpr double kTiny = DBL_MIN;
   __device__ static __forceinline__ double pow(double x) { return ::exp(x); }
   __device__ static __forceinline__ double log(double x) { return ::log(x); }
-  __device__ static __forceinline__ double per_row_log(double x) { return ::log(x); }
+  __device__ static __forceinline__ double accurate_log(double x) { return ::log(x); }
+  __device__ static __forceinline__ double log1p(double x) { return ::log1p(x); }
 };
 
 // Accurate natural logs, once per row (the cross-entropy's log-sum-exp).
@@ -507,6 +513,14 @@ struct KernelArgs {
   int cluster;         // CTAs per row (a cluster of them; 1: none), each caching a chunk of it
   int64_t chunks;      // split forward: chunks per row
   A* partials;         // split forward: [R][chunks][K][kPartialValues]
+  // The loss family (MutualLossParams). Only the any-K kernels compute options other than the
+  // defaults (family_options): the launchers leave the fixed-K kernels out for them.
+  LossDivergence divergence;
+  A ce_weight;
+  bool mimic_unlabeled;
+  const A* normalizer;
+  A beta, one_minus_beta;             // the JSD's
+  A log_beta, log_one_minus_beta;     // in the units of Log<A>
 };
 
 // The options the per-class loops test. FixedOptions makes them compile-time constants, so that
@@ -566,24 +580,24 @@ struct PeerRow {
 template <typename A>
 __device__ __forceinline__ PeerRow<A> finish_row(const LseState<A>& st, const LseState<A>& su,
                                                  bool unit_t) {
-  const A bs = Log<A>::per_row_log(st.s);
-  return {st.m, acc_log(st.s), unit_t ? bs : Log<A>::per_row_log(st.s_t), bs, su.m, acc_log(su.s)};
+  const A bs = Log<A>::accurate_log(st.s);
+  return {st.m, acc_log(st.s), unit_t ? bs : Log<A>::accurate_log(st.s_t), bs, su.m, acc_log(su.s)};
 }
 
-// The gradient of peer k at one class times its row's scale s,
-// s (p - (1 - eps) onehot - eps / C + alpha T (w_k q - t)), is c_p p + c_q q + c_t t plus `on`
-// at the label and `off` elsewhere; with T = 1, p = q and c_q holds c_p.
+// The gradient of peer k at one class with its two terms' scales s and m in its row (term_scales),
+// s (p - (1 - eps) onehot - eps / C) + m alpha T (w_k q - t), is c_p p + c_q q + c_t t plus `on`
+// at the label and `off` elsewhere; with T = 1, p = q and c_q holds c_p. (divergence_coefs: the
+// same form for the other divergences.)
 template <typename A>
 struct GradCoefs {
   A c_p, c_q, c_t, on, off;
 };
 
-// The factor s of the gradient of peer k in row r: row_scale[k, r] (none: 1) times `factor`,
-// the mean's (mean_factor). Read once per row and peer.
+// grad_scale of peer k in row r: row_scale[k, r] (none: 1). Read once per row and peer.
 template <typename A>
-__device__ __forceinline__ A grad_scale(const KernelArgs<A>& a, int64_t k, int64_t r, A factor) {
-  if (a.row_scale == nullptr) return factor;
-  return a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r] * factor;
+__device__ __forceinline__ A grad_scale(const KernelArgs<A>& a, int64_t k, int64_t r) {
+  if (a.row_scale == nullptr) return A(1);
+  return a.row_scale[k * a.scale_stride_k + r * a.scale_stride_r];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,14 +638,29 @@ __device__ __forceinline__ long long count_rows_in_block(const KernelArgs<A>& a)
   return total;
 }
 
-// What every row's gradient and terms are multiplied by besides grad_scale: 1 / (counted rows,
-// at least 1) for "mean", else 1. Every thread of the block calls it. Each block counts the rows
-// itself, so that nothing runs before the forward; the forward's grids are at most the blocks a
-// device holds at once, so the targets are read from L2 that many times at most.
+// A value for each of the loss's two terms: the cross-entropy and the mimicry.
 template <typename A>
-__device__ __forceinline__ A mean_factor(const KernelArgs<A>& a) {
-  if (a.reduction != LossReduction::Mean) return A(1);
-  return A(1) / static_cast<A>(max(count_rows_in_block(a), 1LL));
+struct PerTerm {
+  A ce, mimicry;
+};
+
+// What the rows' terms and their gradients are multiplied by besides grad_scale and the
+// cross-entropy's weight. For "mean": 1 / normalizer (NaN where it is not positive: a host check
+// would need a sync), or 1 / the rows each term covers (at least 1): the labeled rows (target not
+// ignore_index) for the cross-entropy, and for the mimicry those too, or every row with
+// mimic_unlabeled. Else 1. Every thread of the block calls it. Each block counts the rows itself,
+// so that nothing runs before the forward; the forward's grids are at most the blocks a device
+// holds at once, so the targets are read from L2 that many times at most.
+template <typename A>
+__device__ __forceinline__ PerTerm<A> row_factors(const KernelArgs<A>& a) {
+  if (a.reduction != LossReduction::Mean) return {A(1), A(1)};
+  if (a.normalizer != nullptr) {
+    const A n = *a.normalizer;
+    const A f = n > A(0) ? A(1) / n : A(NAN);
+    return {f, f};
+  }
+  const A ce = A(1) / static_cast<A>(max(count_rows_in_block(a), 1LL));
+  return {ce, a.mimic_unlabeled ? A(1) / static_cast<A>(max(a.R, int64_t(1))) : ce};
 }
 
 // Every thread of a block calls it once it is done: whether it is the last of the grid's blocks
@@ -650,12 +679,12 @@ __device__ __forceinline__ bool last_block_done(unsigned* ticket) {
 // peer, in its rows' order, into team_sums (its [K][2], in shared memory, written by the team's
 // first thread: write_outputs and fill_row). Every thread of every block of a forward kernel calls
 // this after the block's last row: the block adds its `teams` teams' sums in slot order into
-// a.block_sums; the last block adds the blocks' in block order, times `factor` (mean_factor),
+// a.block_sums; the last block adds the blocks' in block order, times `factors` (row_factors),
 // writes the outputs and resets the ticket for the next forward. The order depends on the shape
 // and the device only: results are bit-identical run to run.
 template <typename A>
 __device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, const A* team_sums,
-                                                     int teams, A factor) {
+                                                     int teams, PerTerm<A> factors) {
   if (a.reduction == LossReduction::None) return;
   const int n = 2 * static_cast<int>(a.K);
   __syncthreads();  // every team's sums are written
@@ -672,12 +701,18 @@ __device__ __forceinline__ void reduce_if_last_block(const KernelArgs<A>& a, con
     for (unsigned b = lane; b < gridDim.x; b += 32) sum += __ldcg(a.block_sums + b * n + i);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFullMask, sum, off);
-    if (lane == 0) (i % 2 == 0 ? a.ce : a.mimicry)[i / 2] = sum * factor;
+    if (lane == 0) {
+      if (i % 2 == 0) {
+        a.ce[i / 2] = sum * factors.ce;
+      } else {
+        a.mimicry[i / 2] = sum * factors.mimicry;
+      }
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     A loss = 0;
-    for (int64_t k = 0; k < a.K; ++k) loss += a.ce[k] + a.alpha_t2 * a.mimicry[k];
+    for (int64_t k = 0; k < a.K; ++k) loss += a.ce_weight * a.ce[k] + a.alpha_t2 * a.mimicry[k];
     *a.loss = loss;
     *a.ticket = 0;
   }
@@ -747,16 +782,48 @@ __device__ __forceinline__ A target_scale(const KernelArgs<A>& a) {
   return O::mode(a) == LossMode::Pairwise ? a.inv_km1 : A(1);
 }
 
-// Peer k's gradient coefficients in row r (the row's scale: grad_scale with `factor`, when the
-// gradient is computed). w_k: the weight of q_k in the mimicry gradient (own_weight); c_t is that
-// of what peer_target returns (target_scale).
+// The factors of peer k's two terms in row r in its gradient, when that is computed:
+// grad_scale times `factors` (row_factors), and for the cross-entropy its weight, or 0 in a row
+// without a label.
 template <typename O, typename A>
-__device__ __forceinline__ GradCoefs<A> grad_coefs(const KernelArgs<A>& a, A w_k, int64_t k,
-                                                   int64_t r, A factor) {
-  const A s = O::grad(a) ? grad_scale(a, k, r, factor) : A(1);
+__device__ __forceinline__ PerTerm<A> term_scales(const KernelArgs<A>& a, int64_t k, int64_t r,
+                                                  PerTerm<A> factors, bool labeled) {
+  const A s = O::grad(a) ? grad_scale(a, k, r) : A(1);
+  return {labeled ? s * a.ce_weight * factors.ce : A(0), s * factors.mimicry};
+}
+
+// Peer k's gradient coefficients in a row, given its term_scales. w_k: the weight of q_k in the
+// KL's gradient (own_weight); c_t is that of what peer_target returns (target_scale).
+template <typename O, typename A>
+__device__ __forceinline__ GradCoefs<A> grad_coefs(const KernelArgs<A>& a, A w_k,
+                                                   PerTerm<A> scales) {
+  const A s = scales.ce, m = scales.mimicry;
   const A off = -s * a.eps_over_c;
-  return {s, s * fma(a.alpha_t, w_k, O::unit_t(a) ? A(1) : A(0)),
-          -s * a.alpha_t * target_scale<O>(a), off - s * (A(1) - a.eps), off};
+  return {s, fma(m, a.alpha_t * w_k, O::unit_t(a) ? s : A(0)), -m * a.alpha_t * target_scale<O>(a),
+          off - s * (A(1) - a.eps), off};
+}
+
+// The coefficients of the other divergences (the any-K kernels). Their mimicry's gradient is
+// alpha T factor q (d - <q, d>) (factor 1, or 1 - beta for the JSD), with d and inner = <q, d> in
+// the units of Log<A>: c_t t + c_q q with t = q d.
+template <typename A>
+__device__ __forceinline__ GradCoefs<A> divergence_coefs(const KernelArgs<A>& a,
+                                                         PerTerm<A> scales, A inner) {
+  GradCoefs<A> gc = grad_coefs<RuntimeOptions>(a, A(0), {scales.ce, A(0)});
+  const A factor = a.divergence == LossDivergence::JSD ? a.one_minus_beta : A(1);
+  gc.c_t = scales.mimicry * a.alpha_t * factor * Log<A>::kToNatural;
+  gc.c_q = fma(-gc.c_t, inner, gc.c_q);
+  return gc;
+}
+
+// s * the gradient of peer k at one class (GradCoefs), given d = z - m, q and t.
+template <typename O, typename A>
+__device__ __forceinline__ A class_grad(const KernelArgs<A>& a, const PeerRow<A>& pr,
+                                        const GradCoefs<A>& gc, bool is_label, A d, A q, A t) {
+  // The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
+  A g = fma(gc.c_q, q, fma(gc.c_t, t, is_label ? gc.on : gc.off));
+  if (!O::unit_t(a)) g = fma(gc.c_p, Log<A>::pow(fma(d, Log<A>::kUnit, -pr.bs)), g);
+  return g;
 }
 
 // One class of peer k in pass 2, given d = z - m, l = log q (units; q = Log<A>::pow(l)), the
@@ -789,10 +856,7 @@ __device__ __forceinline__ A class_step(const KernelArgs<A>& a, const PeerRow<A>
   if (d == neg_inf<A>()) sums[3] += t;  // a -inf logit (not a finite one whose l overflows)
   if (O::smoothing(a)) sums[2] += d;
   if (!O::grad(a)) return A(0);
-  // The label's term joins before the cast to a narrower dtype (p - 1 cancels at p ~ 1).
-  A g = fma(gc.c_q, q, fma(gc.c_t, t, is_label ? gc.on : gc.off));
-  if (!O::unit_t(a)) g = fma(gc.c_p, L::pow(fma(d, L::kUnit, -pr.bs)), g);
-  return g;
+  return class_grad<O>(a, pr, gc, is_label, d, q, t);
 }
 
 // Stores peer k's loss terms of row r (reduction None), or adds them to its team's sums
@@ -804,7 +868,7 @@ __device__ __forceinline__ void put_terms(const KernelArgs<A>& a, A* team_sums, 
     const int64_t i = k * a.R + r;
     a.ce[i] = ce;
     a.mimicry[i] = mimicry;
-    a.loss[i] = ce + a.alpha_t2 * mimicry;
+    a.loss[i] = a.ce_weight * ce + a.alpha_t2 * mimicry;
   } else {
     team_sums[2 * k] += ce;
     team_sums[2 * k + 1] += mimicry;
@@ -812,17 +876,26 @@ __device__ __forceinline__ void put_terms(const KernelArgs<A>& a, A* team_sums, 
 }
 
 // Peer k's loss terms of row r from its reduced sums (sums_of(j) gives peer j's four sums), put
-// by put_terms.
+// by put_terms. z_label: the label's logit, read by the caller where with_ce (else the
+// cross-entropy is 0: a row without a label, or a weight of 0, when not even 0 * inf is formed).
+// The other divergences' sums are block_divergence_sums'.
 template <typename O, typename A, typename SumsOf>
 __device__ __forceinline__ void write_outputs(const KernelArgs<A>& a, A* team_sums, const A* w,
                                               int K, int k, int64_t r, const PeerRow<A>& pr,
-                                              A z_label, const SumsOf& sums_of) {
+                                              bool with_ce, A z_label, const SumsOf& sums_of) {
   const A* own = sums_of(k);
-  A ce = (A(1) - a.eps) * ((pr.m - z_label) + pr.ls);
-  // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
-  if (O::smoothing(a)) ce += a.eps * (pr.ls - own[2] / static_cast<A>(a.C));
+  A ce = A(0);
+  if (with_ce) {
+    ce = (A(1) - a.eps) * ((pr.m - z_label) + pr.ls);
+    // Skipped at eps = 0 so that -inf logits of other classes keep the loss finite.
+    if (O::smoothing(a)) ce += a.eps * (pr.ls - own[2] / static_cast<A>(a.C));
+  }
   A mimicry = own[0];
-  if (O::mode(a) == LossMode::Pairwise || O::mode(a) == LossMode::Weights) {
+  if (a.divergence != LossDivergence::KL) {
+    if (a.divergence == LossDivergence::JSD) {
+      mimicry = a.beta * own[1] + a.one_minus_beta * own[0];
+    }
+  } else if (O::mode(a) == LossMode::Pairwise || O::mode(a) == LossMode::Weights) {
     mimicry = -own[1] * target_scale<O>(a);
     for (int j = 0; j < K; ++j) {
       if (j != k) mimicry += peer_weight<O>(a, w, K, k, j) * sums_of(j)[0];
@@ -920,8 +993,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
   __shared__ PeerPass2<A> peers_smem[kRowsInSmem ? kWarps * KT : 1];
   PeerPass2<A> peers_regs[kRowsInSmem ? 1 : KT];
   extern __shared__ int4 dyn_smem[];
-  // mean_factor, read where it is used rather than held in a register through the rows.
-  __shared__ A factor;
+  // row_factors, read where they are used rather than held in registers through the rows.
+  __shared__ PerTerm<A> factors;
   __shared__ A team_sums_smem[kWarps * 2 * KT];  // reduced: each team's sums (put_terms)
   __shared__ A cluster_smem[2][kSums * KT];      // a cluster's exchange (cluster_reduce)
   constexpr A kInvKm1 = static_cast<A>(1.0 / (KT - 1));
@@ -930,8 +1003,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
     for (int i = threadIdx.x; i < KT * KT; i += kThreads) w[i] = a.weights[i];
   }
   for (int i = threadIdx.x; i < kWarps * 2 * KT; i += kThreads) team_sums_smem[i] = A(0);
-  const A mean = mean_factor(a);
-  if (threadIdx.x == 0) factor = mean;
+  const PerTerm<A> f = row_factors(a);
+  if (threadIdx.x == 0) factors = f;
   __syncthreads();
 
   const int nt = a.warps_per_team * 32;
@@ -1076,7 +1149,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       }
       const auto finish = [&](int k) {
         pp[k] = {finish_row(lse[k], lse_u[k], O::unit_t(a)),
-                 grad_coefs<O>(a, own_weight<O>(a, w, KT, k), k, r, factor)};
+                 grad_coefs<O>(a, own_weight<O>(a, w, KT, k),
+                               term_scales<O>(a, k, r, factors, true))};
       };
       if constexpr (kRowsInSmem) {
         team_barrier(a.warps_per_team);  // the team is done with the previous row's values
@@ -1146,14 +1220,15 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm<KT>())
       if (tid == 0 && rank == 0) {
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          write_outputs<O>(a, team_sums, w, KT, k, r, pp[k].row, to_acc(row0[k * a.stride_k + y]),
+          write_outputs<O>(a, team_sums, w, KT, k, r, pp[k].row, true,
+                           to_acc(row0[k * a.stride_k + y]),
                            [&](int j) { return sums + kSums * j; });
         }
       }
     }
   };
   if constexpr (kHasClusters || !kClustered) rows();
-  reduce_if_last_block(a, team_sums_smem, teams, factor);
+  reduce_if_last_block(a, team_sums_smem, teams, factors);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1190,16 +1265,15 @@ __device__ void block_stats(const KernelArgs<A>& a, const S* row0, int K, int k,
   }
 }
 
-// Pass 2 of peer k over the classes [c0, c1) of row r, given every peer's statistics prs: writes
-// the gradient there (times the peer's grad_scale with `factor`) and returns the loss sums,
-// reduced over the block.
+// Pass 2 of peer k over the classes [c0, c1) of a row, given every peer's statistics prs and its
+// gradient coefficients: writes the gradient there and returns the loss sums, reduced over the
+// block. y: the label, or -1 in a row without one.
 template <typename S, typename A>
-__device__ void block_emit(const KernelArgs<A>& a, A w_k, const S* row0, int K, int k,
-                           int64_t r, int64_t y, int64_t c0, int64_t c1, const PeerRow<A>* prs,
-                           A* scratch, A factor, A (&sums)[kSums]) {
+__device__ void block_emit(const KernelArgs<A>& a, const GradCoefs<A>& gc, const S* row0, int K,
+                           int k, int64_t r, int64_t y, int64_t c0, int64_t c1,
+                           const PeerRow<A>* prs, A* scratch, A (&sums)[kSums]) {
   using O = RuntimeOptions;
   const PeerRow<A> pk = prs[k];
-  const GradCoefs<A> gc = grad_coefs<O>(a, w_k, k, r, factor);
   for (int i = 0; i < kSums; ++i) sums[i] = A(0);
   S* const grad_row = a.compute_grad ? static_cast<S*>(a.grad) + (k * a.R + r) * a.C : nullptr;
   const auto log_q = [&](int j, A z) { return fma(z - prs[j].m, a.a_t, -prs[j].b); };
@@ -1214,6 +1288,131 @@ __device__ void block_emit(const KernelArgs<A>& a, A w_k, const S* row0, int K, 
     if (a.compute_grad) from_acc(g, grad_row[c]);
   }
   team_sum(sums, scratch, kWarps);
+}
+
+// The divergences other than KL (docs/design.md, Other divergences), in the any-K kernels.
+
+// p * x with 0 * x = 0, also where x is infinite or NaN (a class that p does not cover).
+template <typename A>
+__device__ __forceinline__ A p_times(A p, A x) {
+  return p == A(0) ? A(0) : p * x;
+}
+
+// log m - log t and log m - log q of the JSD's mixture m = beta t + (1 - beta) q at one class,
+// given lt = log t and lq = log q (all in units), from the larger term b of m and the smaller s:
+// log m = log b + log1p(s / b), with s / b in [0, 1], so that neither difference loses the digits
+// that log m - log q loses next to log q near beta = 1 (or 0), and no ratio overflows.
+template <typename A>
+__device__ __forceinline__ void jsd_logs(const KernelArgs<A>& a, A t, A lt, A q, A lq, A& rel_t,
+                                         A& rel_q) {
+  const A bt = a.beta * t, oq = a.one_minus_beta * q;
+  const bool t_larger = bt >= oq;
+  const A larger = t_larger ? bt : oq, smaller = t_larger ? oq : bt;
+  const A log1p_ratio = larger == A(0) ? neg_inf<A>() : Log<A>::log1p(smaller / larger);
+  if (t_larger) {
+    rel_t = a.log_beta + log1p_ratio;
+    rel_q = rel_t + (lt - lq);
+  } else {
+    rel_q = a.log_one_minus_beta + log1p_ratio;
+    rel_t = rel_q - (lt - lq);
+  }
+}
+
+// Peer k's terms at class c: q = q_k; d, with which <q_k, d> and the gradient q_k (d - <q_k, d>)
+// are formed: sum_j W[k, j] (log q_k - log t_j) for the reverse KL and -sum_j W[k, j]
+// (log m_kj - log q_k) for the JSD (one target t_k in the ensemble modes; in units); and for the
+// JSD the targets' KL to their mixtures, kl_t = sum_j W[k, j] t_j (log t_j - log m_kj).
+template <typename A>
+struct DivergenceTerms {
+  A q, d, kl_t;
+};
+
+template <typename S, typename A>
+__device__ __forceinline__ DivergenceTerms<A> divergence_terms(const KernelArgs<A>& a,
+                                                               const S* row0, int K, int k,
+                                                               int64_t c, const PeerRow<A>* prs) {
+  using O = RuntimeOptions;
+  using L = Log<A>;
+  const auto get_z = [&](int j) { return logit_at(a, row0, j, c); };
+  const auto log_q = [&](int j) { return fma(get_z(j) - prs[j].m, a.a_t, -prs[j].b); };
+  const A lk = log_q(k);
+  DivergenceTerms<A> out{L::pow(lk), A(0), A(0)};
+  const auto add_target = [&](A w, A t, A lt) {
+    if (a.divergence == LossDivergence::JSD) {
+      A rel_t, rel_q;
+      jsd_logs(a, t, lt, out.q, lk, rel_t, rel_q);
+      out.d = fma(-w, rel_q, out.d);
+      out.kl_t = fma(w, p_times(t, -rel_t), out.kl_t);
+    } else {
+      out.d = fma(w, lk - lt, out.d);
+    }
+  };
+  if (a.mode == LossMode::Pairwise || a.mode == LossMode::Weights) {
+    for (int j = 0; j < K; ++j) {
+      const A w = peer_weight<O>(a, a.weights, K, k, j);
+      if (w == A(0)) continue;  // j == k, or a peer that k does not imitate (log q_j may be -inf)
+      const A lj = log_q(j);
+      add_target(w, L::pow(lj), lj);
+    }
+  } else {
+    A lt = 0;
+    const A t = peer_target<O>(
+        a, a.weights, K, k, a.inv_km1, [&](int j) { return L::pow(log_q(j)); }, get_z, prs[k],
+        lt);
+    add_target(A(1), t, a.mode == LossMode::Ensemble ? L::accurate_log(t) : lt);
+  }
+  return out;
+}
+
+// Pass 2 of such a divergence for peer k over the classes [c0, c1) of a row: its loss sums,
+// reduced over the block: <q_k, d> (sums[0]), the JSD's kl_t (sums[1]) and, for label smoothing,
+// the sum of z - m (sums[2]), as write_outputs reads them.
+template <typename S, typename A>
+__device__ void block_divergence_sums(const KernelArgs<A>& a, const S* row0, int K, int k,
+                                      int64_t c0, int64_t c1, const PeerRow<A>* prs, A* scratch,
+                                      A (&sums)[kSums]) {
+  for (int i = 0; i < kSums; ++i) sums[i] = A(0);
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
+    const DivergenceTerms<A> terms = divergence_terms(a, row0, K, k, c, prs);
+    sums[0] += p_times(terms.q, terms.d);
+    sums[1] += terms.kl_t;
+    if (a.smoothing) sums[2] += logit_at(a, row0, k, c) - prs[k].m;
+  }
+  team_sum(sums, scratch, kWarps);
+}
+
+// Pass 3: peer k's gradient over the classes [c0, c1) of row r, its coefficients holding <q_k, d>
+// of the whole row (divergence_coefs). y: as block_emit's.
+template <typename S, typename A>
+__device__ void block_divergence_grad(const KernelArgs<A>& a, const GradCoefs<A>& gc,
+                                      const S* row0, int K, int k, int64_t r, int64_t y,
+                                      int64_t c0, int64_t c1, const PeerRow<A>* prs) {
+  S* const grad_row = static_cast<S*>(a.grad) + (k * a.R + r) * a.C;
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) {
+    const DivergenceTerms<A> terms = divergence_terms(a, row0, K, k, c, prs);
+    const A d = logit_at(a, row0, k, c) - prs[k].m;
+    from_acc(class_grad<RuntimeOptions>(a, prs[k], gc, c == y, d, terms.q,
+                                        p_times(terms.q, terms.d)),
+             grad_row[c]);
+  }
+}
+
+// Peer k's passes 2 (and 3) over the whole row r: its loss sums, reduced over the block, and its
+// gradient. The other divergences' pass 3 needs <q_k, d> of the whole row: their pass 2's sum.
+template <typename S, typename A>
+__device__ void block_peer(const KernelArgs<A>& a, A w_k, PerTerm<A> scales, const S* row0,
+                           int K, int k, int64_t r, int64_t y, const PeerRow<A>* prs, A* scratch,
+                           A (&sums)[kSums]) {
+  if (a.divergence == LossDivergence::KL) {
+    block_emit(a, grad_coefs<RuntimeOptions>(a, w_k, scales), row0, K, k, r, y, 0, a.C, prs,
+               scratch, sums);
+    return;
+  }
+  block_divergence_sums(a, row0, K, k, 0, a.C, prs, scratch, sums);
+  if (a.compute_grad) {
+    block_divergence_grad(a, divergence_coefs(a, scales, sums[0]), row0, K, k, r, y, 0, a.C,
+                          prs);
+  }
 }
 
 // Shared memory of the any-K kernels: reduction scratch and, dynamic, prs [K],
@@ -1244,10 +1443,32 @@ constexpr size_t any_k_smem_bytes(int64_t K) {
   return static_cast<size_t>(K) * (sizeof(PeerRow<A>) + (kSums + 3) * sizeof(A));
 }
 
+// Whether the row of target y is left out of the computation: ignored (value 0; unless its
+// mimicry is kept, mimic_unlabeled) or with a target out of range (value NaN). Such a row's
+// logits are not read.
 template <typename A>
-__device__ __forceinline__ bool ignored_or_invalid(const KernelArgs<A>& a, int64_t y, A& value) {
+__device__ __forceinline__ bool skipped_row(const KernelArgs<A>& a, int64_t y, A& value) {
   value = y == a.ignore_index ? A(0) : A(NAN);
-  return y == a.ignore_index || y < 0 || y >= a.C;
+  if (y == a.ignore_index) return !a.mimic_unlabeled;
+  return y < 0 || y >= a.C;
+}
+
+// The cross-entropy's label in a computed row: y, or -1 where the row has none (mimic_unlabeled).
+template <typename A>
+__device__ __forceinline__ int64_t label_of(const KernelArgs<A>& a, int64_t y) {
+  return y == a.ignore_index ? -1 : y;
+}
+
+// Peer k's terms of a computed row r of label y (label_of), put by write_outputs.
+template <typename S, typename A>
+__device__ __forceinline__ void write_row_outputs(const KernelArgs<A>& a, A* team_sums,
+                                                  const S* row0, int K, int k, int64_t r,
+                                                  int64_t y, const PeerRow<A>* prs,
+                                                  const A* peer_sums) {
+  const bool with_ce = y >= 0 && a.ce_weight != A(0);
+  write_outputs<RuntimeOptions>(a, team_sums, a.weights, K, k, r, prs[k], with_ce,
+                                with_ce ? logit_at(a, row0, k, y) : A(0),
+                                [&](int j) { return peer_sums + kSums * j; });
 }
 
 template <typename S>
@@ -1256,22 +1477,23 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
   const AnyKSmem<A> sm(a.K);
   const int K = sm.K;
   const int tid = threadIdx.x;
-  __shared__ A factor;  // mean_factor, as in the fixed-K kernel
+  __shared__ PerTerm<A> factors;  // row_factors, as in the fixed-K kernel
   for (int k = tid; k < K; k += kThreads) {
     sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, K, k);
     sm.team_sums[2 * k] = sm.team_sums[2 * k + 1] = A(0);
   }
-  const A mean = mean_factor(a);
-  if (tid == 0) factor = mean;
+  const PerTerm<A> f = row_factors(a);
+  if (tid == 0) factors = f;
   __syncthreads();
 
   for (int64_t r = blockIdx.x; r < a.R; r += gridDim.x) {
-    const int64_t y = a.target[r * a.target_stride];
+    const int64_t target = a.target[r * a.target_stride];
     A value;
-    if (ignored_or_invalid(a, y, value)) {
+    if (skipped_row(a, target, value)) {
       fill_row<S, 1>(a, sm.team_sums, r, value, tid == 0, tid, a.C, kThreads);
       continue;
     }
+    const int64_t y = label_of(a, target);
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
     for (int k = 0; k < K; ++k) {
       LseState<A> lse[1], lse_u[1];
@@ -1281,7 +1503,8 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     __syncthreads();
     for (int k = 0; k < K; ++k) {
       A sums[kSums];
-      block_emit(a, sm.own[k], row0, K, k, r, y, 0, a.C, sm.prs, sm.scratch, factor, sums);
+      block_peer(a, sm.own[k], term_scales<RuntimeOptions>(a, k, r, factors, y >= 0), row0, K, k,
+                 r, y, sm.prs, sm.scratch, sums);
       if (tid == 0) {
         for (int i = 0; i < kSums; ++i) sm.peer_sums[kSums * k + i] = sums[i];
       }
@@ -1289,14 +1512,12 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
     __syncthreads();
     if (tid == 0) {
       for (int k = 0; k < K; ++k) {
-        write_outputs<RuntimeOptions>(a, sm.team_sums, a.weights, K, k, r, sm.prs[k],
-                                      logit_at(a, row0, k, y),
-                                      [&](int j) { return sm.peer_sums + kSums * j; });
+        write_row_outputs(a, sm.team_sums, row0, K, k, r, y, sm.prs, sm.peer_sums);
       }
     }
     __syncthreads();  // prs and peer_sums are rewritten for the next row
   }
-  reduce_if_last_block(a, sm.team_sums, 1, factor);
+  reduce_if_last_block(a, sm.team_sums, 1, factors);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1304,8 +1525,10 @@ __global__ void __launch_bounds__(kThreads) mutual_loss_any_k_kernel(const Kerne
 // cut into a.chunks chunks, block r * chunks + p owning chunk p. Three launches: each chunk's
 // log-sum-exps; then each chunk merges all of its row's (in chunk order, so all chunks get the
 // same statistics), writes its gradient and its loss sums; then a block per row adds the sums in
-// chunk order and writes the loss terms. a.partials holds kPartialValues per (row, chunk, peer):
-// the five statistics (m, s, s_t, mu, su) and the kSums sums.
+// chunk order and writes the loss terms. The divergences other than KL take a launch more before
+// the gradient's: each chunk's loss sums, of which the gradient needs the row's <q_k, d>.
+// a.partials holds kPartialValues per (row, chunk, peer): the five statistics (m, s, s_t, mu, su)
+// and the kSums sums.
 
 template <typename A>
 __device__ __forceinline__ A* partial(const KernelArgs<A>& a, int64_t r, int64_t p, int64_t k) {
@@ -1333,23 +1556,42 @@ __device__ PeerRow<A> merged_row(const KernelArgs<A>& a, int64_t r, int k) {
   return finish_row(lse, lse_u, a.unit_t);
 }
 
+// Peer k's loss sum i of row r: its chunks' in chunk order.
+template <typename A>
+__device__ A row_sum(const KernelArgs<A>& a, int64_t r, int k, int i) {
+  A sum = 0;
+  for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
+  return sum;
+}
+
+// The block of chunk p of row r: its classes [c0, c1) and target.
+template <typename A>
+struct SplitBlock {
+  int64_t r, p, target, c0, c1;
+
+  __device__ explicit SplitBlock(const KernelArgs<A>& a)
+      : r(blockIdx.x / static_cast<unsigned>(a.chunks)),  // 32 bits: no division routine
+        p(blockIdx.x % static_cast<unsigned>(a.chunks)),
+        target(a.target[r * a.target_stride]) {
+    chunk_range(a, p, c0, c1);
+  }
+};
+
+// At least one block a multiprocessor: without it, ptxas held the float64 kernel to 48 registers,
+// which spilled in the loop over the classes.
 template <typename S>
-__global__ void __launch_bounds__(kThreads) split_stats_kernel(const KernelArgs<acc_t<S>> a) {
+__global__ void __launch_bounds__(kThreads, 1) split_stats_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
   __shared__ A scratch[kWarps * 3];
-  const int64_t r = blockIdx.x / a.chunks;
-  const int64_t p = blockIdx.x - r * a.chunks;
-  const int64_t y = a.target[r * a.target_stride];
+  const SplitBlock<A> b(a);
   A value;
-  if (ignored_or_invalid(a, y, value)) return;
-  int64_t c0, c1;
-  chunk_range(a, p, c0, c1);
-  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
+  if (skipped_row(a, b.target, value)) return;
+  const S* const row0 = static_cast<const S*>(a.logits) + b.r * a.stride_r;
   for (int k = 0; k < static_cast<int>(a.K); ++k) {
     LseState<A> lse[1], lse_u[1];
-    block_stats(a, row0, static_cast<int>(a.K), k, c0, c1, scratch, lse, lse_u);
+    block_stats(a, row0, static_cast<int>(a.K), k, b.c0, b.c1, scratch, lse, lse_u);
     if (threadIdx.x == 0) {
-      A* out = partial(a, r, p, k);
+      A* out = partial(a, b.r, b.p, k);
       out[0] = lse[0].m;
       out[1] = lse[0].s;
       out[2] = lse[0].s_t;
@@ -1359,39 +1601,69 @@ __global__ void __launch_bounds__(kThreads) split_stats_kernel(const KernelArgs<
   }
 }
 
+// Every peer's merged statistics (and own weight) of the block's row into shared memory.
+template <typename A>
+__device__ void merge_row_stats(const KernelArgs<A>& a, const SplitBlock<A>& b,
+                                const AnyKSmem<A>& sm) {
+  for (int k = threadIdx.x; k < sm.K; k += kThreads) {
+    sm.prs[k] = merged_row(a, b.r, k);
+    sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, sm.K, k);
+  }
+  __syncthreads();
+}
+
+// The other divergences' pass 2 on a chunk: its loss sums.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) split_sums_kernel(const KernelArgs<acc_t<S>> a) {
+  using A = acc_t<S>;
+  const AnyKSmem<A> sm(a.K);
+  const SplitBlock<A> b(a);
+  A value;
+  if (skipped_row(a, b.target, value)) return;
+  merge_row_stats(a, b, sm);
+  const S* const row0 = static_cast<const S*>(a.logits) + b.r * a.stride_r;
+  for (int k = 0; k < sm.K; ++k) {
+    A sums[kSums];
+    block_divergence_sums(a, row0, sm.K, k, b.c0, b.c1, sm.prs, sm.scratch, sums);
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kSums; ++i) partial(a, b.r, b.p, k)[5 + i] = sums[i];
+    }
+  }
+}
+
+// A chunk's gradient and, for KL, its loss sums.
 template <typename S>
 __global__ void __launch_bounds__(kThreads) split_emit_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
   const AnyKSmem<A> sm(a.K);
-  const int K = sm.K;
-  const int64_t r = blockIdx.x / a.chunks;
-  const int64_t p = blockIdx.x - r * a.chunks;
-  const int64_t y = a.target[r * a.target_stride];
-  int64_t c0, c1;
-  chunk_range(a, p, c0, c1);
-  const A factor = mean_factor(a);
+  const SplitBlock<A> b(a);
+  const PerTerm<A> factors = row_factors(a);
   A value;
-  if (ignored_or_invalid(a, y, value)) {
+  if (skipped_row(a, b.target, value)) {
     if (!a.compute_grad) return;
     S fill;
     from_acc(value, fill);
     for (int64_t k = 0; k < a.K; ++k) {
-      S* const g = static_cast<S*>(a.grad) + (k * a.R + r) * a.C;
-      for (int64_t c = c0 + threadIdx.x; c < c1; c += kThreads) g[c] = fill;
+      S* const g = static_cast<S*>(a.grad) + (k * a.R + b.r) * a.C;
+      for (int64_t c = b.c0 + threadIdx.x; c < b.c1; c += kThreads) g[c] = fill;
     }
     return;
   }
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    sm.prs[k] = merged_row(a, r, k);
-    sm.own[k] = own_weight<RuntimeOptions>(a, a.weights, K, k);
-  }
-  __syncthreads();
-  const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
-  for (int k = 0; k < K; ++k) {
+  merge_row_stats(a, b, sm);
+  const int64_t y = label_of(a, b.target);
+  const S* const row0 = static_cast<const S*>(a.logits) + b.r * a.stride_r;
+  for (int k = 0; k < sm.K; ++k) {
+    const PerTerm<A> scales = term_scales<RuntimeOptions>(a, k, b.r, factors, y >= 0);
+    if (a.divergence != LossDivergence::KL) {
+      const GradCoefs<A> gc = divergence_coefs(a, scales, row_sum(a, b.r, k, 0));
+      block_divergence_grad(a, gc, row0, sm.K, k, b.r, y, b.c0, b.c1, sm.prs);
+      continue;
+    }
     A sums[kSums];
-    block_emit(a, sm.own[k], row0, K, k, r, y, c0, c1, sm.prs, sm.scratch, factor, sums);
+    block_emit(a, grad_coefs<RuntimeOptions>(a, sm.own[k], scales), row0, sm.K, k, b.r, y, b.c0,
+               b.c1, sm.prs, sm.scratch, sums);
     if (threadIdx.x == 0) {
-      for (int i = 0; i < kSums; ++i) partial(a, r, p, k)[5 + i] = sums[i];
+      for (int i = 0; i < kSums; ++i) partial(a, b.r, b.p, k)[5 + i] = sums[i];
     }
   }
 }
@@ -1400,32 +1672,27 @@ template <typename S>
 __global__ void __launch_bounds__(kThreads) split_finish_kernel(const KernelArgs<acc_t<S>> a) {
   using A = acc_t<S>;
   const int64_t r = blockIdx.x;
-  const int64_t y = a.target[r * a.target_stride];
+  const int64_t target = a.target[r * a.target_stride];
   const AnyKSmem<A> sm(a.K);
   const int K = sm.K;
   // Thread k puts peer k's terms (put_terms): the block's sums start at 0.
   for (int k = threadIdx.x; k < K; k += kThreads) sm.team_sums[2 * k] = sm.team_sums[2 * k + 1] = 0;
   A value;
-  if (ignored_or_invalid(a, y, value)) {
+  if (skipped_row(a, target, value)) {
     for (int k = threadIdx.x; k < K; k += kThreads) put_terms(a, sm.team_sums, k, r, value, value);
   } else {
     for (int k = threadIdx.x; k < K; k += kThreads) {
       sm.prs[k] = merged_row(a, r, k);
-      for (int i = 0; i < kSums; ++i) {
-        A sum = 0;
-        for (int64_t p = 0; p < a.chunks; ++p) sum += partial(a, r, p, k)[5 + i];
-        sm.peer_sums[kSums * k + i] = sum;
-      }
+      for (int i = 0; i < kSums; ++i) sm.peer_sums[kSums * k + i] = row_sum(a, r, k, i);
     }
     __syncthreads();
     const S* const row0 = static_cast<const S*>(a.logits) + r * a.stride_r;
     for (int k = threadIdx.x; k < K; k += kThreads) {
-      write_outputs<RuntimeOptions>(a, sm.team_sums, a.weights, K, k, r, sm.prs[k],
-                                    logit_at(a, row0, k, y),
-                                    [&](int j) { return sm.peer_sums + kSums * j; });
+      write_row_outputs(a, sm.team_sums, row0, K, k, r, label_of(a, target), sm.prs,
+                        sm.peer_sums);
     }
   }
-  reduce_if_last_block(a, sm.team_sums, 1, mean_factor(a));
+  reduce_if_last_block(a, sm.team_sums, 1, row_factors(a));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1535,6 +1802,19 @@ KernelArgs<A> make_args(const MutualLossParams& p, const DeviceInfo& device) {
   a.cluster = 1;
   a.chunks = 1;
   a.partials = reinterpret_cast<A*>(workspace + layout.partials);
+  a.divergence = p.divergence;
+  a.ce_weight = static_cast<A>(p.ce_weight);
+  a.mimic_unlabeled = p.mimic_unlabeled;
+  a.normalizer = static_cast<const A*>(p.normalizer);
+  a.beta = static_cast<A>(p.beta);
+  a.one_minus_beta = static_cast<A>(1.0 - p.beta);
+  // Each from the smaller of beta and 1 - beta: near beta = 1, log(beta) of the rounded beta
+  // would lose the digits that 1 - beta keeps.
+  const auto log_of = [](double x, double one_minus_x) {
+    return x < 0.5 ? std::log(x) : std::log1p(-one_minus_x);
+  };
+  a.log_beta = static_cast<A>(log_of(p.beta, 1.0 - p.beta) * Log<A>::kUnitExact);
+  a.log_one_minus_beta = static_cast<A>(log_of(1.0 - p.beta, p.beta) * Log<A>::kUnitExact);
   return a;
 }
 
@@ -1706,17 +1986,21 @@ template <typename S>
 cudaError_t launch_split(KernelArgs<acc_t<S>> a, int64_t chunks, cudaStream_t stream) {
   a.chunks = chunks;
   const size_t smem = any_k_smem_bytes<acc_t<S>>(a.K);
+  const bool kl = a.divergence == LossDivergence::KL;
   cudaError_t err = allow_dynamic_smem(split_emit_kernel<S>, smem);
   if (err == cudaSuccess) err = allow_dynamic_smem(split_finish_kernel<S>, smem);
+  if (err == cudaSuccess && !kl) err = allow_dynamic_smem(split_sums_kernel<S>, smem);
   if (err != cudaSuccess) return err;
   const int blocks = static_cast<int>(a.R * chunks);
   split_stats_kernel<S><<<blocks, kThreads, 0, stream>>>(a);
-  split_emit_kernel<S><<<blocks, kThreads, smem, stream>>>(a);
+  if (!kl) split_sums_kernel<S><<<blocks, kThreads, smem, stream>>>(a);
+  // The other divergences' emit writes the gradient only.
+  if (kl || a.compute_grad) split_emit_kernel<S><<<blocks, kThreads, smem, stream>>>(a);
   split_finish_kernel<S><<<static_cast<int>(a.R), kThreads, smem, stream>>>(a);
   return cudaSuccess;
 }
 
-// The kernel (or the split's three) that computes the rows.
+// The kernel (or the split's three or four) that computes the rows.
 template <typename S>
 cudaError_t launch_rows(const KernelArgs<acc_t<S>>& a, const MutualLossParams& p,
                         const DeviceInfo& device, cudaStream_t stream) {
@@ -1727,8 +2011,10 @@ cudaError_t launch_rows(const KernelArgs<acc_t<S>>& a, const MutualLossParams& p
     // would spill with two registers per value, and leaving it out saves compile time.
     return launch_any_k<S>(a, device, stream);
   } else {
-    return p.K > kMaxStaticK ? launch_any_k<S>(a, device, stream)
-                             : dispatch_k<S>(a, device, stream);
+    // The loss family's options other than the defaults take the any-K kernel too: the fixed-K
+    // kernels' loops stay those of the paper's loss.
+    return p.K > kMaxStaticK || family_options(p) ? launch_any_k<S>(a, device, stream)
+                                                  : dispatch_k<S>(a, device, stream);
   }
 }
 

@@ -25,6 +25,13 @@ inline int64_t split_chunks(const MutualLossParams& p, const DeviceInfo& device)
       1, std::min<int64_t>(ceil_div(2 * int64_t(device.num_sms), p.R), p.C / kMinChunk));
 }
 
+// Whether the loss family's options are other than their defaults (the paper's loss): those
+// take the any-K kernels.
+inline bool family_options(const MutualLossParams& p) {
+  return p.divergence != LossDivergence::KL || p.ce_weight != 1.0 || p.mimic_unlabeled ||
+         p.normalizer != nullptr;
+}
+
 // The forward's grids are at most this many blocks per multiprocessor (the blocks a device holds
 // at once, or fewer): each block counts the rows of a "mean" itself, and a reduced loss keeps a
 // partial sum per block.

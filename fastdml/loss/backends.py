@@ -85,13 +85,11 @@ CHECKS_TARGETS_IN_KERNEL = ("triton", "cuda")
 RAISES_ON_BAD_TARGETS = ("cpp",)
 # backend="auto" on CUDA tensors, as measured on an H200 (BENCHMARKS.md, "GPU"): the CUDA C++ op
 # is the faster up to 8192 classes, they tie at 32000, and Triton's is the faster at 128256
-# (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton".
+# (bfloat16). So "cuda" first below TRITON_FROM_CLASSES classes, then "triton". Every backend
+# computes every option, but an option of the loss family (LossOptions.uses_family) takes the
+# CUDA op's generic any-K kernel, slower than its fixed-K ones and than Triton's family paths:
+# with one, "triton" first at any number of classes.
 TRITON_FROM_CLASSES = 65536
-
-
-# The backends that compute every option of LossOptions; the others compute the paper's loss
-# (LossOptions.extended_option is None), and backend="auto" passes them over for the rest.
-EVERY_OPTION = ("torch", "cpp", "triton")
 
 
 # The most peers the CUDA op takes: it keeps per-peer statistics in shared memory (its C++ checks
@@ -163,14 +161,11 @@ def _too_many_peers(backend: str, num_peers: int) -> str | None:
 
 
 def select(
-    backend: str,
-    device: torch.device,
-    num_peers: int,
-    num_classes: int,
-    extended_option: str | None = None,
+    backend: str, device: torch.device, num_peers: int, num_classes: int, family: bool = False
 ) -> str:
-    """The backend that computes the loss of K peers' logits over C classes on `device`, with an
-    option beyond the paper's loss (LossOptions.extended_option) or none; raises if it cannot.
+    """The backend that computes the loss of K peers' logits over C classes on `device`; raises
+    if it cannot. `family`: whether an option of the loss family is set
+    (LossOptions.uses_family), which backend="auto" computes with Triton first on CUDA tensors.
     Under torch.func transforms (grad, vmap, ...) only the pure-PyTorch backend runs: the fused
     ops' autograd is not functorch's."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
@@ -180,14 +175,8 @@ def select(
                 "its autograd is not functorch's; backend='torch' can (backend='auto' picks it)"
             )
         return "torch"
-    if extended_option is not None and backend not in ("auto", *EVERY_OPTION):
-        *others, last = map(repr, EVERY_OPTION)
-        raise ValueError(
-            f"backend={backend!r} does not compute {extended_option} yet; "
-            f"{', '.join(others)} and {last} do (backend='auto' picks one)"
-        )
     if backend == "auto":
-        return _auto(device, num_peers, num_classes, extended_option is not None)
+        return _auto(device, num_peers, num_classes, family)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -201,17 +190,14 @@ def select(
     return backend
 
 
-def _auto(device: torch.device, num_peers: int, num_classes: int, extended: bool) -> str:
+def _auto(device: torch.device, num_peers: int, num_classes: int, family: bool) -> str:
     if device.type == "cpu":
         fused = ("cpp",)
     elif device.type == "cuda":
-        fused = ("triton", "cuda") if num_classes >= TRITON_FROM_CLASSES else ("cuda", "triton")
+        triton_first = family or num_classes >= TRITON_FROM_CLASSES
+        fused = ("triton", "cuda") if triton_first else ("cuda", "triton")
     else:
         return "torch"
-    if extended:
-        fused = tuple(name for name in fused if name in EVERY_OPTION)
-        if not fused:
-            return "torch"
     reasons = []
     for name in fused:
         reason = unavailable_reason(name) or _too_many_peers(name, num_peers)

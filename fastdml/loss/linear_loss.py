@@ -387,7 +387,7 @@ def _checked_fused_linear_mutual_loss(
         first.new_zeros(()).expand(num_peers, rows, num_classes), target, options
     )
     name = backends.select(
-        options.backend, first.device, num_peers, num_classes, options.extended_option()
+        options.backend, first.device, num_peers, num_classes, options.uses_family
     )
     # Checked here for the whole batch even where the op checks its own rows (the CPU op), so a
     # bad target fails before any chunk's matmuls, and names its row in the batch.

@@ -95,7 +95,7 @@ def mutual_loss_with(
         device,
         problem.num_peers,
         problem.logits.shape[2],
-        options.extended_option(),
+        options.uses_family,
     )
     if backends.needs_target_check(name):
         check_target_values(problem)

@@ -164,19 +164,15 @@ class LossOptions:
                 f"normalizer must be a finite number > 0 or a 0-dim tensor, got {normalizer!r}"
             )
 
-    def extended_option(self) -> str | None:
-        """The first option, as ``name=value``, beyond the paper's loss (forward KL, ce_weight 1,
-        no normalizer, labeled rows only), which only some backends compute
-        (`fastdml.loss.backends.EVERY_OPTION`); None when there is none."""
-        if self.divergence != "kl":
-            return f"divergence={self.divergence!r}"
-        if self.ce_weight != 1:
-            return f"ce_weight={self.ce_weight!r}"
-        if self.normalizer is not None:
-            return "normalizer"
-        if self.mimic_unlabeled:
-            return "mimic_unlabeled=True"
-        return None
+    @property
+    def uses_family(self) -> bool:
+        """Whether an option of the loss family beyond the paper's loss is set (another
+        divergence, ce_weight, a normalizer, mimic_unlabeled; "jsd" at beta 0 is the KL). Every
+        backend computes them; this only steers backend="auto", which prefers the Triton op for
+        them on CUDA tensors (the CUDA op computes them with its generic any-K kernel, the
+        slower)."""
+        kl = self.divergence == "kl" or (self.divergence == "jsd" and self.beta == 0)
+        return not kl or self.ce_weight != 1 or self.normalizer is not None or self.mimic_unlabeled
 
     def replace(self, **changes: Any) -> LossOptions:
         """A copy with some options changed, checked again."""

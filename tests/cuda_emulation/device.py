@@ -13,6 +13,7 @@ from torch import Tensor
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"pairwise": 0, "ensemble": 1, "ensemble_logits": 2, "weights": 3}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 # The orders a cluster's threads may run in (emulator.h): a round of every thread at a time, or a
 # warp or a block at a time as far as it goes.
 SCHEDULES = ("forward", "reverse", "shuffled", "warps_forward", "warps_reverse")
@@ -85,6 +86,14 @@ def _per_row(value: float | Tensor, acc: torch.dtype) -> tuple[Tensor, int, int]
     return torch.tensor([float(value)], dtype=acc), 0, 0
 
 
+def _divergence(name: str, beta: float) -> int:
+    """fastdml::gpu::LossDivergence as the binding passes it: "jsd" at beta 0 or 1 is the KL or
+    the reverse KL it is defined as (computed_divergence)."""
+    if name == "jsd" and beta in (0, 1):
+        name = "kl" if beta == 0 else "reverse_kl"
+    return DIVERGENCES[name]
+
+
 def _extent_bytes(view: Tensor) -> int:
     """Bytes from the view's first element to one past its last."""
     last = sum((size - 1) * stride for size, stride in zip(view.shape, view.stride(), strict=True))
@@ -100,6 +109,7 @@ class EmulatedDevice:
         self._lib.emu_mutual_loss.argtypes = (
             [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
             + [i64, i64, i64, i32, i32, i32, dbl, dbl, dbl, i64, i32]
+            + [i32, dbl, dbl, i32, ptr]
             + [i32, i32, i32, i32, i32, ctypes.c_char_p, i64]
         )
         self._lib.emu_mutual_loss.restype = i32
@@ -126,11 +136,17 @@ class EmulatedDevice:
         ignore_index: int,
         reduction: str = "none",
         compute_grad: bool = True,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ce_weight: float = 1.0,
+        mimic_unlabeled: bool = False,
+        normalizer: float | None = None,
         device: DeviceInfo = H100,
         schedule: str = "forward",
     ) -> ForwardResult:
         """launch_mutual_loss on logits [K, R, C] (unit class stride, any other), with no
-        row_scale, one, or one per peer and row ([K, R], any strides)."""
+        row_scale, one, or one per peer and row ([K, R], any strides), and the loss family's
+        options as LossOptions names them (a normalizer is a value on the device)."""
         k, rows, classes = logits.shape
         assert logits.stride(2) == 1 and target.dtype == torch.int64
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -141,6 +157,8 @@ class EmulatedDevice:
         shapes = [(k, rows)] * 3 if reduction == "none" else [(), (k,), (k,)]
         loss, ce, mimicry = (torch.empty(shape, dtype=acc) for shape in shapes)
         grad = torch.empty(k, rows, classes, dtype=logits.dtype) if compute_grad else None
+        # Alive until the launch returns: the driver copies it to the device.
+        divisor = None if normalizer is None else torch.tensor([normalizer], dtype=acc)
         error = ctypes.create_string_buffer(4096)
         status = self._lib.emu_mutual_loss(
             logits.data_ptr(),
@@ -169,6 +187,11 @@ class EmulatedDevice:
             label_smoothing,
             ignore_index,
             int(compute_grad),
+            _divergence(divergence, beta),
+            beta,
+            ce_weight,
+            int(mimic_unlabeled),
+            None if divisor is None else divisor.data_ptr(),
             device.num_sms,
             device.smem_per_sm,
             device.smem_per_block_optin,

@@ -121,16 +121,20 @@ extern "C" {
 // row strides in elements); row_scale (null: none): `row_scale_bytes` bytes hold it, at these
 // strides (0 and 0: one value). Outputs of the accumulation dtype: loss, ce, mimicry [K, R] for
 // reduction None, else loss [1] and ce, mimicry [K]; grad [K, R, C] contiguous of the logits
-// dtype (null unless compute_grad). Returns 0, or 1 with a message in `error`.
+// dtype (null unless compute_grad). The loss family as MutualLossParams takes it: divergence
+// (LossDivergence; "jsd" at beta 0 or 1 comes as the KL or reverse KL it is), beta, ce_weight,
+// mimic_unlabeled, and normalizer (null: none; else one value of the accumulation dtype, reduction
+// Mean only). Returns 0, or 1 with a message in `error`.
 int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, int64_t stride_r,
                     const int64_t* target, int64_t target_stride, const void* weights,
                     const void* row_scale, int64_t row_scale_bytes, int64_t row_scale_stride_k,
                     int64_t row_scale_stride_r, void* loss, void* ce, void* mimicry, void* grad,
                     int64_t K, int64_t R, int64_t C, int dtype, int mode, int reduction,
                     double temperature, double alpha, double label_smoothing,
-                    int64_t ignore_index, int compute_grad, int num_sms, int smem_per_sm,
-                    int smem_per_block_optin, int clusters, int schedule, char* error,
-                    int64_t error_size) {
+                    int64_t ignore_index, int compute_grad, int divergence, double beta,
+                    double ce_weight, int mimic_unlabeled, const void* normalizer, int num_sms,
+                    int smem_per_sm, int smem_per_block_optin, int clusters, int schedule,
+                    char* error, int64_t error_size) {
   const DeviceInfo device{num_sms, smem_per_sm, smem_per_block_optin, clusters != 0};
   configure(device, schedule);
   const auto type = static_cast<DType>(dtype);
@@ -144,6 +148,7 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
                         static_cast<size_t>(R > 0 ? (R - 1) * target_stride + 1 : 0) * 8, 0);
   DeviceBuffer d_weights("weights", weights, static_cast<size_t>(K * K) * acc, 0);
   DeviceBuffer d_row_scale("row_scale", row_scale, static_cast<size_t>(row_scale_bytes), 0);
+  DeviceBuffer d_normalizer("normalizer", normalizer, normalizer != nullptr ? acc : 0, 0);
   DeviceBuffer d_loss("loss", nullptr, losses * acc, kUnwritten);
   DeviceBuffer d_ce("ce", nullptr, terms * acc, kUnwritten);
   DeviceBuffer d_mimicry("mimicry", nullptr, terms * acc, kUnwritten);
@@ -176,6 +181,11 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   params.label_smoothing = label_smoothing;
   params.ignore_index = ignore_index;
   params.compute_grad = compute_grad != 0;
+  params.divergence = static_cast<fastdml::gpu::LossDivergence>(divergence);
+  params.beta = beta;
+  params.ce_weight = ce_weight;
+  params.mimic_unlabeled = mimic_unlabeled != 0;
+  params.normalizer = d_normalizer.data();
   const int64_t workspace_bytes = fastdml::gpu::mutual_loss_workspace_bytes(params, device);
   DeviceBuffer d_workspace("workspace", nullptr, static_cast<size_t>(workspace_bytes), kPoison);
   params.workspace = d_workspace.data();
@@ -188,8 +198,8 @@ int emu_mutual_loss(const void* logits, int64_t logits_bytes, int64_t stride_k, 
   std::string problem = launch_problem(launched);
   for (const auto& [buffer, read_only] :
        {std::pair{&d_logits, true}, {&d_target, true}, {&d_weights, true}, {&d_row_scale, true},
-        {&d_loss, false}, {&d_ce, false}, {&d_mimicry, false}, {&d_grad, false},
-        {&d_workspace, false}, {&d_ticket, false}}) {
+        {&d_normalizer, true}, {&d_loss, false}, {&d_ce, false}, {&d_mimicry, false},
+        {&d_grad, false}, {&d_workspace, false}, {&d_ticket, false}}) {
     if (problem.empty()) problem = buffer->check(read_only);
   }
   unsigned ticket = 0;

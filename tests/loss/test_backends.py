@@ -146,17 +146,23 @@ def test_torch_func_transforms_run_the_pure_pytorch_backend():
         torch.func.grad(lambda z: mutual_loss(z, target, backend="cpp"))(logits)
 
 
-def test_auto_passes_over_the_backends_that_lack_an_option(monkeypatch):
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
-    for device in (torch.device("cuda"), torch.device("cpu")):
-        expected = next(
-            (
-                name
-                for name in ("cpp", "cuda", "triton")
-                if name in backends.EVERY_OPTION and backends._runs_on(name, device)
-            ),
-            "torch",
-        )
-        assert backends.select("auto", device, 2, 100, "divergence='jsd'") == expected
-    with pytest.raises(ValueError, match="backend='cuda' does not compute divergence='jsd' yet"):
-        backends.select("cuda", torch.device("cuda"), 2, 100, "divergence='jsd'")
+def test_auto_takes_triton_first_for_the_family_on_cuda(monkeypatch):
+    """Every backend computes the loss family, the CUDA op with its generic kernel: on CUDA
+    tensors backend="auto" takes Triton first at any number of classes, and the CUDA op where
+    Triton is missing or takes too few peers; on the CPU the C++ op. A backend by name computes
+    it where it runs."""
+    missing = set()
+    monkeypatch.setattr(
+        backends, "unavailable_reason", lambda name: "not installed" if name in missing else None
+    )
+    cuda, limit = torch.device("cuda"), backends.max_peers("triton")
+    for classes in (10, backends.TRITON_FROM_CLASSES):
+        assert backends.select("auto", cuda, 2, classes, family=True) == "triton"
+    assert backends.select("auto", cuda, 2, 10) == "cuda"  # the paper's loss, as measured
+    assert backends.select("auto", cuda, limit + 1, 10, family=True) == "cuda"
+    assert backends.select("auto", torch.device("cpu"), 2, 10, family=True) == "cpp"
+    assert backends.select("auto", torch.device("meta"), 2, 10, family=True) == "torch"
+    for name in ("torch", "cuda", "triton"):
+        assert backends.select(name, cuda, 2, 10, family=True) == name
+    missing.add("triton")
+    assert backends.select("auto", cuda, 2, 10, family=True) == "cuda"

@@ -8,8 +8,9 @@ cases reach every path the launchers pick: each mode and dtype, K = 2..10 (the f
 scalar loads, rows that fit the shared-memory cache, fit it in part or get none, the split of few
 long rows across blocks, teams that go on to further rows, ignored and out-of-range targets, the
 reductions "sum" and "mean" in the forward's own launch (the rows counted by each block, or by a
-kernel ahead of it for many rows; the last block to finish adds the rows up), and the backward's
-row scaling. Each case also asserts the path it took (from the launches), so that
+kernel ahead of it for many rows; the last block to finish adds the rows up), the backward's
+row scaling, and the loss family (reverse KL, JSD, ce_weight, unlabeled rows, a normalizer) on the
+any-K kernel and the split. Each case also asserts the path it took (from the launches), so that
 a changed threshold cannot leave a path silently untested. Every launch is held to a GPU's rules
 for shared memory (static and dynamic together past 48 KiB only where the launcher opted in), and
 the shapes that ask for exactly 48 KiB of dynamic shared memory are among the cases.
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from fastdml.loss.arguments import make_problem
 from fastdml.loss.options import LossOptions
-from fastdml.loss.reference import mutual_loss_rows
+from fastdml.loss.reference import mutual_loss, mutual_loss_rows
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = [
@@ -298,6 +299,21 @@ def run_forward(
     )
 
 
+def assert_terms_close(got: ForwardResult, want: list[Tensor], rtol: float, atol: float) -> None:
+    """The loss, cross-entropy and mimicry against their float64 values, NaN where those are."""
+    for name, value, expected in zip(
+        ("loss", "ce", "mimicry"), (got.loss, got.ce, got.mimicry), want, strict=True
+    ):
+        torch.testing.assert_close(
+            value.double(),
+            expected,
+            rtol=rtol,
+            atol=atol,
+            equal_nan=True,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+
+
 def assert_matches_reference(
     got: ForwardResult,
     inputs: tuple[Tensor, Tensor, Tensor],
@@ -312,16 +328,7 @@ def assert_matches_reference(
     *rows, grad = reference(*inputs, mode, options, row_scale * factor)
     rtol, atol = ROW_TOLERANCE[dtype]
     if reduction == "none":
-        outputs = {"loss": got.loss, "ce": got.ce, "mimicry": got.mimicry}
-        for (name, value), want in zip(outputs.items(), rows, strict=True):
-            torch.testing.assert_close(
-                value.double(),
-                want,
-                rtol=rtol,
-                atol=atol,
-                equal_nan=True,
-                msg=lambda m, n=name: f"{n}: {m}",
-            )
+        assert_terms_close(got, rows, rtol, atol)
     else:
         assert_reduced(got, rows[1:], factor, options, rtol, atol)
     if got.grad is not None:
@@ -653,6 +660,249 @@ def test_reduced_schedule_independent(gpu: EmulatedDevice, name: str):
         strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss family (docs/design.md, Other divergences): reverse KL and JSD(beta), ce_weight,
+# mimic_unlabeled and a normalizer. Any option off the paper's loss takes the any-K kernel (or the
+# split), whatever K and dtype: the fixed-K kernels compute only the paper's loss.
+
+FamilyOptions = dict[str, float | str | bool]
+FAMILY = OPTIONS | {"ce_weight": 0.5, "mimic_unlabeled": True}
+# The reverse KL's gradient is q_k (d - <q_k, d>) with d = w_k log q_k - sum_j W[k, j] log q_j:
+# log-ratios of tens, not bounded as the JSD's log q_k - log m (at most -log(1 - beta)), so the
+# exponentials' errors in q_k, and in the sum <q_k, d>, come times |d|. Measured in float32 over 30
+# seeds at T = 2: up to 1.0e-5 at K = 3 and 4.3e-5 at K = 9 with peer weights (1.4 and 5.9 times
+# GRAD_TOLERANCE's bound; the CPU op, with exact exponentials, errs a tenth as much). float64 stays
+# within GRAD_TOLERANCE (a fifth of it at K = 9).
+REVERSE_KL_GRAD_FACTOR = 8
+FAMILY_CASE = Case("any-k-family", 3, 12, 72)  # the shape of "warp-vector", off its path
+FAMILY_DIVERGENCES = [
+    pytest.param({"divergence": "kl"}, id="kl"),
+    pytest.param({"divergence": "reverse_kl"}, id="reverse_kl"),
+    pytest.param({"divergence": "jsd", "beta": 0.3}, id="jsd-0.3"),
+    pytest.param({"divergence": "jsd", "beta": 0.5}, id="jsd-0.5"),  # pairs share their mixture
+]
+
+
+def family_reference(
+    inputs: tuple[Tensor, Tensor, Tensor],
+    mode: str,
+    options: FamilyOptions,
+    reduction: str,
+    row_scale: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss, ce and mimicry reduced as asked and the gradient of sum(row_scale * loss), in float64
+    (fastdml.loss.reference.mutual_loss); for reduction "none", NaN in the rows of out-of-range
+    targets, as in `reference` (the reduced cases keep their targets in range)."""
+    logits, target, weights = inputs
+    invalid = (target != IGNORE) & ((target < 0) | (target >= logits.shape[2]))
+    assert reduction == "none" or not invalid.any()
+    z = logits.detach().to(torch.float64).requires_grad_()
+    problem = make_problem(
+        z,
+        torch.where(invalid, IGNORE, target),
+        LossOptions(
+            mode="pairwise" if mode == "weights" else mode,
+            peer_weights=weights if mode == "weights" else None,
+            ignore_index=IGNORE,
+            reduction=reduction,
+            **options,
+        ),
+    )
+    loss, ce, mimicry = mutual_loss(problem, reduction)
+    scale = torch.as_tensor(row_scale, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((scale * loss).sum(), z)
+    if reduction != "none":
+        return loss.detach(), ce, mimicry, grad
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    rows = [torch.where(invalid, nan, x) for x in (loss.detach(), ce, mimicry)]
+    return *rows, torch.where(invalid[:, None], nan, grad)
+
+
+def computed_divergence(options: FamilyOptions) -> str:
+    """The divergence the kernels compute: "jsd" at beta 0 or 1 is the KL or the reverse KL."""
+    divergence = options.get("divergence", "kl")
+    if divergence == "jsd" and options["beta"] in (0, 1):
+        return "kl" if options["beta"] == 0 else "reverse_kl"
+    return divergence
+
+
+def assert_family_path(
+    launches: list[Launch], case: Case, options: FamilyOptions, compute_grad: bool = True
+) -> None:
+    """Never the fixed-K kernel: the any-K kernel's one launch, or the split's three, and for the
+    reverse KL and the JSD a fourth ahead of the gradient (the sums over the row it needs), whose
+    emit is left out where no gradient is asked for (it writes the gradient only)."""
+    if split_expected(case):
+        kl = computed_divergence(options) == "kl"
+        sums = [] if kl else ["split_sums_kernel"]
+        emit = ["split_emit_kernel"] if kl or compute_grad else []
+        kernels = [launch.kernel.split("<")[0].strip() for launch in launches]
+        want = ["split_stats_kernel", *sums, *emit, "split_finish_kernel"]
+        assert kernels == want, f"expected the split, got {launches}"
+        return
+    assert len(launches) == 1, launches
+    assert "launch_any_k" in launches[0].where, f"expected the any-K kernel, got {launches}"
+
+
+def check_family(
+    gpu: EmulatedDevice,
+    case: Case,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    mode: str,
+    options: FamilyOptions,
+    reduction: str = "none",
+    row_scale: float | Tensor = ROW_SCALE,
+    compute_grad: bool = True,
+) -> None:
+    """One forward with the family's options, on its path and within the tolerances of the
+    paper's loss (a reduced term within those of its rows summed)."""
+    dtype = inputs[0].dtype
+    got = run_forward(
+        gpu,
+        inputs,
+        mode,
+        options,
+        row_scale,
+        device=case.device,
+        reduction=reduction,
+        compute_grad=compute_grad,
+    )
+    assert_family_path(got.launches, case, options, compute_grad)
+    *want, grad = family_reference(inputs, mode, options, reduction, row_scale)
+    rtol, atol = ROW_TOLERANCE[dtype]
+    atol *= 1 if reduction == "none" else case.peers * case.rows
+    assert_terms_close(got, want, rtol, atol)
+    if not compute_grad:
+        assert got.grad is None
+        return
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    if computed_divergence(options) == "reverse_kl" and dtype != torch.float64:
+        compute_rtol, compute_atol = _GRAD_COMPUTE[torch.float32]
+        rtol += (REVERSE_KL_GRAD_FACTOR - 1) * compute_rtol
+        atol = REVERSE_KL_GRAD_FACTOR * compute_atol
+    torch.testing.assert_close(
+        got.grad.double(), grad, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"grad: {m}"
+    )
+
+
+@pytest.mark.parametrize("divergence", FAMILY_DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_family_divergences(
+    gpu: EmulatedDevice, mode: str, dtype: torch.dtype, divergence: FamilyOptions
+):
+    """Each divergence in each mode, per row: ce_weight 0.5 and the ignored row's mimicry kept
+    (mimic_unlabeled), with a scale per peer and row."""
+    case = FAMILY_CASE
+    inputs = in_range(make_inputs(case, dtype), case.classes)
+    row_scale = make_row_scale(case.peers, case.rows, dtype)
+    check_family(gpu, case, inputs, mode, FAMILY | divergence, row_scale=row_scale)
+
+
+# Each option alone off the paper's loss (it alone takes the any-K kernel), then together.
+FAMILY_REDUCTIONS = [
+    pytest.param("mean", {"normalizer": 7.5}, id="mean-normalizer"),
+    pytest.param("mean", {"mimic_unlabeled": True}, id="mean-unlabeled"),
+    pytest.param("none", {"divergence": "jsd", "beta": 0.0, "ce_weight": 0.0}, id="jsd-0-ce0"),
+    pytest.param("sum", {"divergence": "jsd", "beta": 1.0}, id="sum-jsd-1"),
+    pytest.param("sum", {"divergence": "jsd", "beta": 0.3, "ce_weight": 0.0}, id="sum-jsd-ce0"),
+    # The mimicry averaged over the labeled rows, the cross-entropy too.
+    pytest.param("mean", {"divergence": "jsd", "beta": 0.5, "ce_weight": 0.5}, id="mean-jsd"),
+    pytest.param(
+        "mean",
+        {"divergence": "reverse_kl", "mimic_unlabeled": True, "temperature": 1.0},
+        id="mean-reverse_kl-unlabeled-T1",
+    ),
+    pytest.param(
+        "mean",
+        FAMILY | {"divergence": "jsd", "beta": 0.3, "normalizer": 7.5},
+        id="mean-jsd-unlabeled-normalizer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("reduction", "options"), FAMILY_REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble_logits"])
+def test_family_reductions(
+    gpu: EmulatedDevice, mode: str, dtype: torch.dtype, reduction: str, options: FamilyOptions
+):
+    """Reductions of the family: "mean" divides the cross-entropy by the labeled rows and
+    the mimicry by the mimicked ones (or both by the normalizer), its gradient too; "jsd" at beta
+    0 and 1 is the KL and the reverse KL."""
+    case = FAMILY_CASE
+    inputs = in_range(make_inputs(case, dtype), case.classes)
+    check_family(gpu, case, inputs, mode, OPTIONS | options, reduction)
+
+
+# The split of few long rows, 9 peers' teams going on to further rows, and 2 peers (one pair, whose
+# two JSDs share their mixture at beta 0.5).
+FAMILY_PATHS = [
+    ("split", torch.float32, "pairwise", "none", FAMILY | {"divergence": "jsd", "beta": 0.5}),
+    ("split", torch.float64, "weights", "mean", FAMILY | {"divergence": "reverse_kl"}),
+    ("split", torch.bfloat16, "ensemble_logits", "sum", {"divergence": "jsd", "beta": 0.3}),
+    ("split", torch.float32, "ensemble", "mean", FAMILY | {"normalizer": 7.5}),
+    ("grid-stride-any-k", torch.float32, "pairwise", "mean", FAMILY | {"normalizer": 7.5}),
+    ("grid-stride-any-k", torch.float64, "weights", "none", {"divergence": "jsd", "beta": 0.3}),
+    ("grid-stride-any-k", torch.float16, "ensemble", "sum", FAMILY | {"divergence": "reverse_kl"}),
+    ("grid-stride-any-k", torch.float32, "weights", "none", FAMILY | {"divergence": "reverse_kl"}),
+    (
+        "warp-scalar-odd-classes",
+        torch.float32,
+        "pairwise",
+        "mean",
+        {"divergence": "jsd", "beta": 0.5},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "mode", "reduction", "options"),
+    [pytest.param(*path, id="-".join(map(str, path[:4]))) for path in FAMILY_PATHS],
+)
+def test_family_paths(
+    gpu: EmulatedDevice,
+    name: str,
+    dtype: torch.dtype,
+    mode: str,
+    reduction: str,
+    options: FamilyOptions,
+):
+    """The family on the split's kernels and on the any-K kernel's grid-stride loop, in every
+    dtype."""
+    case = PATH_CASES[name]
+    inputs = in_range(make_inputs(case, dtype), case.classes)
+    check_family(gpu, case, inputs, mode, OPTIONS | options, reduction)
+
+
+@pytest.mark.parametrize("name", ["split", "any-k-long-rows"])
+@pytest.mark.parametrize("divergence", FAMILY_DIVERGENCES[1:])
+def test_family_without_gradient(gpu: EmulatedDevice, name: str, divergence: FamilyOptions):
+    """The loss alone (inference): the same terms, and no gradient written (the split launches
+    no emit for the divergences other than KL, whose emit writes the gradient only)."""
+    case = PATH_CASES[name]
+    inputs = in_range(make_inputs(case, torch.float32), case.classes)
+    check_family(gpu, case, inputs, "pairwise", FAMILY | divergence, "sum", compute_grad=False)
+
+
+def test_family_target_out_of_range(gpu: EmulatedDevice):
+    """As in the paper's loss, the rows of out-of-range targets are NaN, the others right."""
+    inputs = make_inputs(FAMILY_CASE, torch.float32)
+    options = OPTIONS | {"divergence": "jsd", "beta": 0.3, "ce_weight": 0.5}
+    check_family(gpu, FAMILY_CASE, inputs, "ensemble_logits", options)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_family_without_labels(gpu: EmulatedDevice, reduction: str):
+    """A mimicry-only loss with no targets (every row ignore_index, mimic_unlabeled): every row
+    mimicked, "mean" over all of them, and no cross-entropy."""
+    case = FAMILY_CASE
+    logits, target, weights = make_inputs(case, torch.float32)
+    options = FAMILY | {"divergence": "jsd", "beta": 0.5, "ce_weight": 0.0}
+    inputs = (logits, torch.full_like(target, IGNORE), weights)
+    check_family(gpu, case, inputs, "pairwise", options, reduction)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ EXTENDED = [
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("options", EXTENDED)
 def test_extended_options(options, reduction):
-    """The loss family beyond the paper's loss, on whichever backend computes it."""
+    """The loss family beyond the paper's loss, on the backend that backend="auto" picks."""
     if "normalizer" in options and reduction != "mean":
         pytest.skip("a normalizer divides reduction 'mean' only")
     hidden, weight, biases, target = layers((5, 7, 3))

@@ -1,6 +1,6 @@
 """The loss family beyond the paper's: reverse KL and generalized JSD(beta), mimicry-only losses,
-a global normalizer and unlabeled rows, against the naive float64 loop, on every backend that
-computes them (fastdml.loss.backends.EVERY_OPTION); the others refuse them by name."""
+a global normalizer and unlabeled rows, against the naive float64 loop, on every backend, each on
+the devices it runs on (conftest's `backend` and `fused_backend` fixtures)."""
 
 import dataclasses
 
@@ -11,24 +11,16 @@ from naive import naive_mutual_loss
 from test_mutual_loss import MODES, check_against_naive, make_inputs, mode_kwargs
 
 from fastdml import MutualLoss, mutual_loss
-from fastdml.loss import backends, reference
+from fastdml.loss import reference
 from fastdml.loss.arguments import make_problem
 from fastdml.loss.ops import fused_arguments, fused_op
 from fastdml.loss.options import LossOptions
 
-# conftest's `backend` and `fused_backend` fixtures narrowed to the backends of EVERY_OPTION, each
-# on the devices it runs on: adding a backend there tests it here. The others must refuse.
-FAMILY = [param for param in BACKENDS if param.values[0][1] in backends.EVERY_OPTION]
-every_option = pytest.mark.parametrize("backend", FAMILY, indirect=True)
-fused_every_option = pytest.mark.parametrize(
-    "fused_backend", [param for param in FAMILY if param.values[0][1] != "torch"], indirect=True
-)
-REFUSING = sorted({param.values[0][1] for param in BACKENDS} - set(backends.EVERY_OPTION))
 # Triton's interpreter (backend "triton" on CPU tensors) takes minutes for a gradcheck's hundreds
 # of calls, 20 of them more than CI's time: there the Triton op's gradient is checked against the
 # naive float64 loop's (the tests above), and by gradcheck on a GPU.
-every_option_gradcheck = pytest.mark.parametrize(
-    "backend", [p for p in FAMILY if p.values[0] != ("cpu", "triton")], indirect=True
+uninterpreted_backend = pytest.mark.parametrize(
+    "backend", [p for p in BACKENDS if p.values[0] != ("cpu", "triton")], indirect=True
 )
 
 
@@ -45,7 +37,6 @@ OPTIONS = [
 ]
 
 
-@every_option
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mode", MODES)
@@ -64,7 +55,6 @@ def test_divergences_match_naive(backend, divergence, mode, reduction, options):
         )
 
 
-@every_option
 def test_jsd_endpoints_are_the_two_kls(backend):
     """beta = 0 is KL(t || q_k) (the default divergence), beta = 1 the reverse KL."""
     logits, target = make_inputs(3, 6, 11)
@@ -73,7 +63,6 @@ def test_jsd_endpoints_are_the_two_kls(backend):
         torch.testing.assert_close(jsd, mutual_loss(logits, target, backend=backend, **same))
 
 
-@fused_every_option
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("beta", [1e-6, 1 - 1e-6])
 def test_jsd_near_its_endpoints_in_float32(fused_backend, beta, mode):
@@ -85,7 +74,6 @@ def test_jsd_near_its_endpoints_in_float32(fused_backend, beta, mode):
     check_against_naive(logits, None, fused_backend, rtol=1e-4, atol=1e-12, **options)
 
 
-@fused_every_option
 @pytest.mark.parametrize("beta", [0.3, 0.5, 0.7])
 def test_jsd_of_peers_far_apart_in_float32(fused_backend, beta):
     """A class one peer gives about 1e-44 (a float32 subnormal, or 0 where an exp flushes it)
@@ -99,7 +87,6 @@ def test_jsd_of_peers_far_apart_in_float32(fused_backend, beta):
     )  # fmt: skip
 
 
-@every_option
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES[:2])
 def test_rows_of_many_chunks(backend, divergence, mode):
@@ -110,7 +97,6 @@ def test_rows_of_many_chunks(backend, divergence, mode):
     check_against_naive(logits, target, backend, **mode_kwargs(mode, 3), **divergence, **options)
 
 
-@every_option
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES[:2])
@@ -123,7 +109,7 @@ def test_low_precision_dtypes(backend, divergence, mode, dtype):
     check_against_naive(logits, target, backend, **mode_kwargs(mode, 3), **divergence, **options)
 
 
-@every_option_gradcheck
+@uninterpreted_backend
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(backend, divergence, mode):
@@ -141,7 +127,6 @@ def test_gradcheck(backend, divergence, mode):
         assert torch.autograd.gradcheck(own_loss, (logits[k].clone().requires_grad_(),))
 
 
-@every_option
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("mode", MODES)
 def test_classes_every_peer_masks(backend, divergence, mode):
@@ -160,7 +145,6 @@ def test_classes_every_peer_masks(backend, divergence, mode):
     torch.testing.assert_close(mutual_loss(logits, target, **mimicry_only), expected)
 
 
-@every_option
 @pytest.mark.parametrize("mode", MODES)
 def test_reverse_kl_of_a_target_that_masks_a_class(backend, mode):
     """Where one peer masks a class that the others keep, KL(q_k || t) is inf wherever the
@@ -178,7 +162,6 @@ def test_reverse_kl_of_a_target_that_masks_a_class(backend, mode):
         assert got.mimicry.isinf().any() == (divergence == "reverse_kl" and mode != "ensemble")
 
 
-@every_option
 @pytest.mark.parametrize("divergence", [dict(divergence="kl"), *DIVERGENCES[:2]])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mimicry_only(backend, divergence, reduction):
@@ -192,7 +175,6 @@ def test_mimicry_only(backend, divergence, reduction):
     assert not full.ce.any()
 
 
-@every_option
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3, 2.0])
 @pytest.mark.parametrize("divergence", [dict(divergence="kl"), DIVERGENCES[1]])
 def test_ce_weight(backend, divergence, ce_weight):
@@ -203,7 +185,6 @@ def test_ce_weight(backend, divergence, ce_weight):
         )
 
 
-@every_option
 def test_normalizer_changed_before_backward_is_an_error(backend):
     """A tensor normalizer changed in place between forward and backward raises where the
     backward would read it (float16 computes its gradient there), never a silent wrong scale."""
@@ -215,7 +196,6 @@ def test_normalizer_changed_before_backward_is_an_error(backend):
         loss.backward()
 
 
-@every_option
 @pytest.mark.parametrize(
     "normalizer",
     [37, 2.5, torch.tensor(37), torch.tensor(9.0), torch.tensor(0.5, dtype=torch.float64)],
@@ -235,7 +215,6 @@ def test_normalizer(backend, normalizer, mimic_unlabeled):
     torch.testing.assert_close(got, summed / float(normalizer))
 
 
-@every_option
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mode", MODES)
 def test_mimic_unlabeled(backend, mode, reduction):
@@ -249,7 +228,6 @@ def test_mimic_unlabeled(backend, mode, reduction):
         assert not out.ce[:, unlabeled].any() and out.mimicry[:, unlabeled].all()
 
 
-@every_option
 def test_defaults_give_the_paper_loss(backend):
     """The new options at their defaults change nothing."""
     logits, target = make_inputs(3, 8, 13)
@@ -267,18 +245,28 @@ def test_alpha_as_a_tensor():
     assert MutualLoss(alpha=torch.tensor(0.25, dtype=torch.float64)).alpha == 0.25
 
 
-def test_auto_picks_a_backend_that_computes_every_option():
-    """On the CPU the C++ op, on CUDA the Triton op (the CUDA op computes the paper's loss
-    only); on a device without a fused op, PyTorch."""
-    cpu, cuda, option = torch.device("cpu"), torch.device("cuda"), "divergence='reverse_kl'"
-    assert backends.select("auto", cpu, 2, 13, option) == "cpp"
-    gpu = "triton" if backends.unavailable_reason("triton") is None else "torch"
-    assert backends.select("auto", cuda, 2, 13, option) == gpu
-    assert backends.select("auto", torch.device("meta"), 2, 13, option) == "torch"
+@pytest.mark.parametrize(
+    ("options", "family"),
+    [
+        (dict(divergence="reverse_kl"), True),
+        (dict(divergence="jsd", beta=0.3), True),
+        (dict(ce_weight=0.5), True),
+        (dict(normalizer=3), True),
+        (dict(mimic_unlabeled=True), True),
+        (dict(divergence="kl", beta=0.3, ce_weight=1.0), False),
+        (dict(divergence="jsd", beta=0.0), False),  # the KL itself
+        (dict(divergence="jsd", beta=1.0), True),  # the reverse KL
+    ],
+)
+def test_auto_computes_the_family(options, family):
+    """backend="auto" computes every option; LossOptions.uses_family, which sets the order in
+    which it tries the backends (test_backends.py), tells the family's options from the paper's
+    loss (beta is unused by "kl", and "jsd" at beta 0 is the KL)."""
+    assert LossOptions(**options).uses_family == family
     logits, target = make_inputs(2, 8, 13)
-    got = mutual_loss(logits, target, divergence="reverse_kl")
     torch.testing.assert_close(
-        got, mutual_loss(logits, target, divergence="reverse_kl", backend="torch")
+        mutual_loss(logits, target, **options),
+        mutual_loss(logits, target, backend="torch", **options),
     )
 
 
@@ -312,26 +300,6 @@ def test_target_none_needs_ce_weight_zero():
         mutual_loss(logits, None)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(divergence="reverse_kl"),
-        dict(divergence="jsd"),
-        dict(ce_weight=0.5),
-        dict(normalizer=3),
-        dict(mimic_unlabeled=True),
-    ],
-)
-@pytest.mark.parametrize("backend", REFUSING)
-def test_other_backends_refuse_what_they_do_not_compute(backend, options):
-    """By name, before any check of the device (these are CPU tensors)."""
-    logits, target = make_inputs(2, 4, 5)
-    name = next(iter(options))
-    with pytest.raises(ValueError, match=f"backend='{backend}' does not compute {name}"):
-        mutual_loss(logits, target, backend=backend, **options)
-
-
-@fused_every_option
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("divergence", DIVERGENCES[:3])
 def test_op_gradient_is_that_of_its_loss(fused_backend, divergence, reduction):
@@ -388,38 +356,21 @@ def _op_arguments(**changes):
         (dict(normalizer=torch.tensor(2.0), reduction="sum"), "reduction 'mean' only"),
     ],
 )
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_op_rejects_bad_family_arguments(request, backend, changes, message):
-    """The ops that compute the family check what they are given themselves, before their
-    kernels: for direct callers, and under torch.compile, where LossOptions does not check. (The
-    normalizer's value is checked where it is on the CPU; on a GPU the Triton op reads it on the
-    device only.)"""
-    on_device("cpu", backend, request)
+def test_op_rejects_bad_family_arguments(fused_backend, changes, message):
+    """The fused ops check the family's arguments themselves, before their kernels: for direct
+    callers, and under torch.compile, where LossOptions does not check. (The normalizer's value
+    is checked where it is on the CPU; on a GPU the ops read it on the device only.)"""
+    device = torch.get_default_device()  # the op's
+    if device.type == "cuda" and "must be > 0" in message:
+        pytest.skip("a normalizer on a GPU is read by the kernels only")
+    changes = {
+        name: value.to(device) if isinstance(value, torch.Tensor) else value
+        for name, value in changes.items()
+    }
     with pytest.raises(ValueError, match=message):
-        fused_op(backend)(**_op_arguments(**changes))
+        fused_op(fused_backend)(**_op_arguments(**changes))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        (dict(divergence="jsd"), "does not compute divergence='jsd' yet"),
-        (dict(divergence="reverse_kl"), "does not compute divergence='reverse_kl' yet"),
-        (dict(ce_weight=0.5), "does not compute ce_weight=0.5 yet"),
-        (dict(mimic_unlabeled=True), "does not compute mimic_unlabeled=True yet"),
-        (dict(normalizer=torch.tensor(3.0)), "does not compute a normalizer yet"),
-    ],
-)
-def test_cuda_op_refuses_the_family(request, changes, message):
-    """The CUDA backend is never given these (select refuses them first); its op says so too."""
-    on_device("cuda", "cuda", request)
-    with pytest.raises(NotImplementedError, match=f"the CUDA op {message}"):
-        fused_op("cuda")(**_op_arguments(**changes))
-    # beta is unused by "kl": any beta in [0, 1] is the paper's loss
-    fused_op("cuda")(**_op_arguments(beta=0.2))
-
-
-@fused_every_option
 @pytest.mark.parametrize("normalizer", [12.0, torch.tensor(12)], ids=["number", "tensor"])
 def test_compile_fullgraph(fused_backend, normalizer):
     """The family's options in one graph: the op and its fake kernel take them all."""
@@ -444,6 +395,29 @@ def test_compile_fullgraph(fused_backend, normalizer):
         results.append((loss, z.grad))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_normalizer_on_the_gpu_costs_no_host_sync(request, backend):
+    """A normalizer on the GPU (a trainer's num_items_in_batch) is read by the kernels only: the
+    loss's forward and backward never wait for the device."""
+    on_device("cuda", backend, request)
+    logits, target = make_inputs(3, 64, 100, dtype=torch.float32)
+    normalizer = torch.tensor(48, device="cuda")
+
+    def forward_and_backward():
+        z = logits.clone().requires_grad_()
+        mutual_loss(z, target, normalizer=normalizer, backend=backend).backward()
+
+    forward_and_backward()  # the first call compiles and caches (Triton), which may sync
+    torch.cuda.synchronize()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_and_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def test_naive_normalizer_matches_definition():
