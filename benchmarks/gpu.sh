@@ -11,12 +11,15 @@
 #   l. the stacked cohort of K = 8 ResNet-32 peers against the unstacked one
 #      (benchmarks/trainer_overhead.py) and the fused linear mutual loss (benchmarks/gpu_linear.py,
 #      the KL and the generalized JSD(0.5) against Liger-Kernel's), only if asked;
+#   f. the loss family on logits (benchmarks/gpu_family.py): the KL, reverse KL and JSD(0.5) of
+#      both GPU ops against torch.compile and Liger-Kernel's JSD; only if asked;
 #   n. Nsight Compute's counters of one CUDA-op forward at (4, 8192, 32000), float32 and
 #      bfloat16 (benchmarks/gpu_ncu.py): DRAM bytes per logit byte, instructions, occupancy; only
 #      if asked.
 #   bash benchmarks/gpu.sh OUTDIR            # stages a b t c d: at most 10 minutes, 8 files
 #   STAGES="a e" bash benchmarks/gpu.sh OUTDIR
 #   STAGES="a l" bash benchmarks/gpu.sh OUTDIR   # at most 9 minutes, 6 files
+#   STAGES="a f" bash benchmarks/gpu.sh OUTDIR
 # SMOKE_BACKENDS (default "triton cuda") picks the backends stage b checks.
 # Wheels the machine lacks (liger-kernel) may be put in ./wheels; they install without a network.
 set -uo pipefail
@@ -105,6 +108,10 @@ if [[ " $stages " == *" l "* ]]; then
   tail -3 "$log"
   stage "l fused linear JSD(0.5)" 150 python -m benchmarks.gpu_linear "$out/gpu_linear.jsonl" \
     --beta 0.5 >> "$log" 2>&1
+  tail -3 "$log"
+fi
+if [[ " $stages " == *" f "* ]]; then
+  stage "f loss family" 240 python -m benchmarks.gpu_family "$out/gpu_family.jsonl" >> "$log" 2>&1
   tail -3 "$log"
 fi
 if [[ " $stages " == *" n "* ]]; then

@@ -114,7 +114,7 @@ def make_inputs(shape, dtype: torch.dtype, device: str, setting: str):
 
 def measure(step: Step, hidden, weight, target, reps: int) -> dict[str, object]:
     """The step's median time and, on a GPU, its peak extra memory."""
-    cuda = target.device.type == "cuda"
+    cuda = hidden[0].device.type == "cuda"
     leaves = [tensor for tensor in hidden + weight if tensor.requires_grad]
 
     def run() -> torch.Tensor:

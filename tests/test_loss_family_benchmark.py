@@ -1,11 +1,15 @@
-"""benchmarks/loss_family.py at a tiny shape: its plain and TRL formulas are the loss fastdml
-computes, and a measurement runs end to end into its table (no time is judged)."""
+"""benchmarks/loss_family.py and benchmarks/gpu_family.py at tiny shapes: their plain and TRL
+formulas are the loss fastdml computes, and a measurement runs end to end into its table or its
+records (no time is judged)."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
-from benchmarks import candidates, cases, loss_family
+from benchmarks import candidates, cases, gpu_family, loss_family
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -29,3 +33,19 @@ def test_measure_and_table():
     table = loss_family.markdown([result])
     assert "| 2, 8, 50 | jsd |" in table
     assert len(table.splitlines()) == 3
+
+
+def test_gpu_family_runs_on_the_cpu(tmp_path, monkeypatch):
+    """Its --device cpu check: a record per divergence and candidate, each loss right."""
+    out = tmp_path / "gpu_family.jsonl"
+    argv = ["gpu_family", str(out), "--device", "cpu", "--shapes", "2,16,40", "--reps", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--dtypes", "float32"])
+    gpu_family.main()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    found = {(record["divergence"], record["candidate"]) for record in records}
+    assert found == {
+        (divergence, candidate)
+        for divergence in loss_family.DIVERGENCES
+        for candidate in ("fastdml_cpp", "torch_compile")
+    }
+    assert all(record["error"] < 1e-5 and record["median_s"] > 0 for record in records)
