@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from torch import Tensor
 
 import fastdml
 from benchmarks import loss_family
-from benchmarks.gpu_linear import measure
+from benchmarks.gpu_linear import measure, write_record
 
 SHAPES = [(2, 8192, 32000), (2, 4096, 128256)]  # (K peers, N rows, C classes)
 DTYPES = ["bfloat16", "float32"]
@@ -126,11 +125,7 @@ def main() -> None:
                             record.update(measure(_step(loss), [logits], [], None, args.reps))
                         except torch.OutOfMemoryError as error:
                             record["failed"] = f"out of memory: {error}".splitlines()[0]
-                        out.write(json.dumps(record) + "\n")
-                        out.flush()
-                        print(json.dumps(record), flush=True)
-                        if device == "cuda":
-                            torch.cuda.empty_cache()
+                        write_record(out, record)
                 del logits
 
 

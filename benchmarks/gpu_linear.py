@@ -36,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,16 @@ def measure(step: Step, hidden, weight, target, reps: int) -> dict[str, object]:
     return {"loss": loss, "median_s": statistics.median(times), "peak_extra_bytes": peak_extra}
 
 
+def write_record(out: TextIO, record: dict) -> None:
+    """Appends a result as a JSON line at once (a time limit keeps what ran) and prints it; on a
+    GPU, gives the allocator's cache back for the next candidate."""
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+    print(json.dumps(record), flush=True)
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the JSON lines file to append to")
@@ -173,11 +184,7 @@ def main() -> None:
                     record.update(measure(step, hidden, weight, target, args.reps))
                 except torch.OutOfMemoryError as error:
                     record["error"] = f"out of memory: {error}".splitlines()[0]
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                print(json.dumps(record), flush=True)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                write_record(out, record)
             del hidden, weight, target
 
 
